@@ -1,0 +1,361 @@
+//go:build linux || darwin || freebsd
+
+package shellflip
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// This file is the control socket: a unix stream socket on which a client
+// (RequestRestart, or shellflip's own Rust client) asks for a restart and
+// learns the new pid or why it failed. One request and one response per
+// connection, in the frames of wire.go.
+
+const (
+	// requestTimeout bounds how long a client may take to send its request
+	// and to read its response, so that a silent client ties up nothing but
+	// its own connection.
+	requestTimeout = 5 * time.Second
+	// maxControlConns bounds the connections served at once; one more is
+	// answered with an error straight away.
+	maxControlConns = 64
+)
+
+// restartRequest is a client waiting for the outcome of a restart.
+type restartRequest struct {
+	conn *net.UnixConn
+}
+
+// respond sends the outcome and closes the connection. A client that went
+// away gets nothing; the write error (EPIPE, which Go reports as an error
+// rather than a signal for sockets) is logged and otherwise ignored.
+func (q *restartRequest) respond(log *slog.Logger, pid int, err error) {
+	var buf [512]byte
+	var frame []byte
+	if err != nil {
+		frame = appendRestartFailed(buf[:0], err.Error())
+	} else {
+		frame = appendRestartComplete(buf[:0], uint32(pid))
+	}
+	q.conn.SetWriteDeadline(time.Now().Add(requestTimeout))
+	if _, werr := q.conn.Write(frame); werr != nil {
+		log.Warn("shellflip: could not answer a restart request", "err", werr)
+	}
+	q.conn.Close()
+}
+
+// controlServer accepts restart requests on the control socket.
+type controlServer struct {
+	ln   *net.UnixListener
+	fd   int // close-on-exec duplicate of the listening socket, for the new process
+	path string
+	log  *slog.Logger
+	reqs chan *restartRequest // to the restart loop
+
+	slots chan struct{} // one per connection being served
+
+	stopped chan struct{} // closed by finish
+
+	mu       sync.Mutex
+	finished bool // the restart loop is gone; answer with final
+	finalPID int
+	finalErr error
+}
+
+// listenControl binds the control socket at path, or adopts the one the old
+// process passed (inheritedFD >= 0) if it is bound to the same path.
+func listenControl(path string, inheritedFD int, log *slog.Logger) (*controlServer, error) {
+	fd := -1
+	if inheritedFD >= 0 {
+		if listeningUnixPath(inheritedFD) == filepath.Clean(path) {
+			fd = inheritedFD
+		} else {
+			log.Warn("shellflip: the inherited control socket is bound elsewhere; binding a new one", "path", path)
+			unix.Close(inheritedFD)
+		}
+	}
+	if fd < 0 {
+		var err error
+		if fd, err = bindControl(path); err != nil {
+			return nil, err
+		}
+	}
+	f, err := dupFile(fd, path)
+	if err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	ln, err := net.FileListener(f)
+	f.Close()
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("shellflip: control socket %s: %w", path, err)
+	}
+	s := &controlServer{
+		ln: ln.(*net.UnixListener), fd: fd, path: path, log: log,
+		reqs:  make(chan *restartRequest),
+		slots:   make(chan struct{}, maxControlConns),
+		stopped: make(chan struct{}),
+	}
+	go s.accept()
+	return s, nil
+}
+
+// listeningUnixPath returns the cleaned path a listening unix stream socket
+// is bound to, or "" if fd is anything else.
+func listeningUnixPath(fd int) string {
+	if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || v == 0 {
+		return ""
+	}
+	if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE); err != nil || v != unix.SOCK_STREAM {
+		return ""
+	}
+	sa, err := unix.Getsockname(fd)
+	ua, ok := sa.(*unix.SockaddrUnix)
+	if err != nil || !ok || ua.Name == "" {
+		return ""
+	}
+	return filepath.Clean(ua.Name)
+}
+
+// bindControl creates the listening socket at path with mode 0600.
+//
+// Only a socket that nobody listens on any more (connect is refused) is
+// removed from path first; a live socket, a regular file, a directory or a
+// symlink there is an error and is left alone. If anything appears at path
+// between that check and bind, bind fails with EADDRINUSE: nothing is ever
+// replaced.
+//
+// On Linux the socket file is 0600 from birth: bind(2) gives it the mode of
+// the socket's inode, which fchmod(2) sets beforehand, less the umask
+// (unix_bind_bsd in net/unix/af_unix.c). Elsewhere it is chmod'ed right
+// after bind, and until then has the umask's mode; SO_PEERCRED-style checks
+// (checkPeer) still refuse other uids in that window.
+func bindControl(path string) (int, error) {
+	if path == "" || path[0] == '@' {
+		return -1, fmt.Errorf("shellflip: control socket %q: want a filesystem path", path)
+	}
+	if err := removeStaleSocket(path); err != nil {
+		return -1, err
+	}
+	fd, err := socketCloexec(unix.AF_UNIX, unix.SOCK_STREAM)
+	if err != nil {
+		return -1, err
+	}
+	fail := func(op string, err error) (int, error) {
+		unix.Close(fd)
+		return -1, fmt.Errorf("shellflip: control socket %s: %w", path, os.NewSyscallError(op, err))
+	}
+	if runtime.GOOS == "linux" {
+		if err := unix.Fchmod(fd, 0o600); err != nil {
+			return fail("fchmod", err)
+		}
+	}
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+		return fail("bind", err)
+	}
+	if runtime.GOOS != "linux" {
+		if err := unix.Chmod(path, 0o600); err != nil {
+			unix.Unlink(path)
+			return fail("chmod", err)
+		}
+	}
+	if err := unix.Listen(fd, unix.SOMAXCONN); err != nil {
+		unix.Unlink(path)
+		return fail("listen", err)
+	}
+	return fd, nil
+}
+
+// removeStaleSocket removes path if it is a unix socket that refuses
+// connections, and fails if anything else is there.
+func removeStaleSocket(path string) error {
+	var st unix.Stat_t
+	err := unix.Lstat(path, &st)
+	if err == unix.ENOENT {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("shellflip: control socket %s: %w", path, os.NewSyscallError("lstat", err))
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return fmt.Errorf("shellflip: control socket %s: a %s is in the way; refusing to remove it", path, fileType(uint32(st.Mode)))
+	}
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("shellflip: control socket %s: another process is listening on it", path)
+	}
+	if !errors.Is(err, unix.ECONNREFUSED) {
+		return fmt.Errorf("shellflip: control socket %s: %w", path, err)
+	}
+	if err := unix.Unlink(path); err != nil && err != unix.ENOENT {
+		return fmt.Errorf("shellflip: control socket %s: %w", path, os.NewSyscallError("unlink", err))
+	}
+	return nil
+}
+
+func (s *controlServer) accept() {
+	for {
+		conn, err := s.ln.AcceptUnix()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// EMFILE and friends: back off briefly rather than spin, as
+			// net/http's Server.Serve does.
+			s.log.Warn("shellflip: control socket accept", "err", err)
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		select {
+		case s.slots <- struct{}{}:
+		default:
+			// Too many clients at once; answer without reading, from a
+			// goroutine of its own so that accepting never waits on a client.
+			go func() {
+				(&restartRequest{conn}).respond(s.log, 0, errors.New("too many concurrent restart requests"))
+			}()
+			continue
+		}
+		go func() {
+			defer func() { <-s.slots }()
+			s.serve(conn)
+		}()
+	}
+}
+
+// serve reads one request from conn and hands it to the restart loop.
+func (s *controlServer) serve(conn *net.UnixConn) {
+	q := &restartRequest{conn}
+	if err := checkPeer(conn); err != nil {
+		q.respond(s.log, 0, err)
+		return
+	}
+	conn.SetReadDeadline(time.Now().Add(requestTimeout))
+	var scratch [256]byte
+	payload, err := readFrame(conn, scratch[:])
+	if err == nil {
+		var m message
+		if m, err = decodeMessage(payload); err == nil && m.kind != msgTryRestart {
+			err = errors.New("unexpected message: want a TryRestart request")
+		}
+	}
+	if err != nil {
+		s.log.Warn("shellflip: bad restart request", "err", err)
+		q.respond(s.log, 0, fmt.Errorf("bad request: %w", err))
+		return
+	}
+	conn.SetReadDeadline(time.Time{})
+	select {
+	case s.reqs <- q:
+		return
+	case <-s.stopped:
+	}
+	s.mu.Lock()
+	pid, ferr := s.finalPID, s.finalErr
+	s.mu.Unlock()
+	q.respond(s.log, pid, ferr)
+}
+
+// checkPeer refuses clients whose uid is neither ours nor root's: the
+// socket's 0600 mode already keeps them out, unless the caller chose a path
+// whose directory lets them swap it, or changed the mode.
+func checkPeer(conn *net.UnixConn) error {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return err
+	}
+	uid, perr := -1, error(nil)
+	if err := rc.Control(func(fd uintptr) { uid, perr = peerUID(int(fd)) }); err != nil {
+		return err
+	}
+	if perr != nil {
+		return perr
+	}
+	if uid != 0 && uid != os.Geteuid() {
+		return fmt.Errorf("permission denied: uid %d may not restart this service", uid)
+	}
+	return nil
+}
+
+// finish stops accepting and answers every client that is still to be
+// answered with pid and err. The listening socket stays open in the new
+// process (if any), so its path stays bound; nothing is unlinked.
+func (s *controlServer) finish(pid int, err error) {
+	s.mu.Lock()
+	if s.finished {
+		s.mu.Unlock()
+		return
+	}
+	s.finished, s.finalPID, s.finalErr = true, pid, err
+	close(s.stopped)
+	s.mu.Unlock()
+	// Handlers still writing to slow clients finish on their own deadlines;
+	// nothing here waits for them.
+	s.ln.Close()
+	unix.Close(s.fd)
+}
+
+// socketCloexec creates a socket that is close-on-exec from birth.
+func socketCloexec(family, typ int) (int, error) {
+	fd, err := unix.Socket(family, typ|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, os.NewSyscallError("socket", err)
+	}
+	return fd, nil
+}
+
+// RequestRestart asks the service listening on the control socket at
+// socketPath to restart, and returns the new process's pid. If the service
+// tried and failed, the error's text is the service's explanation, verbatim,
+// and errors.Is(err, ErrRestartFailed) holds. ctx bounds the whole exchange,
+// which lasts as long as the new process takes to become ready.
+func RequestRestart(ctx context.Context, socketPath string) (int, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", socketPath)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	var buf [64]byte
+	if _, err := c.Write(appendTryRestart(buf[:0])); err != nil {
+		return 0, ctxErr(ctx, err)
+	}
+	var scratch [512]byte
+	payload, err := readFrame(c, scratch[:])
+	if err != nil {
+		return 0, ctxErr(ctx, fmt.Errorf("shellflip: reading the response: %w", err))
+	}
+	m, err := decodeMessage(payload)
+	if err != nil {
+		return 0, fmt.Errorf("shellflip: bad response: %w", err)
+	}
+	switch m.kind {
+	case msgRestartComplete:
+		return int(m.pid), nil
+	case msgRestartFailed:
+		return 0, &restartFailedError{m.text}
+	}
+	return 0, errors.New("shellflip: bad response: unexpected message")
+}
+
+func ctxErr(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return err
+}

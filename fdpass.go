@@ -1,0 +1,465 @@
+//go:build linux || darwin || freebsd
+
+package shellflip
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"slices"
+	"strconv"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// This file is the registry of named fds that pass from the old process to
+// the new one. The new process receives them at fds 3 and up with
+// LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID set as systemd sets them, so fds
+// from a restart and fds from socket activation arrive the same way and join
+// the same registry under their names.
+
+// ErrNameTaken is returned when adding an fd under a name already in use.
+var ErrNameTaken = errors.New("shellflip: fd name already registered")
+
+// fdEntry is one named fd. The registry owns fd (a close-on-exec duplicate)
+// and closes it only in Remove or, for inherited fds nobody claimed, in
+// Ready. The program's net.Listener and friends hold duplicates of their
+// own, so closing those never closes what the next process inherits.
+type fdEntry struct {
+	name      string
+	fd        int
+	inherited bool // came from LISTEN_FDS
+	claimed   bool // the program asked for it by name
+}
+
+var fdreg struct {
+	mu      sync.Mutex
+	entries []*fdEntry
+	ready   bool // unclaimed inherited fds are closed; inherited ones can no longer be claimed
+}
+
+// adoptInherited puts the fds of the LISTEN_FDS block into the registry.
+// Called once, from init.
+func adoptInherited(fds []inheritedFD) {
+	fdreg.mu.Lock()
+	defer fdreg.mu.Unlock()
+	for _, f := range fds {
+		fdreg.entries = append(fdreg.entries, &fdEntry{name: f.name, fd: f.fd, inherited: true})
+	}
+}
+
+func lookupEntry(name string) *fdEntry {
+	for _, e := range fdreg.entries {
+		if e.name == name {
+			return e
+		}
+	}
+	return nil
+}
+
+// ListenerName returns the name under which Listen and ListenPacket register
+// the socket for network and address: network, a slash, and the address as
+// the caller wrote it (so "127.0.0.1:0" names the same socket in every
+// generation, whichever port the first one got). Characters systemd does not
+// allow in a name (':' and anything outside printable ASCII) and '%' are
+// percent-encoded: "tcp/127.0.0.1%3A8080".
+func ListenerName(network, address string) string {
+	const hex = "0123456789ABCDEF"
+	b := make([]byte, 0, len(network)+1+len(address)+8)
+	b = append(b, network...)
+	b = append(b, '/')
+	for i := 0; i < len(address); i++ {
+		c := address[i]
+		if c < 0x20 || c >= 0x7f || c == ':' || c == '%' {
+			b = append(b, '%', hex[c>>4], hex[c&15])
+			continue
+		}
+		b = append(b, c)
+	}
+	return string(b)
+}
+
+// Listen returns a listener for network ("tcp", "tcp4", "tcp6", "unix" or
+// "unixpacket") and address, registered under ListenerName(network,
+// address). If this process inherited a listener of that name, from the old
+// process or from systemd, Listen returns it and binds nothing; otherwise it
+// creates one with net.Listen. Either way the listener is passed on at the
+// next restart. Inherited listeners must be claimed before Ready.
+//
+// The caller owns the returned listener; closing it does not close the
+// registry's copy (see Remove). A unix listener never unlinks its socket
+// file on Close: the next process is still serving on it.
+func Listen(network, address string) (net.Listener, error) {
+	return ListenNamed(ListenerName(network, address), nil, network, address)
+}
+
+// ListenNamed is Listen with an explicit name, such as the FileDescriptorName=
+// of a systemd socket unit, and an optional ListenConfig (nil means the zero
+// ListenConfig) for options such as SO_REUSEPORT, applied only when the
+// listener is created here. An inherited fd of that name must be a listening
+// socket of network's kind.
+func ListenNamed(name string, lc *net.ListenConfig, network, address string) (net.Listener, error) {
+	want, err := socketWant(network, true)
+	if err != nil {
+		return nil, err
+	}
+	c, err := getOrCreate(name, want, func() (syscall.Conn, error) {
+		if lc == nil {
+			lc = &net.ListenConfig{}
+		}
+		l, err := lc.Listen(context.Background(), network, address)
+		if err != nil {
+			return nil, err
+		}
+		if ul, ok := l.(*net.UnixListener); ok {
+			ul.SetUnlinkOnClose(false)
+		}
+		return l.(syscall.Conn), nil
+	}, func(f *os.File) (syscall.Conn, error) {
+		l, err := net.FileListener(f)
+		if err != nil {
+			return nil, err
+		}
+		return l.(syscall.Conn), nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return c.(net.Listener), nil
+}
+
+// ListenPacket is Listen for packet sockets: network "udp", "udp4", "udp6"
+// or "unixgram".
+func ListenPacket(network, address string) (net.PacketConn, error) {
+	return ListenPacketNamed(ListenerName(network, address), nil, network, address)
+}
+
+// ListenPacketNamed is ListenPacket with an explicit name and ListenConfig,
+// as ListenNamed.
+func ListenPacketNamed(name string, lc *net.ListenConfig, network, address string) (net.PacketConn, error) {
+	want, err := socketWant(network, false)
+	if err != nil {
+		return nil, err
+	}
+	c, err := getOrCreate(name, want, func() (syscall.Conn, error) {
+		if lc == nil {
+			lc = &net.ListenConfig{}
+		}
+		c, err := lc.ListenPacket(context.Background(), network, address)
+		if err != nil {
+			return nil, err
+		}
+		return c.(syscall.Conn), nil
+	}, func(f *os.File) (syscall.Conn, error) {
+		c, err := net.FilePacketConn(f)
+		if err != nil {
+			return nil, err
+		}
+		return c.(syscall.Conn), nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return c.(net.PacketConn), nil
+}
+
+// getOrCreate is the common part of ListenNamed and ListenPacketNamed:
+// claim the fd registered under name, or create a socket and register a
+// duplicate of it.
+func getOrCreate(name string, want sockKind, create func() (syscall.Conn, error),
+	fromFile func(*os.File) (syscall.Conn, error)) (syscall.Conn, error) {
+	if !fdnameValid(name) {
+		return nil, fmt.Errorf("shellflip: %q is not a valid fd name (printable ASCII but ':', at most 255 bytes)", name)
+	}
+	fdreg.mu.Lock()
+	defer fdreg.mu.Unlock()
+	if e := lookupEntry(name); e != nil && !(e.inherited && fdreg.ready && !e.claimed) {
+		if err := want.check(e.fd); err != nil {
+			return nil, fmt.Errorf("shellflip: fd %q: %w", name, err)
+		}
+		f, err := dupFile(e.fd, name)
+		if err != nil {
+			return nil, err
+		}
+		defer f.Close()
+		c, err := fromFile(f)
+		if err != nil {
+			return nil, fmt.Errorf("shellflip: fd %q: %w", name, err)
+		}
+		e.claimed = true
+		return c, nil
+	}
+	c, err := create()
+	if err != nil {
+		return nil, err
+	}
+	fd, err := dupConn(c)
+	if err != nil {
+		c.(interface{ Close() error }).Close()
+		return nil, err
+	}
+	fdreg.entries = append(fdreg.entries, &fdEntry{name: name, fd: fd, claimed: true})
+	return c, nil
+}
+
+// File returns a new *os.File for the fd registered under name, claiming it
+// if it was inherited, or (nil, nil) if there is none. Use it for fds that
+// are not listeners: connections, pipes, memfds, regular files. The caller
+// owns the returned file.
+func File(name string) (*os.File, error) {
+	fdreg.mu.Lock()
+	defer fdreg.mu.Unlock()
+	e := lookupEntry(name)
+	if e == nil || e.inherited && fdreg.ready && !e.claimed {
+		return nil, nil
+	}
+	f, err := dupFile(e.fd, name)
+	if err != nil {
+		return nil, err
+	}
+	e.claimed = true
+	return f, nil
+}
+
+// Conn is File for a connected socket: it returns a net.Conn for the fd
+// registered under name, or (nil, nil) if there is none.
+func Conn(name string) (net.Conn, error) {
+	f, err := File(name)
+	if f == nil || err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("shellflip: fd %q: %w", name, err)
+	}
+	return c, nil
+}
+
+// Add registers a duplicate of c's fd under name, to be passed on at the
+// next restart. c is anything with a SyscallConn method: *os.File,
+// *net.TCPConn, *net.UnixListener and so on; the caller keeps ownership of
+// c. Add fails with ErrNameTaken if the name is in use.
+func Add(name string, c syscall.Conn) error {
+	if !fdnameValid(name) {
+		return fmt.Errorf("shellflip: %q is not a valid fd name (printable ASCII but ':', at most 255 bytes)", name)
+	}
+	fdreg.mu.Lock()
+	defer fdreg.mu.Unlock()
+	if lookupEntry(name) != nil {
+		return fmt.Errorf("%w: %q", ErrNameTaken, name)
+	}
+	fd, err := dupConn(c)
+	if err != nil {
+		return err
+	}
+	fdreg.entries = append(fdreg.entries, &fdEntry{name: name, fd: fd, claimed: true})
+	return nil
+}
+
+// Remove closes the registry's copy of the fd registered under name, so that
+// it is not passed on, and reports whether there was one. Files, listeners
+// and connections already handed out are not affected.
+func Remove(name string) bool {
+	fdreg.mu.Lock()
+	defer fdreg.mu.Unlock()
+	i := slices.IndexFunc(fdreg.entries, func(e *fdEntry) bool { return e.name == name })
+	if i < 0 {
+		return false
+	}
+	unix.Close(fdreg.entries[i].fd)
+	fdreg.entries = slices.Delete(fdreg.entries, i, i+1)
+	return true
+}
+
+// Names lists the names in the registry, in the order the fds will be
+// passed on.
+func Names() []string {
+	fdreg.mu.Lock()
+	defer fdreg.mu.Unlock()
+	names := make([]string, len(fdreg.entries))
+	for i, e := range fdreg.entries {
+		names[i] = e.name
+	}
+	return names
+}
+
+// closeUnclaimed closes the inherited fds the program did not claim, and
+// unlinks the socket file of such a unix listener, since no one serves on it
+// any more. Called by Ready.
+func closeUnclaimed() {
+	fdreg.mu.Lock()
+	defer fdreg.mu.Unlock()
+	fdreg.ready = true
+	fdreg.entries = slices.DeleteFunc(fdreg.entries, func(e *fdEntry) bool {
+		if !e.inherited || e.claimed {
+			return false
+		}
+		unlinkListenerPath(e.fd)
+		unix.Close(e.fd)
+		return true
+	})
+}
+
+// unlinkListenerPath removes the file of a listening unix socket bound to a
+// path, if that path still holds a socket. Abstract sockets (no file) and
+// anything that is not a listening unix socket are left alone.
+func unlinkListenerPath(fd int) {
+	if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || v == 0 {
+		return
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		return
+	}
+	ua, ok := sa.(*unix.SockaddrUnix)
+	if !ok || ua.Name == "" || ua.Name[0] == '@' || ua.Name[0] == 0 {
+		return
+	}
+	var st unix.Stat_t
+	if unix.Lstat(ua.Name, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFSOCK {
+		unix.Unlink(ua.Name)
+	}
+}
+
+// passFDs appends the registry's fds and names to files and names, and
+// returns a function that must be called once the new process was started:
+// the registry stays locked in between, so no fd in files can be closed
+// before the fork duplicates it.
+func passFDs(files []uintptr, names []string) ([]uintptr, []string, func()) {
+	fdreg.mu.Lock()
+	for _, e := range fdreg.entries {
+		if e.inherited && !e.claimed && fdreg.ready {
+			continue
+		}
+		files = append(files, uintptr(e.fd))
+		names = append(names, e.name)
+	}
+	return files, names, fdreg.mu.Unlock
+}
+
+// dupConn duplicates c's fd, close-on-exec. It works inside Control so that
+// the fd is valid while it is used, and never calls (*os.File).Fd, which
+// would switch the shared file description to blocking mode under the feet
+// of every process that shares it (golang/go#29277).
+func dupConn(c syscall.Conn) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd, derr := -1, error(nil)
+	if err := rc.Control(func(s uintptr) {
+		fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return -1, err
+	}
+	if derr != nil {
+		return -1, os.NewSyscallError("fcntl F_DUPFD_CLOEXEC", derr)
+	}
+	return fd, nil
+}
+
+// dupFile returns an *os.File owning a close-on-exec duplicate of fd.
+func dupFile(fd int, name string) (*os.File, error) {
+	nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, os.NewSyscallError("fcntl F_DUPFD_CLOEXEC", err)
+	}
+	return os.NewFile(uintptr(nfd), name), nil
+}
+
+// sockKind is what an inherited fd must be to serve a network.
+type sockKind struct {
+	network   string
+	typ       int
+	inet      bool // AF_INET or AF_INET6 (family 0: either)
+	family    int  // 0, unix.AF_INET, unix.AF_INET6 or unix.AF_UNIX
+	listening bool
+}
+
+func socketWant(network string, listener bool) (sockKind, error) {
+	k := sockKind{network: network, listening: listener}
+	switch network {
+	case "tcp", "tcp4", "tcp6", "udp", "udp4", "udp6":
+		k.inet = true
+		k.typ = unix.SOCK_STREAM
+		if network[:3] == "udp" {
+			k.typ = unix.SOCK_DGRAM
+		}
+		switch network[len(network)-1] {
+		case '4':
+			k.family = unix.AF_INET
+		case '6':
+			k.family = unix.AF_INET6
+		}
+	case "unix":
+		k.family, k.typ = unix.AF_UNIX, unix.SOCK_STREAM
+	case "unixpacket":
+		k.family, k.typ = unix.AF_UNIX, unix.SOCK_SEQPACKET
+	case "unixgram":
+		k.family, k.typ = unix.AF_UNIX, unix.SOCK_DGRAM
+	}
+	if k.typ == 0 || listener != (k.typ != unix.SOCK_DGRAM) {
+		kind := "packet conn"
+		if listener {
+			kind = "listener"
+		}
+		return k, fmt.Errorf("shellflip: network %q is not supported for a %s", network, kind)
+	}
+	return k, nil
+}
+
+// check verifies that fd is a socket of the wanted family and type, and
+// listening if a listener is wanted.
+func (k sockKind) check(fd int) error {
+	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+	if err != nil {
+		return fmt.Errorf("not a socket: %w", os.NewSyscallError("getsockopt SO_TYPE", err))
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		return os.NewSyscallError("getsockname", err)
+	}
+	family := 0
+	switch sa.(type) {
+	case *unix.SockaddrInet4:
+		family = unix.AF_INET
+	case *unix.SockaddrInet6:
+		family = unix.AF_INET6
+	case *unix.SockaddrUnix:
+		family = unix.AF_UNIX
+	}
+	ok := typ == k.typ
+	if k.inet {
+		ok = ok && (family == unix.AF_INET || family == unix.AF_INET6) && (k.family == 0 || family == k.family)
+	} else {
+		ok = ok && family == k.family
+	}
+	if !ok {
+		return fmt.Errorf("the inherited socket does not fit network %q", k.network)
+	}
+	if k.listening {
+		if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || v == 0 {
+			return fmt.Errorf("the inherited %s socket is not listening", k.network)
+		}
+	}
+	return nil
+}
+
+// cloexecListed marks close-on-exec every fd above stderr named in dir, a
+// listing of this process's fds such as /proc/self/fd.
+func cloexecListed(dir string) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
+			unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC)
+		}
+	}
+}

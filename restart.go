@@ -1,0 +1,596 @@
+package shellflip
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// This file is the old process's side of a restart: the triggers, the
+// restart loop, and the handle that reports how it ended.
+
+var (
+	// ErrNotSupported is returned by every entry point on platforms other
+	// than Linux, darwin and FreeBSD.
+	ErrNotSupported = errors.New("shellflip: not supported on this platform")
+
+	// ErrRestartFailed matches (errors.Is) the error RequestRestart returns
+	// when the service tried to restart and failed.
+	ErrRestartFailed = errors.New("shellflip: restart failed")
+)
+
+// restartFailedError carries the service's explanation verbatim.
+type restartFailedError struct{ text string }
+
+func (e *restartFailedError) Error() string        { return e.text }
+func (e *restartFailedError) Is(target error) bool { return target == ErrRestartFailed }
+
+// DefaultReadyTimeout is how long a new process has to become ready when
+// Config.ReadyTimeout is zero.
+const DefaultReadyTimeout = time.Minute
+
+// Config says how and when to restart. The zero value restarts on SIGUSR1
+// into the same command line, with no control socket.
+type Config struct {
+	// SocketPath is the control socket's path; "" means no control socket.
+	// The socket file is created with mode 0600 and passed to the new
+	// process, so it stays bound across restarts.
+	SocketPath string
+
+	// Signal triggers a restart; nil means SIGUSR1.
+	Signal os.Signal
+
+	// Env holds extra KEY=value pairs for the new process; they override
+	// variables of the same name in this process's environment.
+	Env []string
+
+	// Lifecycle holds hooks into the restart; nil means none.
+	Lifecycle *Lifecycle
+
+	// ExitOnError ends the Restarter after a failed restart. By default a
+	// failed restart is reported, the old process keeps serving, and later
+	// restart requests are honoured: a bad deploy should not take down a
+	// service that works. (shellflip's default is the opposite.)
+	ExitOnError bool
+
+	// ReadyTimeout bounds the time from the spawn to the new process's
+	// Ready; a new process that takes longer is killed and reaped. Zero
+	// means DefaultReadyTimeout.
+	ReadyTimeout time.Duration
+
+	// Path is the program to run and Args its full command line, Args[0]
+	// included. By default they are the program and arguments this process
+	// started with, with a relative program path resolved against the
+	// directory it started in (or looked up in $PATH, as the shell did), so
+	// a deploy that replaces the binary at that path is picked up. If no
+	// executable is at that path any more (a binary built by "go run" and
+	// since removed, say), the running executable is used, and that is
+	// logged.
+	Path string
+	Args []string
+
+	// Logger receives the library's logs; nil means none.
+	Logger *slog.Logger
+}
+
+// Lifecycle holds hooks into the restart, each optional. They run on the
+// restart loop's goroutine, one restart at a time; ctx is done when the new
+// process's ready timeout passes or the Restarter is stopped.
+type Lifecycle struct {
+	// PreSpawn runs before the new process is started. An error cancels the
+	// restart (NewProcessFailed is not called).
+	PreSpawn func(ctx context.Context) error
+
+	// SendState writes state for the new process, which reads it with
+	// ReceiveState. The stream is closed when SendState returns. If it
+	// returns an error, the new process is killed and the restart fails.
+	// Writes fail rather than block past ctx's deadline.
+	SendState func(ctx context.Context, w io.Writer) error
+
+	// NewProcessFailed runs when the new process was started but the
+	// restart failed, so that changes made for the handover can be undone.
+	NewProcessFailed func(ctx context.Context, err error)
+}
+
+// Process is a new process that became ready.
+type Process struct {
+	// Pid is the new process's pid.
+	Pid int
+
+	ready *os.File // readiness socket: the "you are main" byte goes out here
+	watch *childWatch
+}
+
+// Restarter serves restart requests until one succeeds or restarts become
+// impossible. Create it with Start.
+type Restarter struct {
+	cfg     Config
+	log     *slog.Logger
+	ctl     *controlServer // nil without a control socket
+	sig     chan os.Signal
+	spawner *spawner
+	cancel  context.CancelFunc
+
+	done chan struct{}
+	proc *Process
+	err  error
+}
+
+// Start prepares this process for restarts and declares it ready: it binds
+// (or takes over from the old process) the control socket, starts watching
+// for the restart signal, starts the thread that will fork the new process,
+// and calls Ready. Call it when initialisation is complete: after listeners
+// were claimed and state was received. No restart request is acted on before
+// Start returns; requests that arrive earlier wait.
+//
+// Programs that confine themselves with seccomp, capabilities or Landlock
+// should call Start before doing so; see the package documentation for what
+// that does and does not buy.
+//
+// The returned Restarter ends when a restart succeeded (Wait returns the new
+// process: drain and exit), when restarts became impossible (Wait returns
+// why), or when ctx is done.
+func Start(ctx context.Context, cfg Config) (*Restarter, error) {
+	if err := platformSupported(); err != nil {
+		return nil, err
+	}
+	if err := inheritanceErr(); err != nil {
+		return nil, err
+	}
+	r := &Restarter{cfg: cfg, log: cfg.Logger, done: make(chan struct{})}
+	if r.log == nil {
+		r.log = slog.New(slog.DiscardHandler)
+	}
+	if r.cfg.ReadyTimeout <= 0 {
+		r.cfg.ReadyTimeout = DefaultReadyTimeout
+	}
+	if r.cfg.Signal == nil {
+		r.cfg.Signal = defaultSignal
+	}
+	if r.cfg.Args == nil {
+		r.cfg.Args = os.Args
+	}
+	if len(r.cfg.Args) == 0 {
+		return nil, errors.New("shellflip: Config.Args is empty")
+	}
+	for _, kv := range r.cfg.Env {
+		if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
+			return nil, fmt.Errorf("shellflip: Config.Env entry %q is not KEY=value", kv)
+		}
+	}
+
+	ctlFD := takeControlFD()
+	if cfg.SocketPath != "" {
+		var err error
+		if r.ctl, err = listenControl(cfg.SocketPath, ctlFD, r.log); err != nil {
+			return nil, err
+		}
+	} else if ctlFD >= 0 {
+		closeFDNum(ctlFD)
+	}
+
+	r.sig = make(chan os.Signal, 1) // signal.Notify needs a buffer
+	signal.Notify(r.sig, r.cfg.Signal)
+
+	if err := Ready(); err != nil {
+		if !errors.Is(err, ErrOldProcessGone) {
+			signal.Stop(r.sig)
+			if r.ctl != nil {
+				r.ctl.finish(0, err)
+			}
+			return nil, err
+		}
+		r.log.Warn("shellflip: the old process went away before this one was ready; carrying on alone", "err", err)
+	}
+
+	r.spawner = newSpawner()
+	ctx, r.cancel = context.WithCancel(ctx)
+	go r.run(ctx)
+	return r, nil
+}
+
+// Done is closed when the Restarter has ended.
+func (r *Restarter) Done() <-chan struct{} { return r.done }
+
+// Wait blocks until the Restarter ends. It returns the new process after a
+// successful restart; the caller should then drain and exit. Otherwise it
+// returns why restarts are no longer possible: the context passed to Start
+// was done, Stop was called, or a restart failed with ExitOnError set.
+func (r *Restarter) Wait() (*Process, error) {
+	<-r.done
+	return r.proc, r.err
+}
+
+// Stop ends the Restarter without restarting, as cancelling Start's context
+// does, and waits until it has ended. A restart in flight is abandoned and
+// its new process killed. Safe to call more than once.
+func (r *Restarter) Stop() {
+	r.cancel()
+	<-r.done
+}
+
+type outcome struct {
+	proc *Process
+	err  error
+}
+
+func (r *Restarter) run(ctx context.Context) {
+	var reqs chan *restartRequest // nil, so never ready, without a control socket
+	if r.ctl != nil {
+		reqs = r.ctl.reqs
+	}
+	for {
+		var waiting []*restartRequest
+		select {
+		case <-ctx.Done():
+			r.end(nil, fmt.Errorf("shellflip: restarts stopped: %w", context.Cause(ctx)))
+			return
+		case <-r.sig:
+			r.log.Info("shellflip: restart requested by signal")
+		case q := <-reqs:
+			r.log.Info("shellflip: restart requested on the control socket")
+			waiting = append(waiting, q)
+		}
+
+		result := make(chan outcome, 1)
+		go func() {
+			p, err := r.restart(ctx)
+			result <- outcome{p, err}
+		}()
+		var out outcome
+	inFlight:
+		for {
+			// Requests that arrive meanwhile share this restart's outcome.
+			select {
+			case out = <-result:
+				break inFlight
+			case q := <-reqs:
+				waiting = append(waiting, q)
+			case <-r.sig:
+			}
+		}
+
+		if out.err == nil {
+			r.handOver(out.proc, waiting)
+			r.end(out.proc, nil)
+			return
+		}
+		r.log.Error("shellflip: restart failed", "err", out.err)
+		for _, q := range waiting {
+			q.respond(r.log, 0, out.err)
+		}
+		if r.cfg.ExitOnError {
+			r.end(nil, out.err)
+			return
+		}
+	}
+}
+
+// handOver makes the new process the service's main process: systemd learns
+// its pid (with READY=1 in the same datagram, so that NotifyAccess=main
+// suffices, and a barrier to know systemd processed it), then the new
+// process learns that it is main, then the requesters learn its pid.
+func (r *Restarter) handOver(p *Process, waiting []*restartRequest) {
+	if err := notifyMainPID(p.Pid); err != nil {
+		r.log.Error("shellflip: telling systemd about the new main process", "pid", p.Pid, "err", err)
+	}
+	mainAck := [1]byte{mainByte}
+	if _, err := p.ready.Write(mainAck[:]); err != nil {
+		r.log.Warn("shellflip: telling the new process it is main", "pid", p.Pid, "err", err)
+	}
+	p.ready.Close()
+	for _, q := range waiting {
+		q.respond(r.log, p.Pid, nil)
+	}
+	r.log.Info("shellflip: restart complete", "pid", p.Pid)
+}
+
+// end records how the Restarter ended and releases its resources.
+func (r *Restarter) end(p *Process, err error) {
+	signal.Stop(r.sig)
+	if r.ctl != nil {
+		pid := 0
+		if p != nil {
+			pid = p.Pid
+		}
+		r.ctl.finish(pid, err)
+	}
+	r.spawner.close()
+	r.proc, r.err = p, err
+	close(r.done)
+}
+
+// restart starts the new process, sends it the state and waits until it is
+// ready, has failed, or ran out of time.
+func (r *Restarter) restart(ctx context.Context) (_ *Process, err error) {
+	hooks := r.cfg.Lifecycle
+	if hooks == nil {
+		hooks = &Lifecycle{}
+	}
+	if hooks.PreSpawn != nil {
+		if err := hooks.PreSpawn(ctx); err != nil {
+			return nil, fmt.Errorf("pre-spawn hook: %w", err)
+		}
+	}
+	ctx, cancel := context.WithTimeoutCause(ctx, r.cfg.ReadyTimeout,
+		fmt.Errorf("not ready within %v", r.cfg.ReadyTimeout))
+	defer cancel()
+	defer func() {
+		if err != nil && hooks.NewProcessFailed != nil {
+			hooks.NewProcessFailed(ctx, err)
+		}
+	}()
+
+	path, err := r.program()
+	if err != nil {
+		return nil, err
+	}
+	readyP, readyC, err := newReadyPair()
+	if err != nil {
+		return nil, err
+	}
+	stateR, stateW, err := newStatePipe()
+	if err != nil {
+		closeFDNum(readyP)
+		closeFDNum(readyC)
+		return nil, err
+	}
+
+	// The new process's fds: stdio, the registry's fds from 3 on (as
+	// systemd would pass them), then the library's own; nothing else.
+	sealFDs()
+	files, names, unlock := passFDs([]uintptr{0, 1, 2}, nil)
+	nListen := len(files) - 3
+	files = append(files, uintptr(readyC), uintptr(stateR))
+	ctlFD := -1
+	if r.ctl != nil {
+		ctlFD = len(files)
+		files = append(files, uintptr(r.ctl.fd))
+	}
+	env := childEnv(os.Environ(), r.cfg.Env, names, 3+nListen, 4+nListen, ctlFD)
+	pid, err := r.spawner.spawn(path, r.cfg.Args, env, startDir, files)
+	unlock()
+	closeFDNum(readyC)
+	closeFDNum(stateR)
+	if err != nil {
+		closeFDNum(readyP)
+		closeFDNum(stateW)
+		return nil, fmt.Errorf("starting %s: %w", path, err)
+	}
+	child := watchChild(pid)
+	r.log.Info("shellflip: new process started", "pid", pid, "path", path)
+	ready, err := pollableFile(readyP, "shellflip-ready")
+	if err != nil {
+		closeFDNum(stateW)
+		child.kill()
+		<-child.done
+		return nil, err
+	}
+	failed := func(err error) (*Process, error) {
+		ready.Close()
+		child.kill()
+		<-child.done
+		status := child.status()
+		if errors.Is(err, errReadyEOF) && status != "signal: killed" {
+			// It was not our SIGKILL that ended it.
+			err = errExited
+		}
+		return nil, fmt.Errorf("new process %d: %w (%s)", pid, err, status)
+	}
+
+	if err := sendState(ctx, stateW, hooks.SendState); err != nil {
+		return failed(fmt.Errorf("sending state: %w", err))
+	}
+
+	readErr := make(chan error, 1)
+	go func() {
+		var b [1]byte
+		n, err := ready.Read(b[:])
+		switch {
+		case n == 1 && b[0] == readyByte:
+			readErr <- nil
+		case n == 1:
+			readErr <- fmt.Errorf("unexpected byte %#x on the readiness socket", b[0])
+		case err == io.EOF:
+			readErr <- errReadyEOF
+		default:
+			readErr <- err
+		}
+	}()
+	select {
+	case err = <-readErr:
+	case <-child.done:
+		ready.SetReadDeadline(time.Unix(1, 0))
+		<-readErr
+		err = errExited
+	case <-ctx.Done():
+		ready.SetReadDeadline(time.Unix(1, 0))
+		<-readErr
+		err = context.Cause(ctx)
+	}
+	if err != nil {
+		return failed(err)
+	}
+	return &Process{Pid: pid, ready: ready, watch: child}, nil
+}
+
+var (
+	errExited   = errors.New("exited before it was ready")
+	errReadyEOF = errors.New("closed its readiness socket before it was ready")
+)
+
+// sendState runs the SendState hook on the write end of the handover pipe,
+// then closes it: the new process reads to EOF.
+func sendState(ctx context.Context, fd int, hook func(context.Context, io.Writer) error) error {
+	w, err := pollableFile(fd, "shellflip-state")
+	if err != nil {
+		return err
+	}
+	defer w.Close()
+	if hook == nil {
+		return nil
+	}
+	stop := context.AfterFunc(ctx, func() { w.SetWriteDeadline(time.Unix(1, 0)) })
+	defer stop()
+	if err := hook(ctx, w); err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("%w: %w", context.Cause(ctx), err)
+		}
+		return err
+	}
+	return nil
+}
+
+// program returns the path of the program to start.
+func (r *Restarter) program() (string, error) {
+	path := r.cfg.Path
+	if path == "" {
+		path = r.cfg.Args[0]
+		if !strings.Contains(path, "/") {
+			if p, ok := lookPath(path); ok {
+				return p, nil
+			}
+		}
+	}
+	if !filepath.IsAbs(path) {
+		path = filepath.Join(startDir, path)
+	}
+	if isExecutable(path) || r.cfg.Path != "" {
+		return path, nil
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return "", fmt.Errorf("no executable at %s, and the running one cannot be found: %w", path, err)
+	}
+	r.log.Warn("shellflip: no executable at the program's path; restarting the running executable", "path", path, "executable", exe)
+	return exe, nil
+}
+
+// lookPath finds file in $PATH as a shell (and os/exec, which the library
+// does not use) would.
+func lookPath(file string) (string, bool) {
+	for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
+		if dir == "" {
+			dir = "."
+		}
+		p := filepath.Join(dir, file)
+		if !filepath.IsAbs(p) {
+			p = filepath.Join(startDir, p)
+		}
+		if isExecutable(p) {
+			return p, true
+		}
+	}
+	return "", false
+}
+
+func isExecutable(path string) bool {
+	fi, err := os.Stat(path)
+	return err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0
+}
+
+// childEnv returns the new process's environment: this process's, less the
+// variables that describe this process's own fds, plus extra (which wins
+// over variables of the same name), plus the variables naming the new
+// process's fds. LISTEN_PID is "auto": the new process's init sets its own
+// pid there (FixupListenPID).
+func childEnv(environ, extra, names []string, readyFD, stateFD, ctlFD int) []string {
+	drop := func(kv string) bool {
+		k, _, _ := strings.Cut(kv, "=")
+		switch k {
+		case envListenPID, envListenFDs, envListenFDNames, envReadyFD, envStateFD, envControlFD:
+			return true
+		}
+		for _, e := range extra {
+			if ek, _, _ := strings.Cut(e, "="); ek == k {
+				return true
+			}
+		}
+		return false
+	}
+	env := make([]string, 0, len(environ)+len(extra)+6)
+	for _, kv := range environ {
+		if !drop(kv) {
+			env = append(env, kv)
+		}
+	}
+	env = append(env, extra...)
+	if len(names) > 0 {
+		env = append(env,
+			envListenPID+"="+listenPIDAuto,
+			envListenFDs+"="+strconv.Itoa(len(names)),
+			envListenFDNames+"="+strings.Join(names, ":"))
+	}
+	env = append(env, envReadyFD+"="+strconv.Itoa(readyFD), envStateFD+"="+strconv.Itoa(stateFD))
+	if ctlFD >= 0 {
+		env = append(env, envControlFD+"="+strconv.Itoa(ctlFD))
+	}
+	return env
+}
+
+// spawner forks from one goroutine locked to its own OS thread, the
+// counterpart of shellflip's dedicated restart thread. See the package
+// documentation for what that buys under seccomp.
+type spawner struct {
+	reqs  chan spawnRequest
+	reply chan spawnResult
+}
+
+type spawnRequest struct {
+	path      string
+	argv, env []string
+	dir       string
+	files     []uintptr
+}
+
+type spawnResult struct {
+	pid int
+	err error
+}
+
+func newSpawner() *spawner {
+	s := &spawner{reqs: make(chan spawnRequest), reply: make(chan spawnResult)}
+	go func() {
+		// Never unlocked: when the goroutine returns, the runtime ends the
+		// thread instead of reusing it for other goroutines.
+		runtime.LockOSThread()
+		for q := range s.reqs {
+			pid, err := forkExec(q.path, q.argv, q.env, q.dir, q.files)
+			s.reply <- spawnResult{pid, err}
+		}
+	}()
+	return s
+}
+
+func (s *spawner) spawn(path string, argv, env []string, dir string, files []uintptr) (int, error) {
+	s.reqs <- spawnRequest{path, argv, env, dir, files}
+	res := <-s.reply
+	return res.pid, res.err
+}
+
+func (s *spawner) close() { close(s.reqs) }
+
+// waitStatusString describes how a process ended, as os.ProcessState does.
+func waitStatusString(ws syscall.WaitStatus) string {
+	switch {
+	case ws.Exited():
+		return "exit status " + strconv.Itoa(ws.ExitStatus())
+	case ws.Signaled():
+		s := "signal: " + ws.Signal().String()
+		if ws.CoreDump() {
+			s += " (core dumped)"
+		}
+		return s
+	}
+	return fmt.Sprintf("wait status %v", ws)
+}

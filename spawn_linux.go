@@ -1,0 +1,128 @@
+//go:build linux
+
+package shellflip
+
+import (
+	"os"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// This file holds the Linux primitives under the restart path: creating the
+// pipes close-on-exec from birth, fork/exec, watching and reaping the new
+// process, and reading a control-socket peer's credentials.
+
+func platformSupported() error { return nil }
+
+// defaultSignal triggers a restart when Config.Signal is nil.
+var defaultSignal os.Signal = unix.SIGUSR1
+
+// newReadyPair returns a connected pair of unix stream sockets: the old
+// process keeps parent, the new one inherits child. A socketpair rather than
+// a pipe because the old process answers on it once systemd knows the new
+// pid (see ready in notify.go).
+func newReadyPair() (parent, child int, err error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, -1, os.NewSyscallError("socketpair", err)
+	}
+	return fds[0], fds[1], nil
+}
+
+// newStatePipe returns the handover pipe. Its buffer is raised to 1 MiB where
+// the kernel allows (pipe(7): /proc/sys/fs/pipe-max-size, 1 MiB by default):
+// with the default 64 KiB the writer and reader ping-pong on every 64 KiB,
+// which costs a large handover a third of its throughput.
+func newStatePipe() (r, w int, err error) {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		return -1, -1, os.NewSyscallError("pipe2", err)
+	}
+	unix.FcntlInt(uintptr(p[1]), unix.F_SETPIPE_SZ, 1<<20) // best effort
+	return p[0], p[1], nil
+}
+
+// forkExec starts path with exactly files as its fds (child fd i is parent fd
+// files[i]; the runtime's fork code clears close-on-exec on those and only
+// those). It runs on the spawner's locked thread. golang.org/x/sys/unix has
+// no ForkExec of its own: syscall.ForkExec is the runtime's raw fork/exec,
+// which takes syscall.ForkLock so that no fd created without close-on-exec
+// by another goroutine can slip into the child.
+//
+// No Pdeathsig: the new process must outlive the old one, and the signal
+// would follow the forking thread, not the process (golang/go#27505). No new
+// session or process group either: the new process stands where the old one
+// stood, in its session, process group and cgroup.
+func forkExec(path string, argv, env []string, dir string, files []uintptr) (int, error) {
+	return syscall.ForkExec(path, argv, &syscall.ProcAttr{Dir: dir, Env: env, Files: files})
+}
+
+// sealFDs marks every fd above stderr close-on-exec, so that the new
+// process receives exactly the fds listed for it: fds that leaked into this
+// process from its own parent (a shell's, a supervisor's) stop here. Go
+// creates its own fds close-on-exec, so for them this changes nothing.
+// close_range(2) with CLOSE_RANGE_CLOEXEC does it in one call (Linux 5.11);
+// older kernels get a walk of /proc/self/fd.
+func sealFDs() {
+	if unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC) == nil {
+		return
+	}
+	cloexecListed("/proc/self/fd")
+}
+
+// childWatch waits for one child process and reaps it exactly once.
+type childWatch struct {
+	pid  int
+	done chan struct{} // closed once the child has exited and was reaped
+	mu   sync.Mutex    // orders kill against the reaping wait4
+	gone bool          // reaped: the pid may belong to someone else now
+	ws   unix.WaitStatus
+}
+
+// watchChild starts waiting for pid in the background.
+//
+// waitid(WNOWAIT) first learns that the child exited while leaving it a
+// zombie, so its pid cannot be reused; only then, under mu, is it reaped. A
+// kill under the same mutex therefore never hits a stranger that inherited
+// the pid, the race that os.Process closes with pidfds. We avoid pidfds: a
+// seccomp policy that answers their probes with SIGSYS kills Go programs
+// (golang/go#69065), and waitid/wait4 are in every policy that allows fork.
+func watchChild(pid int) *childWatch {
+	c := &childWatch{pid: pid, done: make(chan struct{})}
+	go func() {
+		var info unix.Siginfo
+		ignoringEINTR(func() error {
+			return unix.Waitid(unix.P_PID, pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
+		})
+		c.mu.Lock()
+		ignoringEINTRIO(func() (int, error) { return unix.Wait4(pid, &c.ws, 0, nil) })
+		c.gone = true
+		c.mu.Unlock()
+		close(c.done)
+	}()
+	return c
+}
+
+// kill sends SIGKILL unless the child was already reaped.
+func (c *childWatch) kill() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.gone {
+		unix.Kill(c.pid, unix.SIGKILL)
+	}
+}
+
+// status describes how the child ended; valid after done is closed.
+func (c *childWatch) status() string { return waitStatusString(syscall.WaitStatus(c.ws)) }
+
+// peerUID returns the effective uid of the process at the other end of a
+// connected unix socket, as the kernel recorded it at connect(2).
+func peerUID(fd int) (int, error) {
+	cred, err := unix.GetsockoptUcred(fd, unix.SOL_SOCKET, unix.SO_PEERCRED)
+	if err != nil {
+		return -1, os.NewSyscallError("getsockopt SO_PEERCRED", err)
+	}
+	return int(cred.Uid), nil
+}

@@ -1,0 +1,104 @@
+//go:build darwin || freebsd
+
+package shellflip
+
+import (
+	"os"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// This file holds the restart path's primitives on darwin and FreeBSD: the
+// Linux ones (spawn_linux.go) without pipe2-style flags, waitid(WNOWAIT) or
+// SO_PEERCRED.
+
+func platformSupported() error { return nil }
+
+// defaultSignal triggers a restart when Config.Signal is nil.
+var defaultSignal os.Signal = unix.SIGUSR1
+
+// newReadyPair: see spawn_linux.go. darwin has no SOCK_CLOEXEC, so the fds
+// are created and marked under syscall.ForkLock: a fork on another thread
+// between the two steps would otherwise leak them into that child.
+func newReadyPair() (parent, child int, err error) {
+	syscall.ForkLock.RLock()
+	defer syscall.ForkLock.RUnlock()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM, 0)
+	if err != nil {
+		return -1, -1, os.NewSyscallError("socketpair", err)
+	}
+	unix.CloseOnExec(fds[0])
+	unix.CloseOnExec(fds[1])
+	return fds[0], fds[1], nil
+}
+
+// newStatePipe: see spawn_linux.go; created under ForkLock as newReadyPair.
+func newStatePipe() (r, w int, err error) {
+	syscall.ForkLock.RLock()
+	defer syscall.ForkLock.RUnlock()
+	var p [2]int
+	if err := unix.Pipe(p[:]); err != nil {
+		return -1, -1, os.NewSyscallError("pipe", err)
+	}
+	unix.CloseOnExec(p[0])
+	unix.CloseOnExec(p[1])
+	return p[0], p[1], nil
+}
+
+// forkExec: see spawn_linux.go.
+func forkExec(path string, argv, env []string, dir string, files []uintptr) (int, error) {
+	return syscall.ForkExec(path, argv, &syscall.ProcAttr{Dir: dir, Env: env, Files: files})
+}
+
+// sealFDs: see spawn_linux.go. There is no close_range flag here to do it
+// in one call; /dev/fd lists the open fds.
+func sealFDs() { cloexecListed("/dev/fd") }
+
+// childWatch waits for one child process and reaps it exactly once.
+//
+// Without waitid(WNOWAIT) the reaping wait4 cannot be ordered against kill:
+// a kill that loses the race by microseconds could reach a new process that
+// was given the same pid. os.Process had the same window before pidfds; the
+// window needs the pid space to wrap around in between.
+type childWatch struct {
+	pid  int
+	done chan struct{}
+	mu   sync.Mutex
+	gone bool
+	ws   unix.WaitStatus
+}
+
+func watchChild(pid int) *childWatch {
+	c := &childWatch{pid: pid, done: make(chan struct{})}
+	go func() {
+		var ws unix.WaitStatus
+		ignoringEINTRIO(func() (int, error) { return unix.Wait4(pid, &ws, 0, nil) })
+		c.mu.Lock()
+		c.ws, c.gone = ws, true
+		c.mu.Unlock()
+		close(c.done)
+	}()
+	return c
+}
+
+func (c *childWatch) kill() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.gone {
+		unix.Kill(c.pid, unix.SIGKILL)
+	}
+}
+
+func (c *childWatch) status() string { return waitStatusString(syscall.WaitStatus(c.ws)) }
+
+// peerUID: see spawn_linux.go. LOCAL_PEERCRED gives the credentials at
+// connect(2), as SO_PEERCRED does on Linux.
+func peerUID(fd int) (int, error) {
+	cred, err := unix.GetsockoptXucred(fd, unix.SOL_LOCAL, unix.LOCAL_PEERCRED)
+	if err != nil {
+		return -1, os.NewSyscallError("getsockopt LOCAL_PEERCRED", err)
+	}
+	return int(cred.Uid), nil
+}

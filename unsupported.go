@@ -1,0 +1,116 @@
+//go:build !linux && !darwin && !freebsd
+
+package shellflip
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"syscall"
+)
+
+// This file lets programs that vendor the package build on platforms without
+// fork/exec or unix sockets (windows, plan9, js, wasip1, ...): every entry
+// point returns ErrNotSupported, or reports that there is nothing to do.
+
+func platformSupported() error { return ErrNotSupported }
+
+var defaultSignal os.Signal = os.Interrupt
+
+var startDir string
+
+func inheritanceErr() error { return ErrNotSupported }
+func takeControlFD() int { return -1 }
+func closeFDNum(int)        {}
+func sealFDs()              {}
+func notifyMainPID(int) error {
+	return ErrNotSupported
+}
+func pollableFile(int, string) (*os.File, error) { return nil, ErrNotSupported }
+func newReadyPair() (int, int, error)           { return -1, -1, ErrNotSupported }
+func newStatePipe() (int, int, error)           { return -1, -1, ErrNotSupported }
+func forkExec(string, []string, []string, string, []uintptr) (int, error) {
+	return 0, ErrNotSupported
+}
+func passFDs(files []uintptr, names []string) ([]uintptr, []string, func()) {
+	return files, names, func() {}
+}
+
+type childWatch struct{ done chan struct{} }
+
+func watchChild(int) *childWatch    { c := &childWatch{done: make(chan struct{})}; close(c.done); return c }
+func (*childWatch) kill()           {}
+func (*childWatch) status() string  { return "" }
+func fdnameValid(string) bool        { return false }
+func closeUnclaimed()                {}
+
+type restartRequest struct{}
+
+func (*restartRequest) respond(*slog.Logger, int, error) {}
+
+type controlServer struct {
+	fd   int
+	reqs chan *restartRequest
+}
+
+func listenControl(string, int, *slog.Logger) (*controlServer, error) {
+	return nil, ErrNotSupported
+}
+func (*controlServer) finish(int, error)                              {}
+
+// FixupListenPID does nothing on this platform.
+func FixupListenPID() {}
+
+// StartedByRestart reports false on this platform.
+func StartedByRestart() bool { return false }
+
+// ReceiveState returns ErrNotSupported on this platform.
+func ReceiveState() (io.ReadCloser, error) { return nil, ErrNotSupported }
+
+// Ready returns ErrNotSupported on this platform.
+func Ready() error { return ErrNotSupported }
+
+// IsMain reports true on this platform: there is no one else.
+func IsMain() bool { return true }
+
+// RequestRestart returns ErrNotSupported on this platform.
+func RequestRestart(context.Context, string) (int, error) { return 0, ErrNotSupported }
+
+// ListenerName is as on Linux; see fdpass.go.
+func ListenerName(network, address string) string { return network + "/" + address }
+
+// Listen returns ErrNotSupported on this platform.
+func Listen(string, string) (net.Listener, error) { return nil, ErrNotSupported }
+
+// ListenNamed returns ErrNotSupported on this platform.
+func ListenNamed(string, *net.ListenConfig, string, string) (net.Listener, error) {
+	return nil, ErrNotSupported
+}
+
+// ListenPacket returns ErrNotSupported on this platform.
+func ListenPacket(string, string) (net.PacketConn, error) { return nil, ErrNotSupported }
+
+// ListenPacketNamed returns ErrNotSupported on this platform.
+func ListenPacketNamed(string, *net.ListenConfig, string, string) (net.PacketConn, error) {
+	return nil, ErrNotSupported
+}
+
+// File returns ErrNotSupported on this platform.
+func File(string) (*os.File, error) { return nil, ErrNotSupported }
+
+// Conn returns ErrNotSupported on this platform.
+func Conn(string) (net.Conn, error) { return nil, ErrNotSupported }
+
+// Add returns ErrNotSupported on this platform.
+func Add(string, syscall.Conn) error { return ErrNotSupported }
+
+// Remove reports false on this platform.
+func Remove(string) bool { return false }
+
+// Names returns nothing on this platform.
+func Names() []string { return nil }
+
+// MainChan returns a closed channel on this platform.
+func MainChan() <-chan struct{} { c := make(chan struct{}); close(c); return c }
