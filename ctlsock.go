@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"sync"
 	"time"
 
@@ -71,6 +72,8 @@ type controlServer struct {
 	finished bool // the restart loop is gone; answer with final
 	finalPID int
 	finalErr error
+	reading  map[*net.UnixConn]struct{} // connections whose request is not read yet
+	wg       sync.WaitGroup             // connection handlers
 }
 
 // listenControl binds the control socket at path, or adopts the one the old
@@ -107,6 +110,7 @@ func listenControl(path string, inheritedFD int, log *slog.Logger) (*controlServ
 		reqs:  make(chan *restartRequest),
 		slots:   make(chan struct{}, maxControlConns),
 		stopped: make(chan struct{}),
+		reading: map[*net.UnixConn]struct{}{},
 	}
 	go s.accept()
 	return s, nil
@@ -224,12 +228,16 @@ func (s *controlServer) accept() {
 		default:
 			// Too many clients at once; answer without reading, from a
 			// goroutine of its own so that accepting never waits on a client.
+			s.wg.Add(1)
 			go func() {
+				defer s.wg.Done()
 				(&restartRequest{conn}).respond(s.log, 0, errors.New("too many concurrent restart requests"))
 			}()
 			continue
 		}
+		s.wg.Add(1)
 		go func() {
+			defer s.wg.Done()
 			defer func() { <-s.slots }()
 			s.serve(conn)
 		}()
@@ -243,6 +251,10 @@ func (s *controlServer) serve(conn *net.UnixConn) {
 		q.respond(s.log, 0, err)
 		return
 	}
+	if !s.startReading(conn) {
+		s.respondFinal(q)
+		return
+	}
 	conn.SetReadDeadline(time.Now().Add(requestTimeout))
 	var scratch [256]byte
 	payload, err := readFrame(conn, scratch[:])
@@ -252,6 +264,17 @@ func (s *controlServer) serve(conn *net.UnixConn) {
 			err = errors.New("unexpected message: want a TryRestart request")
 		}
 	}
+	if !s.stopReading(conn) {
+		// finish cut the read short: the restart loop is gone.
+		if err != nil {
+			pid, ferr := s.final()
+			err = fmt.Errorf("no request received before this process stopped serving restarts (%s)", describeOutcome(pid, ferr))
+			q.respond(s.log, 0, fmt.Errorf("bad request: %w", err))
+			return
+		}
+		s.respondFinal(q)
+		return
+	}
 	if err != nil {
 		s.log.Warn("shellflip: bad restart request", "err", err)
 		q.respond(s.log, 0, fmt.Errorf("bad request: %w", err))
@@ -260,13 +283,49 @@ func (s *controlServer) serve(conn *net.UnixConn) {
 	conn.SetReadDeadline(time.Time{})
 	select {
 	case s.reqs <- q:
-		return
 	case <-s.stopped:
+		s.respondFinal(q)
 	}
+}
+
+// startReading records that conn's request is being read, unless the
+// server has finished.
+func (s *controlServer) startReading(conn *net.UnixConn) bool {
 	s.mu.Lock()
-	pid, ferr := s.finalPID, s.finalErr
-	s.mu.Unlock()
-	q.respond(s.log, pid, ferr)
+	defer s.mu.Unlock()
+	if s.finished {
+		return false
+	}
+	s.reading[conn] = struct{}{}
+	return true
+}
+
+// stopReading reports whether the read finished before the server did.
+func (s *controlServer) stopReading(conn *net.UnixConn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.reading, conn)
+	return !s.finished
+}
+
+// respondFinal answers q with the outcome of the last restart.
+func (s *controlServer) respondFinal(q *restartRequest) {
+	pid, err := s.final()
+	q.respond(s.log, pid, err)
+}
+
+// final returns the outcome that late clients get.
+func (s *controlServer) final() (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.finalPID, s.finalErr
+}
+
+func describeOutcome(pid int, err error) string {
+	if err != nil {
+		return err.Error()
+	}
+	return "replaced by pid " + strconv.Itoa(pid)
 }
 
 // checkPeer refuses clients whose uid is neither ours nor root's: the
@@ -290,9 +349,10 @@ func checkPeer(conn *net.UnixConn) error {
 	return nil
 }
 
-// finish stops accepting and answers every client that is still to be
-// answered with pid and err. The listening socket stays open in the new
-// process (if any), so its path stays bound; nothing is unlinked.
+// finish stops accepting, answers every client still to be answered with
+// pid and err, and waits until they were (each write is bounded by
+// requestTimeout). The listening socket stays open in the new process, if
+// any, so its path stays bound; nothing is unlinked.
 func (s *controlServer) finish(pid int, err error) {
 	s.mu.Lock()
 	if s.finished {
@@ -301,10 +361,12 @@ func (s *controlServer) finish(pid int, err error) {
 	}
 	s.finished, s.finalPID, s.finalErr = true, pid, err
 	close(s.stopped)
+	for c := range s.reading {
+		c.SetReadDeadline(time.Unix(1, 0)) // wake the read; serve answers
+	}
 	s.mu.Unlock()
-	// Handlers still writing to slow clients finish on their own deadlines;
-	// nothing here waits for them.
 	s.ln.Close()
+	s.wg.Wait()
 	unix.Close(s.fd)
 }
 
@@ -332,12 +394,16 @@ func RequestRestart(ctx context.Context, socketPath string) (int, error) {
 	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 	var buf [64]byte
-	if _, err := c.Write(appendTryRestart(buf[:0])); err != nil {
-		return 0, ctxErr(ctx, err)
-	}
+	_, werr := c.Write(appendTryRestart(buf[:0]))
+	// Read even if the write failed: a service that refuses a client
+	// answers without reading its request and closes, and its answer is
+	// waiting in our receive queue.
 	var scratch [512]byte
 	payload, err := readFrame(c, scratch[:])
 	if err != nil {
+		if werr != nil {
+			err = werr
+		}
 		return 0, ctxErr(ctx, fmt.Errorf("shellflip: reading the response: %w", err))
 	}
 	m, err := decodeMessage(payload)

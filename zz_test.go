@@ -59,14 +59,17 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
+// testRoles maps $SHELLFLIP_TEST_ROLE values to what the re-executed test
+// binary does; test files add their own roles in init functions.
+var testRoles = map[string]func() int{
+	"server": testServer,
+	"fds":    testReportFDs,
+	"client": testClient,
+}
+
 func runTestRole(role string) int {
-	switch role {
-	case "server":
-		return testServer()
-	case "fds":
-		return testReportFDs()
-	case "client":
-		return testClient()
+	if f := testRoles[role]; f != nil {
+		return f()
 	}
 	fmt.Fprintf(os.Stderr, "unknown test role %q\n", role)
 	return 2
@@ -328,9 +331,8 @@ func parseReport(line string) map[string]string {
 		field, rest, _ = strings.Cut(rest, " ")
 		k, v, _ := strings.Cut(field, "=")
 		if k == "err" { // the error text runs to the end of the line
-			v += strings.TrimPrefix(" "+rest, " ")
-			if rest == "" {
-				v = strings.TrimSuffix(v, " ")
+			if rest != "" {
+				v += " " + rest
 			}
 			rest = ""
 		}
@@ -345,13 +347,14 @@ type testCluster struct {
 	dir     string
 	socket  string
 	reports *testReports
+	exited  chan struct{} // closed when generation 0 has exited and was reaped
 	mu      sync.Mutex
 	pids    []int
 }
 
 func newTestCluster(t *testing.T) *testCluster {
 	dir := t.TempDir()
-	c := &testCluster{t: t, dir: dir, socket: filepath.Join(dir, "ctl.sock")}
+	c := &testCluster{t: t, dir: dir, socket: filepath.Join(dir, "ctl.sock"), exited: make(chan struct{})}
 	c.reports = newTestReports(t, dir)
 	t.Cleanup(c.killAll)
 	return c
@@ -373,7 +376,10 @@ func (c *testCluster) start(role string, env ...string) map[string]string {
 	}
 	// The first generation is our child: reap it in the background. Later
 	// generations are its children, reaped by it, or reparented.
-	go cmd.Wait()
+	go func() {
+		cmd.Wait()
+		close(c.exited)
+	}()
 	c.track(cmd.Process.Pid)
 	c.reports.next("started")
 	rep := c.reports.next("ready")
@@ -486,7 +492,11 @@ func TestRestartBySignal(t *testing.T) {
 	if repl["pid"] != r0["pid"] || repl["new"] != r1["pid"] {
 		t.Errorf("old process reported %v", repl)
 	}
-	waitGone(t, pid)
+	select {
+	case <-c.exited:
+	case <-time.After(testDeadline):
+		t.Fatalf("old process %d did not exit", pid)
+	}
 }
 
 func TestRestartLargeState(t *testing.T) {
@@ -644,7 +654,7 @@ func TestControlSocketSilentClient(t *testing.T) {
 		t.Fatalf("silent client got no answer: %v", err)
 	}
 	m, err := decodeMessage(payload)
-	if err != nil || m.kind != msgRestartFailed || !strings.Contains(m.text, "bad request") {
+	if err != nil || m.kind != msgRestartFailed || !strings.Contains(m.text, "bad request: no request received before this process stopped serving restarts (replaced by pid") {
 		t.Fatalf("silent client got %+v, %v; want a RestartFailed naming a bad request", m, err)
 	}
 }
@@ -696,7 +706,16 @@ func TestControlSocketForeignUID(t *testing.T) {
 	if err := os.Chmod(c.socket, 0o777); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	// The test binary must be reachable for uid 65534 too: copy it out of
+	// the go command's private build directory.
+	bin := filepath.Join(c.dir, "client.test")
+	if err := copyExecutable(os.Args[0], bin); err != nil {
+		t.Fatal(err)
+	}
+	for d := c.dir; d != "/" && d != os.TempDir(); d = filepath.Dir(d) {
+		os.Chmod(d, 0o755)
+	}
+	cmd := exec.Command(bin, "-test.run=^$")
 	cmd.Env = append(os.Environ(), envTestRole+"=client", envTestReport+"="+c.reports.path, envTestSocket+"="+c.socket)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 	cmd.Stderr = os.Stderr
@@ -939,4 +958,12 @@ func (r *testReports) drain() []string {
 		}
 		r.seen = append(r.seen, string(buf[:n]))
 	}
+}
+
+func copyExecutable(src, dst string) error {
+	b, err := os.ReadFile(src)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(dst, b, 0o755)
 }
