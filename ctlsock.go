@@ -107,7 +107,7 @@ func listenControl(path string, inheritedFD int, log *slog.Logger) (*controlServ
 	}
 	s := &controlServer{
 		ln: ln.(*net.UnixListener), fd: fd, path: path, log: log,
-		reqs:  make(chan *restartRequest),
+		reqs:    make(chan *restartRequest),
 		slots:   make(chan struct{}, maxControlConns),
 		stopped: make(chan struct{}),
 		reading: map[*net.UnixConn]struct{}{},

@@ -56,9 +56,9 @@ const (
 // anything could pass them on.
 type inheritance struct {
 	err       error // the first problem found; the fds concerned were closed
-	readyFD   int // -1 if not started by a restart
-	stateFD   int // -1 if not started by a restart or already handed out
-	controlFD int // -1 if none was passed
+	readyFD   int   // -1 if not started by a restart
+	stateFD   int   // -1 if not started by a restart or already handed out
+	controlFD int   // -1 if none was passed
 	listen    []inheritedFD
 }
 

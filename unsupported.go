@@ -22,15 +22,15 @@ var defaultSignal os.Signal = os.Interrupt
 var startDir string
 
 func inheritanceErr() error { return ErrNotSupported }
-func takeControlFD() int { return -1 }
+func takeControlFD() int    { return -1 }
 func closeFDNum(int)        {}
 func sealFDs()              {}
 func notifyMainPID(int) error {
 	return ErrNotSupported
 }
 func pollableFile(int, string) (*os.File, error) { return nil, ErrNotSupported }
-func newReadyPair() (int, int, error)           { return -1, -1, ErrNotSupported }
-func newStatePipe() (int, int, error)           { return -1, -1, ErrNotSupported }
+func newReadyPair() (int, int, error)            { return -1, -1, ErrNotSupported }
+func newStatePipe() (int, int, error)            { return -1, -1, ErrNotSupported }
 func forkExec(string, []string, []string, string, []uintptr) (int, error) {
 	return 0, ErrNotSupported
 }
@@ -40,11 +40,15 @@ func passFDs(files []uintptr, names []string) ([]uintptr, []string, func()) {
 
 type childWatch struct{ done chan struct{} }
 
-func watchChild(int) *childWatch    { c := &childWatch{done: make(chan struct{})}; close(c.done); return c }
-func (*childWatch) kill()           {}
-func (*childWatch) status() string  { return "" }
-func fdnameValid(string) bool        { return false }
-func closeUnclaimed()                {}
+func watchChild(int) *childWatch {
+	c := &childWatch{done: make(chan struct{})}
+	close(c.done)
+	return c
+}
+func (*childWatch) kill()          {}
+func (*childWatch) status() string { return "" }
+func fdnameValid(string) bool      { return false }
+func closeUnclaimed()              {}
 
 type restartRequest struct{}
 
@@ -58,7 +62,7 @@ type controlServer struct {
 func listenControl(string, int, *slog.Logger) (*controlServer, error) {
 	return nil, ErrNotSupported
 }
-func (*controlServer) finish(int, error)                              {}
+func (*controlServer) finish(int, error) {}
 
 // FixupListenPID does nothing on this platform.
 func FixupListenPID() {}
