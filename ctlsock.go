@@ -370,15 +370,6 @@ func (s *controlServer) finish(pid int, err error) {
 	unix.Close(s.fd)
 }
 
-// socketCloexec creates a socket that is close-on-exec from birth.
-func socketCloexec(family, typ int) (int, error) {
-	fd, err := unix.Socket(family, typ|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return -1, os.NewSyscallError("socket", err)
-	}
-	return fd, nil
-}
-
 // RequestRestart asks the service listening on the control socket at
 // socketPath to restart, and returns the new process's pid. If the service
 // tried and failed, the error's text is the service's explanation, verbatim,

@@ -20,36 +20,6 @@ import (
 // that the old process (or systemd) named in the environment, tells the old
 // process when it is ready, and hands out the state stream.
 
-// Environment variables that name the library's own fds in a process started
-// by a restart. They follow the LISTEN_FDS block and are removed from the
-// environment as soon as the package is initialised.
-const (
-	envReadyFD   = "SHELLFLIP_READY_FD"   // socketpair end: readiness byte out, "you are main" byte in
-	envStateFD   = "SHELLFLIP_STATE_FD"   // pipe read end: state from the old process
-	envControlFD = "SHELLFLIP_CONTROL_FD" // the control socket's listening socket
-
-	envListenPID     = "LISTEN_PID"
-	envListenFDs     = "LISTEN_FDS"
-	envListenFDNames = "LISTEN_FDNAMES"
-
-	// listenPIDAuto stands in for the new process's pid, which the old
-	// process cannot know before the fork; the new process replaces it with
-	// its own pid at initialisation (see FixupListenPID).
-	listenPIDAuto = "auto"
-
-	// listenFDsStart is SD_LISTEN_FDS_START from sd-daemon.h.
-	listenFDsStart = 3
-
-	// maxInheritedFDs bounds LISTEN_FDS before anything is allocated for it.
-	maxInheritedFDs = 1 << 16
-)
-
-// Byte values on the readiness socket.
-const (
-	readyByte = 'R' // new process to old: I am ready
-	mainByte  = 'M' // old process to new: systemd now knows you as the main pid
-)
-
 // inheritance is what this process received at start. It is filled in once,
 // by the package's init, so that the fds are close-on-exec before any
 // goroutine of the program could fork, and the variables are gone before
@@ -348,10 +318,6 @@ var (
 	// mainCh is closed when isMain becomes true.
 	mainCh = make(chan struct{})
 )
-
-// ErrOldProcessGone is returned by Ready when the old process exited or was
-// killed before this process could tell it that it is ready.
-var ErrOldProcessGone = errors.New("shellflip: the old process is gone")
 
 // Ready tells the world that this process has finished initialising: the old
 // process, if this one was started by a restart (the old one then tells

@@ -31,6 +31,15 @@ func newReadyPair() (parent, child int, err error) {
 	return fds[0], fds[1], nil
 }
 
+// socketCloexec creates a socket that is close-on-exec from birth.
+func socketCloexec(family, typ int) (int, error) {
+	fd, err := unix.Socket(family, typ|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, os.NewSyscallError("socket", err)
+	}
+	return fd, nil
+}
+
 // newStatePipe returns the handover pipe. Its buffer is raised to 1 MiB where
 // the kernel allows (pipe(7): /proc/sys/fs/pipe-max-size, 1 MiB by default):
 // with the default 64 KiB the writer and reader ping-pong on every 64 KiB,

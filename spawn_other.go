@@ -34,6 +34,19 @@ func newReadyPair() (parent, child int, err error) {
 	return fds[0], fds[1], nil
 }
 
+// socketCloexec creates a socket marked close-on-exec under ForkLock, as
+// newReadyPair.
+func socketCloexec(family, typ int) (int, error) {
+	syscall.ForkLock.RLock()
+	defer syscall.ForkLock.RUnlock()
+	fd, err := unix.Socket(family, typ, 0)
+	if err != nil {
+		return -1, os.NewSyscallError("socket", err)
+	}
+	unix.CloseOnExec(fd)
+	return fd, nil
+}
+
 // newStatePipe: see spawn_linux.go; created under ForkLock as newReadyPair.
 func newStatePipe() (r, w int, err error) {
 	syscall.ForkLock.RLock()

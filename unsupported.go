@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"syscall"
+	"time"
 )
 
 // This file lets programs that vendor the package build on platforms without
@@ -118,3 +119,46 @@ func Names() []string { return nil }
 
 // MainChan returns a closed channel on this platform.
 func MainChan() <-chan struct{} { c := make(chan struct{}); close(c); return c }
+
+// SdNotifier does nothing on this platform; see sdnotify.go.
+type SdNotifier struct{}
+
+// SdField is a field of an sd_notify message; see sdnotify.go.
+type SdField struct{}
+
+// NewSdNotifier returns ErrNotSupported on this platform.
+func NewSdNotifier(string) (*SdNotifier, error) { return nil, ErrNotSupported }
+
+// SystemdNotifier returns ErrNotSupported on this platform.
+func SystemdNotifier() (*SdNotifier, error) { return nil, ErrNotSupported }
+
+// Enabled reports false on this platform.
+func (*SdNotifier) Enabled() bool { return false }
+
+// Send returns ErrNotSupported on this platform.
+func (*SdNotifier) Send(...SdField) error { return ErrNotSupported }
+
+// SendFDs returns ErrNotSupported on this platform.
+func (*SdNotifier) SendFDs([]int, ...SdField) error { return ErrNotSupported }
+
+// Barrier returns ErrNotSupported on this platform.
+func (*SdNotifier) Barrier(context.Context) error { return ErrNotSupported }
+
+// Close does nothing on this platform.
+func (*SdNotifier) Close() error { return nil }
+
+func SdReady() SdField                      { return SdField{} }
+func SdReloading() SdField                  { return SdField{} }
+func SdStopping() SdField                   { return SdField{} }
+func SdStatus(string) SdField               { return SdField{} }
+func SdMainPID(int) SdField                 { return SdField{} }
+func SdErrno(syscall.Errno) SdField         { return SdField{} }
+func SdExtendTimeout(time.Duration) SdField { return SdField{} }
+func SdWatchdog() SdField                   { return SdField{} }
+func SdWatchdogTrigger() SdField            { return SdField{} }
+func SdFDStore(string) SdField              { return SdField{} }
+func SdFDStoreRemove(string) SdField        { return SdField{} }
+func SdFDPollOff() SdField                  { return SdField{} }
+
+// SdWatchdogInterval returns ErrNotSupported on this platform.
+func SdWatchdogInterval() (time.Duration, bool, error) { return 0, false, ErrNotSupported }
