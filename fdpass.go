@@ -463,3 +463,51 @@ func cloexecListed(dir string) {
 		}
 	}
 }
+
+// StoreFDs pushes the registry's fds named by names (all of them if none are
+// named) to systemd's fd store, one FDSTORE=1 datagram per fd under its
+// name, so that a process systemd starts later (after a crash, or
+// "systemctl restart", which graceful restarts do not survive) receives them
+// through LISTEN_FDS and LISTEN_FDNAMES, and with them joins the registry
+// under the same names. The unit needs FileDescriptorStoreMax= large enough.
+// Without $NOTIFY_SOCKET it does nothing. systemd ignores an fd it already
+// stores, so storing again after a restart is harmless.
+func StoreFDs(names ...string) error {
+	return sendRegistryFDs(names, true)
+}
+
+// UnstoreFDs removes the fds stored under names from systemd's fd store
+// (FDSTOREREMOVE=1). The registry keeps its own copies.
+func UnstoreFDs(names ...string) error {
+	return sendRegistryFDs(names, false)
+}
+
+func sendRegistryFDs(names []string, store bool) error {
+	n, err := SystemdNotifier()
+	if err != nil || !n.Enabled() {
+		return err
+	}
+	fdreg.mu.Lock()
+	defer fdreg.mu.Unlock()
+	if len(names) == 0 {
+		for _, e := range fdreg.entries {
+			names = append(names, e.name)
+		}
+	}
+	for _, name := range names {
+		e := lookupEntry(name)
+		if !store {
+			if err := n.Send(SdFDStoreRemove(name)); err != nil {
+				return err
+			}
+			continue
+		}
+		if e == nil {
+			return fmt.Errorf("shellflip: no fd named %q in the registry", name)
+		}
+		if err := n.SendFDs([]int{e.fd}, SdFDStore(name)); err != nil {
+			return fmt.Errorf("shellflip: storing fd %q: %w", name, err)
+		}
+	}
+	return nil
+}

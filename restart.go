@@ -33,6 +33,10 @@ var (
 // killed before this process could tell it that it is ready.
 var ErrOldProcessGone = errors.New("shellflip: the old process is gone")
 
+// ErrNotMain is returned by the process-wide SdNotifier of a process started
+// by a restart until systemd knows it as the service's main process.
+var ErrNotMain = errors.New("shellflip: not yet the main process; systemd would drop this message")
+
 // Environment variables that name the library's own fds in a process started
 // by a restart. They follow the LISTEN_FDS block and are removed from the
 // environment as soon as the package is initialised.
@@ -112,6 +116,21 @@ type Config struct {
 	// logged.
 	Path string
 	Args []string
+
+	// NotifyReload is for units of Type=notify-reload (systemd 253 and
+	// later), which send the unit's ReloadSignal= (SIGHUP by default; set
+	// Signal to match) and then wait for RELOADING=1 and READY=1: a restart
+	// triggered by Signal first sends RELOADING=1 with MONOTONIC_USEC; the
+	// new process's MAINPID and READY=1 end the reload, and so does READY=1
+	// from this process if the restart fails.
+	NotifyReload bool
+
+	// PIDFile, if set, is where the process writes its pid when it becomes
+	// ready, for supervisors that read PIDFile=. It is written atomically
+	// (a temporary file in the same directory, then rename), so a reader
+	// never sees it empty or half written; a new process overwrites it
+	// when it becomes ready, and no process removes it.
+	PIDFile string
 
 	// Logger receives the library's logs; nil means none.
 	Logger *slog.Logger
@@ -226,6 +245,11 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 		}
 		r.log.Warn("shellflip: the old process went away before this one was ready; carrying on alone", "err", err)
 	}
+	if cfg.PIDFile != "" {
+		if err := writePIDFile(cfg.PIDFile, os.Getpid()); err != nil {
+			r.log.Error("shellflip: writing the pid file", "path", cfg.PIDFile, "err", err)
+		}
+	}
 
 	r.spawner = newSpawner()
 	ctx, r.cancel = context.WithCancel(ctx)
@@ -265,12 +289,17 @@ func (r *Restarter) run(ctx context.Context) {
 	}
 	for {
 		var waiting []*restartRequest
+		reloading := false
 		select {
 		case <-ctx.Done():
 			r.end(nil, fmt.Errorf("shellflip: restarts stopped: %w", context.Cause(ctx)))
 			return
 		case <-r.sig:
 			r.log.Info("shellflip: restart requested by signal")
+			if r.cfg.NotifyReload {
+				reloading = true
+				r.notify(SdReloading())
+			}
 		case q := <-reqs:
 			r.log.Info("shellflip: restart requested on the control socket")
 			waiting = append(waiting, q)
@@ -300,6 +329,10 @@ func (r *Restarter) run(ctx context.Context) {
 			return
 		}
 		r.log.Error("shellflip: restart failed", "err", out.err)
+		if reloading {
+			// Leave the reloading state: this process carries on.
+			r.notify(SdReady(), SdStatus("restart failed: "+oneLine(out.err.Error())))
+		}
 		for _, q := range waiting {
 			q.respond(r.log, 0, out.err)
 		}
@@ -327,6 +360,51 @@ func (r *Restarter) handOver(p *Process, waiting []*restartRequest) {
 		q.respond(r.log, p.Pid, nil)
 	}
 	r.log.Info("shellflip: restart complete", "pid", p.Pid)
+}
+
+// notify sends fields to systemd, if this process is managed by it, and
+// logs what went wrong.
+func (r *Restarter) notify(fields ...SdField) {
+	n, err := SystemdNotifier()
+	if err == nil {
+		err = n.Send(fields...)
+	}
+	if err != nil {
+		r.log.Warn("shellflip: notifying systemd", "err", err)
+	}
+}
+
+// oneLine makes s fit a STATUS= value.
+func oneLine(s string) string {
+	return strings.Map(func(c rune) rune {
+		if c == '\n' || c == '\r' || c == 0 {
+			return ' '
+		}
+		return c
+	}, s)
+}
+
+// writePIDFile writes pid to path atomically: a reader sees the old
+// content or the new, never a partial file.
+func writePIDFile(path string, pid int) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteString(strconv.Itoa(pid) + "\n")
+	if err == nil {
+		err = f.Chmod(0o644)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	if err != nil {
+		os.Remove(f.Name())
+	}
+	return err
 }
 
 // end records how the Restarter ended and releases its resources.

@@ -78,6 +78,10 @@ type SdNotifier struct {
 	conn   *net.UnixConn   // nil if disabled
 	raw    syscall.RawConn // conn's; made once, as SyscallConn allocates
 	closed atomic.Bool
+	// gated is set on the process-wide notifier of a process started by a
+	// restart: until systemd knows it as the main process (IsMain), what it
+	// sent would be dropped under NotifyAccess=main, so it sends nothing.
+	gated bool
 
 	mu      sync.Mutex            // serialises sends; guards the fields below
 	buf     []byte                // the datagram; capacity sdMaxDatagram+sdBufSlack
@@ -168,12 +172,25 @@ var sdProcess struct {
 // with a nil notifier (whose methods are no-ops). It does not unset
 // NOTIFY_SOCKET, so processes started later inherit it.
 //
-// The notifier is shared: do not Close it.
+// The notifier is shared: do not Close it. In a process started by a
+// restart, its Send, SendFDs and Barrier return ErrNotMain until the old
+// process has made this one the main process (see IsMain and MainChan).
 func SystemdNotifier() (*SdNotifier, error) {
 	sdProcess.once.Do(func() {
 		sdProcess.n, sdProcess.err = NewSdNotifier(os.Getenv("NOTIFY_SOCKET"))
+		if sdProcess.n != nil {
+			sdProcess.n.gated = StartedByRestart()
+		}
 	})
 	return sdProcess.n, sdProcess.err
+}
+
+// notMain reports ErrNotMain while a gated notifier must keep quiet.
+func (n *SdNotifier) notMain() error {
+	if n.gated && !IsMain() {
+		return ErrNotMain
+	}
+	return nil
 }
 
 // Enabled reports whether n sends anything: whether it was made from a
@@ -199,6 +216,9 @@ func (n *SdNotifier) Send(fields ...SdField) error {
 func (n *SdNotifier) SendFDs(fds []int, fields ...SdField) error {
 	if !n.Enabled() {
 		return nil
+	}
+	if err := n.notMain(); err != nil {
+		return err
 	}
 	if len(fds) > sdMaxFDs {
 		return fmt.Errorf("shellflip: sd_notify: %d fds, more than one message carries (%d)", len(fds), sdMaxFDs)
@@ -236,6 +256,9 @@ func (n *SdNotifier) SendFDs(fds []int, fields ...SdField) error {
 func (n *SdNotifier) Barrier(ctx context.Context) error {
 	if !n.Enabled() {
 		return nil
+	}
+	if err := n.notMain(); err != nil {
+		return err
 	}
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("shellflip: sd_notify barrier: %w", err)

@@ -162,3 +162,9 @@ func SdFDPollOff() SdField                  { return SdField{} }
 
 // SdWatchdogInterval returns ErrNotSupported on this platform.
 func SdWatchdogInterval() (time.Duration, bool, error) { return 0, false, ErrNotSupported }
+
+// StoreFDs returns ErrNotSupported on this platform.
+func StoreFDs(...string) error { return ErrNotSupported }
+
+// UnstoreFDs returns ErrNotSupported on this platform.
+func UnstoreFDs(...string) error { return ErrNotSupported }
