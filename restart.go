@@ -434,14 +434,17 @@ func (r *Restarter) restart(ctx context.Context) (_ *Process, err error) {
 			return nil, fmt.Errorf("pre-spawn hook: %w", err)
 		}
 	}
+	parent := ctx
+	defer func() {
+		// With the Restarter's context, not the expired ready timeout's:
+		// undoing the handover deserves its own time.
+		if err != nil && hooks.NewProcessFailed != nil {
+			hooks.NewProcessFailed(parent, err)
+		}
+	}()
 	ctx, cancel := context.WithTimeoutCause(ctx, r.cfg.ReadyTimeout,
 		fmt.Errorf("not ready within %v", r.cfg.ReadyTimeout))
 	defer cancel()
-	defer func() {
-		if err != nil && hooks.NewProcessFailed != nil {
-			hooks.NewProcessFailed(ctx, err)
-		}
-	}()
 
 	path, err := r.program()
 	if err != nil {
@@ -522,8 +525,16 @@ func (r *Restarter) restart(ctx context.Context) (_ *Process, err error) {
 	select {
 	case err = <-readErr:
 	case <-child.done:
-		ready.SetReadDeadline(time.Unix(1, 0))
-		<-readErr
+		// A process that exited is no successor, even if its readiness
+		// byte is still in flight. Its end of the socket is closed, so
+		// the read finishes at once; the deadline only guards against a
+		// grandchild that kept the fd open.
+		select {
+		case <-readErr:
+		case <-time.After(time.Second):
+			ready.SetReadDeadline(time.Unix(1, 0))
+			<-readErr
+		}
 		err = errExited
 	case <-ctx.Done():
 		ready.SetReadDeadline(time.Unix(1, 0))
