@@ -1,0 +1,89 @@
+package shellflip_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/shellflip-go/shellflip"
+)
+
+// A service that keeps its listener and a counter across restarts, and
+// drains when a new copy of it has taken over.
+func ExampleStart() {
+	var served int64
+	if r, err := shellflip.ReceiveState(); err != nil {
+		log.Fatal(err)
+	} else if r != nil {
+		// Validate the state before Ready: a new process that cannot use
+		// it should exit, which fails the restart and keeps the old one.
+		if _, err := fmt.Fscan(r, &served); err != nil {
+			log.Fatalf("state from the old process: %v", err)
+		}
+		r.Close()
+	}
+
+	ln, err := shellflip.Listen("tcp", "127.0.0.1:8080")
+	if err != nil {
+		log.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintf(w, "hello from %d\n", os.Getpid())
+	})}
+	go srv.Serve(ln)
+
+	restarter, err := shellflip.Start(context.Background(), shellflip.Config{
+		SocketPath: "/run/example.sock",
+		Lifecycle: &shellflip.Lifecycle{
+			SendState: func(ctx context.Context, w io.Writer) error {
+				_, err := fmt.Fprintln(w, served)
+				return err
+			},
+		},
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	if p, err := restarter.Wait(); err != nil {
+		log.Printf("no more restarts: %v", err)
+	} else {
+		log.Printf("replaced by pid %d; draining", p.Pid)
+	}
+	srv.SetKeepAlivesEnabled(false)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	srv.Shutdown(ctx)
+}
+
+// The restart client: a command that asks the running service to restart.
+func ExampleRequestRestart() {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	pid, err := shellflip.RequestRestart(ctx, "/run/example.sock")
+	switch {
+	case errors.Is(err, shellflip.ErrRestartFailed):
+		// The service tried and failed; err is its explanation.
+		fmt.Fprintf(os.Stderr, "Restart failed: %v\n", err)
+		os.Exit(1)
+	case err != nil:
+		fmt.Fprintf(os.Stderr, "cannot reach the service: %v\n", err)
+		os.Exit(1)
+	}
+	fmt.Printf("Restart succeeded, child pid is %d\n", pid)
+}
+
+// Names under which listeners are registered, and passed on, by default.
+func ExampleListenerName() {
+	fmt.Println(shellflip.ListenerName("tcp", "127.0.0.1:8080"))
+	fmt.Println(shellflip.ListenerName("tcp", "[::1]:0"))
+	fmt.Println(shellflip.ListenerName("unix", "/run/app.sock"))
+	// Output:
+	// tcp/127.0.0.1%3A8080
+	// tcp/[%3A%3A1]%3A0
+	// unix//run/app.sock
+}
