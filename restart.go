@@ -153,6 +153,14 @@ type Lifecycle struct {
 	// NewProcessFailed runs when the new process was started but the
 	// restart failed, so that changes made for the handover can be undone.
 	NewProcessFailed func(ctx context.Context, err error)
+
+	// NewProcessReady runs when the new process is ready, before systemd
+	// and the requesters learn of it. Stop accepting here (close this
+	// process's listeners: the new process has its own copies): both
+	// processes accept on the same sockets, and a client that connects
+	// after the requester was told the restart is done should reach the
+	// new process. The restart has succeeded whatever the hook does.
+	NewProcessReady func(ctx context.Context, pid int)
 }
 
 // Process is a new process that became ready.
@@ -172,6 +180,7 @@ type Restarter struct {
 	ctl     *controlServer // nil without a control socket
 	sig     chan os.Signal
 	spawner *spawner
+	ctx     context.Context // Start's, until Stop
 	cancel  context.CancelFunc
 
 	done chan struct{}
@@ -252,8 +261,8 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 	}
 
 	r.spawner = newSpawner()
-	ctx, r.cancel = context.WithCancel(ctx)
-	go r.run(ctx)
+	r.ctx, r.cancel = context.WithCancel(ctx)
+	go r.run(r.ctx)
 	return r, nil
 }
 
@@ -343,11 +352,15 @@ func (r *Restarter) run(ctx context.Context) {
 	}
 }
 
-// handOver makes the new process the service's main process: systemd learns
+// handOver makes the new process the service's main process: this process
+// stops accepting (NewProcessReady), systemd learns
 // its pid (with READY=1 in the same datagram, so that NotifyAccess=main
 // suffices, and a barrier to know systemd processed it), then the new
 // process learns that it is main, then the requesters learn its pid.
 func (r *Restarter) handOver(p *Process, waiting []*restartRequest) {
+	if h := r.cfg.Lifecycle; h != nil && h.NewProcessReady != nil {
+		h.NewProcessReady(r.ctx, p.Pid)
+	}
 	if err := notifyMainPID(p.Pid); err != nil {
 		r.log.Error("shellflip: telling systemd about the new main process", "pid", p.Pid, "err", err)
 	}

@@ -397,9 +397,19 @@ func (c *testCluster) track(pid int) {
 
 func (c *testCluster) killAll() {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	started := len(c.pids) > 0
 	for _, pid := range c.pids {
 		unix.Kill(pid, unix.SIGKILL)
+	}
+	c.mu.Unlock()
+	// Wait for generation 0 to be reaped, so that exec.Cmd's fds for it
+	// are closed before the next test counts fds.
+	if started {
+		select {
+		case <-c.exited:
+		case <-time.After(testDeadline):
+			c.t.Errorf("generation 0 was not reaped after SIGKILL")
+		}
 	}
 }
 
