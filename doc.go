@@ -20,8 +20,9 @@
 //  3. writes its state into a pipe with Lifecycle.SendState;
 //  4. waits until the new process calls Ready (directly or through Start),
 //     exits, or runs out of Config.ReadyTimeout;
-//  5. on success tells systemd the new main pid, tells the new process it is
-//     now the main process, answers the requesters with the new pid, and
+//  5. on success runs Lifecycle.NewProcessReady (stop accepting there),
+//     tells systemd the new main pid, tells the new process it is now the
+//     main process, answers the requesters with the new pid, and
 //     ends its Restarter: the program drains (see ShutdownCoordinator) and
 //     exits. On failure it kills and reaps the new process, runs
 //     Lifecycle.NewProcessFailed, answers with the reason, and keeps serving.
