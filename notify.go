@@ -214,9 +214,22 @@ func parseFD(s string) (int, error) {
 	return int(n), nil
 }
 
-// checkFD verifies that fd is open and, if want is not 0, of type want
-// (unix.S_IFSOCK, unix.S_IFIFO), then marks it close-on-exec.
+// checkFD verifies that fd was inherited and, if want is not 0, is of type
+// want (unix.S_IFSOCK, unix.S_IFIFO), then marks it close-on-exec.
+//
+// An fd that is already close-on-exec cannot have survived the execve that
+// started this process: it was opened since, by the runtime (which opens
+// its cgroup CPU limit files, and its epoll fds, at the lowest free
+// numbers) or by another package's init. It is refused, and left alone:
+// taking it, let alone closing it, would pull it from under its owner.
 func checkFD(fd int, want uint32) error {
+	flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+	if err != nil {
+		return os.NewSyscallError("fcntl", err)
+	}
+	if flags&unix.FD_CLOEXEC != 0 {
+		return fmt.Errorf("fd %d was not inherited: it is close-on-exec, so this process opened it", fd)
+	}
 	var st unix.Stat_t
 	if err := ignoringEINTR(func() error { return unix.Fstat(fd, &st) }); err != nil {
 		return os.NewSyscallError("fstat", err)

@@ -879,6 +879,7 @@ func TestTakeInheritanceHostile(t *testing.T) {
 		want string
 	}{
 		{"closed", map[string]string{envReadyFD: "C", envStateFD: "P"}, "bad file descriptor"},
+		{"opened here", map[string]string{envReadyFD: "O", envStateFD: "P"}, "was not inherited"},
 		{"wrong type", map[string]string{envReadyFD: "P", envStateFD: "P"}, "is a pipe, want a socket"},
 		{"same fd twice", map[string]string{envReadyFD: "S", envStateFD: "S"}, "overlaps"},
 		{"negative", map[string]string{envReadyFD: "-1", envStateFD: "P"}, "not an fd number"},
@@ -893,19 +894,25 @@ func TestTakeInheritanceHostile(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := countFDs(t)
+			// Without close-on-exec, as fds inherited across execve are.
 			var p [2]int
-			if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+			if err := unix.Pipe2(p[:], 0); err != nil {
 				t.Fatal(err)
 			}
-			defer unix.Close(p[1])
-			sp, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+			sp, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM, 0)
 			if err != nil {
 				t.Fatal(err)
 			}
-			defer unix.Close(sp[1])
+			// A socket of this process's own, close-on-exec as Go makes
+			// every fd: never to be taken, whatever the variables say.
+			own, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
 			env := map[string]string{}
 			for k, v := range tc.env {
-				v = strings.NewReplacer("P", strconv.Itoa(p[0]), "S", strconv.Itoa(sp[0]), "C", strconv.Itoa(p[1]+1000)).Replace(v)
+				v = strings.NewReplacer("P", strconv.Itoa(p[0]), "S", strconv.Itoa(sp[0]), "C", strconv.Itoa(p[1]+1000),
+					"O", strconv.Itoa(own[0])).Replace(v)
 				env[k] = v
 			}
 			var unset []string
@@ -928,6 +935,8 @@ func TestTakeInheritanceHostile(t *testing.T) {
 			unix.Close(sp[0])
 			unix.Close(p[1])
 			unix.Close(sp[1])
+			unix.Close(own[0])
+			unix.Close(own[1])
 			if after := countFDs(t); after != before {
 				t.Errorf("%d fds open before, %d after", before, after)
 			}
