@@ -101,7 +101,13 @@ func Listen(network, address string) (net.Listener, error) {
 // of a systemd socket unit, and an optional ListenConfig (nil means the zero
 // ListenConfig) for options such as SO_REUSEPORT, applied only when the
 // listener is created here. An inherited fd of that name must be a listening
-// socket of network's kind.
+// socket of network's kind. Asking again for a name already claimed returns
+// another listener on the same socket; address is then not looked at.
+//
+// Names are the registry's keys: if systemd passes several fds under one
+// name (a socket unit with several Listen lines and one
+// FileDescriptorName=), only the first can be claimed, and the others are
+// closed by Ready. Give each its own unit, or its own name.
 func ListenNamed(name string, lc *net.ListenConfig, network, address string) (net.Listener, error) {
 	want, err := socketWant(network, true)
 	if err != nil {
