@@ -125,11 +125,13 @@ type Config struct {
 	// from this process if the restart fails.
 	NotifyReload bool
 
-	// PIDFile, if set, is where the process writes its pid when it becomes
-	// ready, for supervisors that read PIDFile=. It is written atomically
-	// (a temporary file in the same directory, then rename), so a reader
-	// never sees it empty or half written; a new process overwrites it
-	// when it becomes ready, and no process removes it.
+	// PIDFile, if set, names the service's main process for supervisors
+	// that read PIDFile=: a fresh process writes its pid there before it
+	// is ready, and after a successful restart the old process writes the
+	// new pid there before it tells systemd or the requester. It is
+	// written atomically (a temporary file in the same directory, then
+	// rename), so a reader never sees it empty or half written, and no
+	// process removes it.
 	PIDFile string
 
 	// Logger receives the library's logs; nil means none.
@@ -244,6 +246,14 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 	r.sig = make(chan os.Signal, 1) // signal.Notify needs a buffer
 	signal.Notify(r.sig, r.cfg.Signal)
 
+	// A fresh process names itself in the pid file before it is ready; a
+	// process started by a restart is named by the old one (handOver),
+	// before systemd learns of it and before the requester does.
+	if cfg.PIDFile != "" && !StartedByRestart() {
+		if err := writePIDFile(cfg.PIDFile, os.Getpid()); err != nil {
+			r.log.Error("shellflip: writing the pid file", "path", cfg.PIDFile, "err", err)
+		}
+	}
 	if err := Ready(); err != nil {
 		if !errors.Is(err, ErrOldProcessGone) {
 			signal.Stop(r.sig)
@@ -253,10 +263,10 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 			return nil, err
 		}
 		r.log.Warn("shellflip: the old process went away before this one was ready; carrying on alone", "err", err)
-	}
-	if cfg.PIDFile != "" {
-		if err := writePIDFile(cfg.PIDFile, os.Getpid()); err != nil {
-			r.log.Error("shellflip: writing the pid file", "path", cfg.PIDFile, "err", err)
+		if cfg.PIDFile != "" {
+			if err := writePIDFile(cfg.PIDFile, os.Getpid()); err != nil {
+				r.log.Error("shellflip: writing the pid file", "path", cfg.PIDFile, "err", err)
+			}
 		}
 	}
 
@@ -360,6 +370,11 @@ func (r *Restarter) run(ctx context.Context) {
 func (r *Restarter) handOver(p *Process, waiting []*restartRequest) {
 	if h := r.cfg.Lifecycle; h != nil && h.NewProcessReady != nil {
 		h.NewProcessReady(r.ctx, p.Pid)
+	}
+	if r.cfg.PIDFile != "" {
+		if err := writePIDFile(r.cfg.PIDFile, p.Pid); err != nil {
+			r.log.Error("shellflip: writing the pid file", "path", r.cfg.PIDFile, "err", err)
+		}
 	}
 	if err := notifyMainPID(p.Pid); err != nil {
 		r.log.Error("shellflip: telling systemd about the new main process", "pid", p.Pid, "err", err)
@@ -509,8 +524,9 @@ func (r *Restarter) restart(ctx context.Context) (_ *Process, err error) {
 		child.kill()
 		<-child.done
 		status := child.status()
-		if errors.Is(err, errReadyEOF) && status != "signal: killed" {
-			// It was not our SIGKILL that ended it.
+		if status != "signal: killed" && (errors.Is(err, errReadyEOF) || errors.Is(err, syscall.EPIPE)) {
+			// It was not our SIGKILL that ended it: it exited, and the
+			// closed socket or pipe is only how we noticed.
 			err = errExited
 		}
 		return nil, fmt.Errorf("new process %d: %w (%s)", pid, err, status)

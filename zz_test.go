@@ -277,12 +277,15 @@ func testClient() int {
 	return 0
 }
 
-// testReports receives the lines the test's processes send.
+// testReports receives the lines the test's processes send. A goroutine
+// reads them as they come: a datagram socket queues only a few unread
+// messages, and a role blocked on a full queue could stall a restart.
 type testReports struct {
-	t    *testing.T
-	conn *net.UnixConn
-	path string
-	seen []string
+	t     *testing.T
+	conn  *net.UnixConn
+	path  string
+	lines chan string
+	seen  []string
 }
 
 func newTestReports(t *testing.T, dir string) *testReports {
@@ -291,15 +294,27 @@ func newTestReports(t *testing.T, dir string) *testReports {
 	if err != nil {
 		t.Fatal(err)
 	}
+	r := &testReports{t: t, conn: c, path: path, lines: make(chan string, 1<<14)}
+	go func() {
+		defer close(r.lines)
+		var buf [8192]byte
+		for {
+			n, err := c.Read(buf[:])
+			if err != nil {
+				return
+			}
+			r.lines <- string(buf[:n])
+		}
+	}()
 	t.Cleanup(func() { c.Close() })
-	return &testReports{t: t, conn: c, path: path}
+	return r
 }
 
 // next returns the next report that starts with prefix, failing the test if
 // none arrives in time or a process reports an error first.
 func (r *testReports) next(prefix string) map[string]string {
 	r.t.Helper()
-	deadline := time.Now().Add(testDeadline)
+	timeout := time.After(testDeadline)
 	for {
 		for i, line := range r.seen {
 			if strings.HasPrefix(line, prefix+" ") {
@@ -307,17 +322,34 @@ func (r *testReports) next(prefix string) map[string]string {
 				return parseReport(line)
 			}
 		}
-		r.conn.SetReadDeadline(deadline)
-		var buf [8192]byte
-		n, err := r.conn.Read(buf[:])
-		if err != nil {
-			r.t.Fatalf("waiting for a %q report: %v (unclaimed reports: %q)", prefix, err, r.seen)
+		select {
+		case line, ok := <-r.lines:
+			if !ok {
+				r.t.Fatalf("waiting for a %q report: the report socket is closed (unclaimed reports: %q)", prefix, r.seen)
+			}
+			if strings.HasPrefix(line, "error ") && prefix != "error" {
+				r.t.Fatalf("a test process failed: %s", line)
+			}
+			r.seen = append(r.seen, line)
+		case <-timeout:
+			r.t.Fatalf("waiting for a %q report: none in %v (unclaimed reports: %q)", prefix, testDeadline, r.seen)
 		}
-		line := string(buf[:n])
-		if strings.HasPrefix(line, "error ") && prefix != "error" {
-			r.t.Fatalf("a test process failed: %s", line)
+	}
+}
+
+// drain returns the reports that arrived and were not claimed, for failure
+// messages.
+func (r *testReports) drain() []string {
+	for {
+		select {
+		case line, ok := <-r.lines:
+			if !ok {
+				return r.seen
+			}
+			r.seen = append(r.seen, line)
+		case <-time.After(100 * time.Millisecond):
+			return r.seen
 		}
-		r.seen = append(r.seen, line)
 	}
 }
 
@@ -964,20 +996,6 @@ func TestRequestRestartNoServer(t *testing.T) {
 }
 
 var _ = binary.BigEndian
-
-// drain returns the reports that arrived and were not claimed, for failure
-// messages.
-func (r *testReports) drain() []string {
-	for {
-		r.conn.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
-		var buf [8192]byte
-		n, err := r.conn.Read(buf[:])
-		if err != nil {
-			return r.seen
-		}
-		r.seen = append(r.seen, string(buf[:n]))
-	}
-}
 
 func copyExecutable(src, dst string) error {
 	b, err := os.ReadFile(src)
