@@ -112,8 +112,22 @@ func listenControl(path string, inheritedFD int, log *slog.Logger) (*controlServ
 		stopped: make(chan struct{}),
 		reading: map[*net.UnixConn]struct{}{},
 	}
-	go s.accept()
 	return s, nil
+}
+
+// serveFrom starts accepting once gate is closed: when this process is the
+// service's main process. Until then the old process (if any) still serves
+// the socket: it answers everything that queued up during its restart with
+// that restart's outcome (see finish), so one request never causes two
+// restarts, and the two processes never both accept.
+func (s *controlServer) serveFrom(gate <-chan struct{}) {
+	go func() {
+		select {
+		case <-gate:
+			s.accept()
+		case <-s.stopped:
+		}
+	}()
 }
 
 // listeningUnixPath returns the cleaned path a listening unix stream socket
@@ -362,12 +376,49 @@ func (s *controlServer) finish(pid int, err error) {
 	s.finished, s.finalPID, s.finalErr = true, pid, err
 	close(s.stopped)
 	for c := range s.reading {
-		c.SetReadDeadline(time.Unix(1, 0)) // wake the read; serve answers
+		// Wake the read without losing what the client already sent (a
+		// read deadline would): the read returns the buffered request,
+		// then end of file, and serve answers.
+		c.CloseRead()
 	}
 	s.mu.Unlock()
+	// Close waits for a pending Accept; what it accepted is served above.
 	s.ln.Close()
+	s.drainBacklog()
 	s.wg.Wait()
 	unix.Close(s.fd)
+}
+
+// drainBacklog answers the connections still queued on the listening
+// socket with the final outcome, without reading their requests: they
+// arrived while this process served the socket, so this process answers
+// them, and the next process does not take them for requests of its own.
+func (s *controlServer) drainBacklog() {
+	// The listening socket's file description is non-blocking (the net
+	// package made it so), so accept4 reports EAGAIN once it is empty.
+	pid, ferr := s.final()
+	var buf [512]byte
+	var frame []byte
+	if ferr != nil {
+		frame = appendRestartFailed(buf[:0], ferr.Error())
+	} else {
+		frame = appendRestartComplete(buf[:0], uint32(pid))
+	}
+	for {
+		var nfd int
+		err := ignoringEINTR(func() (err error) {
+			nfd, err = acceptCloexec(s.fd)
+			return err
+		})
+		if err != nil {
+			return // EAGAIN: empty; anything else: nothing more to drain
+		}
+		// A new socket's send buffer holds a frame: the write does not
+		// block, and a client that went away costs an EPIPE, not a signal
+		// (the runtime ignores SIGPIPE for fds other than stdout/stderr).
+		unix.Write(nfd, frame)
+		unix.Close(nfd)
+	}
 }
 
 // RequestRestart asks the service listening on the control socket at

@@ -104,7 +104,12 @@ func takeInheritance(lookupEnv func(string) (string, bool), unsetenv func(string
 			err = fmt.Errorf("fd %d overlaps stdio, LISTEN_FDS or another fd", fd)
 		}
 		if err == nil {
-			err = checkFD(fd, want)
+			var wt *wrongTypeError
+			if err = checkFD(fd, want); errors.As(err, &wt) {
+				// Inherited, but not what the variable says: refused,
+				// and closed so that it leaks no further.
+				unix.Close(fd)
+			}
 		}
 		if err != nil {
 			fail(fmt.Errorf("shellflip: $%s=%q: %w", env, s, err))
@@ -214,6 +219,11 @@ func parseFD(s string) (int, error) {
 	return int(n), nil
 }
 
+// wrongTypeError is an inherited fd of another type than expected.
+type wrongTypeError struct{ msg string }
+
+func (e *wrongTypeError) Error() string { return e.msg }
+
 // checkFD verifies that fd was inherited and, if want is not 0, is of type
 // want (unix.S_IFSOCK, unix.S_IFIFO), then marks it close-on-exec.
 //
@@ -235,7 +245,7 @@ func checkFD(fd int, want uint32) error {
 		return os.NewSyscallError("fstat", err)
 	}
 	if got := st.Mode & unix.S_IFMT; want != 0 && uint32(got) != want {
-		return fmt.Errorf("fd %d is a %s, want a %s", fd, fileType(uint32(got)), fileType(want))
+		return &wrongTypeError{fmt.Sprintf("fd %d is a %s, want a %s", fd, fileType(uint32(got)), fileType(want))}
 	}
 	if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC); err != nil {
 		return os.NewSyscallError("fcntl", err)

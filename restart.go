@@ -270,6 +270,9 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 		}
 	}
 
+	if r.ctl != nil {
+		r.ctl.serveFrom(MainChan())
+	}
 	r.spawner = newSpawner()
 	r.ctx, r.cancel = context.WithCancel(ctx)
 	go r.run(r.ctx)
@@ -363,10 +366,12 @@ func (r *Restarter) run(ctx context.Context) {
 }
 
 // handOver makes the new process the service's main process: this process
-// stops accepting (NewProcessReady), systemd learns
-// its pid (with READY=1 in the same datagram, so that NotifyAccess=main
-// suffices, and a barrier to know systemd processed it), then the new
-// process learns that it is main, then the requesters learn its pid.
+// stops accepting (NewProcessReady); the pid file and then systemd learn the
+// new pid (with READY=1 in the same datagram, so that NotifyAccess=main
+// suffices, and a barrier to know systemd processed it); the requesters
+// learn it, and so does every client still queued on the control socket;
+// last, the new process learns that it is main, and starts serving the
+// control socket and talking to systemd.
 func (r *Restarter) handOver(p *Process, waiting []*restartRequest) {
 	if h := r.cfg.Lifecycle; h != nil && h.NewProcessReady != nil {
 		h.NewProcessReady(r.ctx, p.Pid)
@@ -379,14 +384,19 @@ func (r *Restarter) handOver(p *Process, waiting []*restartRequest) {
 	if err := notifyMainPID(p.Pid); err != nil {
 		r.log.Error("shellflip: telling systemd about the new main process", "pid", p.Pid, "err", err)
 	}
+	for _, q := range waiting {
+		q.respond(r.log, p.Pid, nil)
+	}
+	if r.ctl != nil {
+		// Answer whatever else queued up, and stop serving the control
+		// socket, before the new process starts to.
+		r.ctl.finish(p.Pid, nil)
+	}
 	mainAck := [1]byte{mainByte}
 	if _, err := p.ready.Write(mainAck[:]); err != nil {
 		r.log.Warn("shellflip: telling the new process it is main", "pid", p.Pid, "err", err)
 	}
 	p.ready.Close()
-	for _, q := range waiting {
-		q.respond(r.log, p.Pid, nil)
-	}
 	r.log.Info("shellflip: restart complete", "pid", p.Pid)
 }
 

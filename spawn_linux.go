@@ -40,6 +40,13 @@ func socketCloexec(family, typ int) (int, error) {
 	return fd, nil
 }
 
+// acceptCloexec accepts a connection on the listening socket fd, as a
+// close-on-exec socket.
+func acceptCloexec(fd int) (int, error) {
+	nfd, _, err := unix.Accept4(fd, unix.SOCK_CLOEXEC)
+	return nfd, err
+}
+
 // newStatePipe returns the handover pipe. Its buffer is raised to 1 MiB where
 // the kernel allows (pipe(7): /proc/sys/fs/pipe-max-size, 1 MiB by default):
 // with the default 64 KiB the writer and reader ping-pong on every 64 KiB,

@@ -47,6 +47,18 @@ func socketCloexec(family, typ int) (int, error) {
 	return fd, nil
 }
 
+// acceptCloexec: see spawn_linux.go; without accept4, under ForkLock.
+func acceptCloexec(fd int) (int, error) {
+	syscall.ForkLock.RLock()
+	defer syscall.ForkLock.RUnlock()
+	nfd, _, err := unix.Accept(fd)
+	if err != nil {
+		return -1, err
+	}
+	unix.CloseOnExec(nfd)
+	return nfd, nil
+}
+
 // newStatePipe: see spawn_linux.go; created under ForkLock as newReadyPair.
 func newStatePipe() (r, w int, err error) {
 	syscall.ForkLock.RLock()

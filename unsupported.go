@@ -63,7 +63,8 @@ type controlServer struct {
 func listenControl(string, int, *slog.Logger) (*controlServer, error) {
 	return nil, ErrNotSupported
 }
-func (*controlServer) finish(int, error) {}
+func (*controlServer) finish(int, error)         {}
+func (*controlServer) serveFrom(<-chan struct{}) {}
 
 // FixupListenPID does nothing on this platform.
 func FixupListenPID() {}

@@ -398,6 +398,8 @@ func (c *testCluster) start(role string, env ...string) map[string]string {
 	c.t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(),
+		// A race-enabled binary otherwise sleeps a second at exit.
+		"GORACE=atexit_sleep_ms=0",
 		envTestRole+"="+role,
 		envTestReport+"="+c.reports.path,
 		envTestSocket+"="+c.socket)
