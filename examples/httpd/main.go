@@ -4,7 +4,7 @@
 //
 // Usage:
 //
-//	httpd [-listen ADDR] [-socket PATH] [-drain D]   serve HTTP
+//	httpd [-listen ADDR] [-socket PATH] [-drain D] [-notify-reload] [-store-fds]   serve HTTP
 //	httpd [-socket PATH] restart                     make the running server restart
 //	httpd demo [-restarts N] [-interval D] [-clients N]
 //
@@ -55,6 +55,8 @@ func main() {
 	listen := flag.String("listen", "127.0.0.1:8080", "serve on TCP `address` ADDR, unless systemd passed a socket named \"http\"")
 	socket := flag.String("socket", "/tmp/httpd.sock", "control socket `path`")
 	drain := flag.Duration("drain", 30*time.Second, "after a restart or a stop, wait at most `D` for requests in flight")
+	notifyReload := flag.Bool("notify-reload", false, "run as a systemd Type=notify-reload service: SIGHUP restarts, announced with RELOADING=1")
+	storeFDs := flag.Bool("store-fds", false, "keep the listening socket in systemd's fd store (FileDescriptorStoreMax=), so it survives a crash or \"systemctl restart\"")
 	flag.Usage = usage
 	flag.Parse()
 
@@ -65,7 +67,7 @@ func main() {
 			fmt.Fprintf(os.Stderr, "httpd: -drain %v: want a positive duration\n", *drain)
 			os.Exit(2)
 		}
-		os.Exit(serve(*listen, *socket, *drain))
+		os.Exit(serve(*listen, *socket, *drain, *notifyReload, *storeFDs))
 	case len(args) == 1 && args[0] == "restart":
 		os.Exit(requestRestart(*socket))
 	case args[0] == "demo":
@@ -80,7 +82,8 @@ func main() {
 func usage() {
 	out := flag.CommandLine.Output()
 	fmt.Fprint(out, "Usage:\n"+
-		"  httpd [-listen ADDR] [-socket PATH] [-drain D]   serve HTTP\n"+
+		"  httpd [-listen ADDR] [-socket PATH] [-drain D] [-notify-reload] [-store-fds]\n"+
+		"                                                   serve HTTP\n"+
 		"  httpd [-socket PATH] restart                     make the running server restart\n"+
 		"  httpd demo [-restarts N] [-interval D] [-clients N]\n"+
 		"                                                   restart a server under load, and tell\n")

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/shellflip-go/shellflip"
@@ -42,7 +43,7 @@ const (
 // serve runs one generation of the server: it takes over from the old
 // process, if any, serves until a restart replaced it or a signal stopped
 // it, drains, and returns the exit code.
-func serve(listen, socket string, drain time.Duration) int {
+func serve(listen, socket string, drain time.Duration, notifyReload, storeFDs bool) int {
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("pid", os.Getpid())
 
 	// Everything inherited must be taken before Start: it declares this
@@ -64,8 +65,14 @@ func serve(listen, socket string, drain time.Duration) int {
 	// deadline, which under systemd is below TimeoutStopSec.
 	ctx, stop := signal.NotifyContext(context.Background(), stopSignals...)
 	defer stop()
+	var reloadSignal os.Signal // nil: SIGUSR1
+	if notifyReload {
+		reloadSignal = syscall.SIGHUP // ReloadSignal='s default
+	}
 	r, err := shellflip.Start(ctx, shellflip.Config{
 		SocketPath:   socket,
+		Signal:       reloadSignal,
+		NotifyReload: notifyReload,
 		Logger:       log,
 		ReadyTimeout: readyTimeout,
 		Lifecycle: &shellflip.Lifecycle{
@@ -88,6 +95,13 @@ func serve(listen, socket string, drain time.Duration) int {
 	if err != nil {
 		log.Error("cannot start the restarter", "err", err)
 		return 1
+	}
+	if storeFDs {
+		// Idempotent: systemd ignores an fd it stores already, so every
+		// generation may do it.
+		if err := shellflip.StoreFDs(listenerName); err != nil {
+			log.Warn("cannot keep the listening socket in systemd's fd store", "err", err)
+		}
 	}
 	served := make(chan error, 1)
 	go func() { served <- s.http.Serve(ln) }()
