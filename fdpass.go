@@ -301,29 +301,33 @@ func closeUnclaimed() {
 	fdreg.mu.Lock()
 	defer fdreg.mu.Unlock()
 	fdreg.ready = true
+	var unclaimed []int
 	fdreg.entries = slices.DeleteFunc(fdreg.entries, func(e *fdEntry) bool {
 		if !e.inherited || e.claimed {
 			return false
 		}
 		unlinkListenerPath(e.fd)
-		unix.Close(e.fd)
+		unclaimed = append(unclaimed, e.fd)
 		return true
 	})
+	closeFDs(unclaimed)
 }
 
 // unlinkListenerPath removes the file of a listening unix socket bound to a
 // path, if that path still holds a socket. Abstract sockets (no file) and
 // anything that is not a listening unix socket are left alone.
 func unlinkListenerPath(fd int) {
-	if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || v == 0 {
-		return
-	}
+	// The address first: it rules out most fds (TCP listeners) in one
+	// syscall.
 	sa, err := unix.Getsockname(fd)
 	if err != nil {
 		return
 	}
 	ua, ok := sa.(*unix.SockaddrUnix)
 	if !ok || ua.Name == "" || ua.Name[0] == '@' || ua.Name[0] == 0 {
+		return
+	}
+	if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || v == 0 {
 		return
 	}
 	var st unix.Stat_t
@@ -477,7 +481,9 @@ func cloexecListed(dir string) {
 // through LISTEN_FDS and LISTEN_FDNAMES, and with them joins the registry
 // under the same names. The unit needs FileDescriptorStoreMax= large enough.
 // Without $NOTIFY_SOCKET it does nothing. systemd ignores an fd it already
-// stores, so storing again after a restart is harmless.
+// stores, so storing again after a restart is harmless. A process started
+// by a restart gets ErrNotMain until it is the main process: wait for
+// MainChan first.
 func StoreFDs(names ...string) error {
 	return sendRegistryFDs(names, true)
 }

@@ -175,7 +175,7 @@ func takeListenFDs(lookupEnv func(string) (string, bool)) ([]inheritedFD, error)
 		if err == nil && !fdnameValid(name) {
 			err = fmt.Errorf("shellflip: $%s: %q is not a valid fd name", envListenFDNames, name)
 		}
-		if cerr := checkFD(fd, 0); cerr != nil {
+		if cerr := checkInherited(fd); cerr != nil {
 			if err == nil {
 				err = fmt.Errorf("shellflip: $%s=%s: fd %d: %w", envListenFDs, nStr, fd, cerr)
 			}
@@ -189,6 +189,8 @@ func takeListenFDs(lookupEnv func(string) (string, bool)) ([]inheritedFD, error)
 		}
 		return nil, err
 	}
+	// Every fd of the block is inherited and open: mark them all at once.
+	cloexecRange(listenFDsStart, listenFDsStart+int(n)-1)
 	return fds, nil
 }
 
@@ -233,12 +235,8 @@ func (e *wrongTypeError) Error() string { return e.msg }
 // numbers) or by another package's init. It is refused, and left alone:
 // taking it, let alone closing it, would pull it from under its owner.
 func checkFD(fd int, want uint32) error {
-	flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
-	if err != nil {
-		return os.NewSyscallError("fcntl", err)
-	}
-	if flags&unix.FD_CLOEXEC != 0 {
-		return fmt.Errorf("fd %d was not inherited: it is close-on-exec, so this process opened it", fd)
+	if err := checkInherited(fd); err != nil {
+		return err
 	}
 	var st unix.Stat_t
 	if err := ignoringEINTR(func() error { return unix.Fstat(fd, &st) }); err != nil {
@@ -249,6 +247,20 @@ func checkFD(fd int, want uint32) error {
 	}
 	if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC); err != nil {
 		return os.NewSyscallError("fcntl", err)
+	}
+	return nil
+}
+
+// checkInherited verifies that fd is open and was inherited: see checkFD.
+// One fcntl, so that a block of a thousand listeners costs a thousand
+// syscalls, not three thousand.
+func checkInherited(fd int) error {
+	flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+	if err != nil {
+		return os.NewSyscallError("fcntl", err)
+	}
+	if flags&unix.FD_CLOEXEC != 0 {
+		return fmt.Errorf("fd %d was not inherited: it is close-on-exec, so this process opened it", fd)
 	}
 	return nil
 }

@@ -182,8 +182,10 @@ type Restarter struct {
 	ctl     *controlServer // nil without a control socket
 	sig     chan os.Signal
 	spawner *spawner
-	ctx     context.Context // Start's, until Stop
-	cancel  context.CancelFunc
+	// notReady is the ready timeout's cause, made once.
+	notReady error
+	ctx      context.Context // Start's, until Stop
+	cancel   context.CancelFunc
 
 	done chan struct{}
 	proc *Process
@@ -218,6 +220,7 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 	if r.cfg.ReadyTimeout <= 0 {
 		r.cfg.ReadyTimeout = DefaultReadyTimeout
 	}
+	r.notReady = fmt.Errorf("not ready within %v", r.cfg.ReadyTimeout)
 	if r.cfg.Signal == nil {
 		r.cfg.Signal = defaultSignal
 	}
@@ -480,8 +483,7 @@ func (r *Restarter) restart(ctx context.Context) (_ *Process, err error) {
 			hooks.NewProcessFailed(parent, err)
 		}
 	}()
-	ctx, cancel := context.WithTimeoutCause(ctx, r.cfg.ReadyTimeout,
-		fmt.Errorf("not ready within %v", r.cfg.ReadyTimeout))
+	ctx, cancel := context.WithTimeoutCause(ctx, r.cfg.ReadyTimeout, r.notReady)
 	defer cancel()
 
 	path, err := r.program()
@@ -546,39 +548,31 @@ func (r *Restarter) restart(ctx context.Context) (_ *Process, err error) {
 		return failed(fmt.Errorf("sending state: %w", err))
 	}
 
-	readErr := make(chan error, 1)
-	go func() {
-		var b [1]byte
-		n, err := ready.Read(b[:])
-		switch {
-		case n == 1 && b[0] == readyByte:
-			readErr <- nil
-		case n == 1:
-			readErr <- fmt.Errorf("unexpected byte %#x on the readiness socket", b[0])
-		case err == io.EOF:
-			readErr <- errReadyEOF
-		default:
-			readErr <- err
-		}
-	}()
-	select {
-	case err = <-readErr:
-	case <-child.done:
-		// A process that exited is no successor, even if its readiness
-		// byte is still in flight. Its end of the socket is closed, so
-		// the read finishes at once; the deadline only guards against a
-		// grandchild that kept the fd open.
+	// The readiness byte, end of file (the new process exited or gave up),
+	// or ctx: the ready timeout, or Stop. Read here rather than on a
+	// goroutine of its own beside a select: the byte is what the whole
+	// restart waits for, and each extra hop costs it time.
+	stop := context.AfterFunc(ctx, func() { ready.SetReadDeadline(time.Unix(1, 0)) })
+	var b [1]byte
+	n, rerr := ready.Read(b[:])
+	stop()
+	switch {
+	case n == 1 && b[0] == readyByte:
 		select {
-		case <-readErr:
-		case <-time.After(time.Second):
-			ready.SetReadDeadline(time.Unix(1, 0))
-			<-readErr
+		case <-child.done:
+			// A process that exited is no successor, even if its
+			// readiness byte came first.
+			err = errExited
+		default:
 		}
-		err = errExited
-	case <-ctx.Done():
-		ready.SetReadDeadline(time.Unix(1, 0))
-		<-readErr
+	case n == 1:
+		err = fmt.Errorf("unexpected byte %#x on the readiness socket", b[0])
+	case rerr == io.EOF:
+		err = errReadyEOF
+	case ctx.Err() != nil:
 		err = context.Cause(ctx)
+	default:
+		err = rerr
 	}
 	if err != nil {
 		return failed(err)

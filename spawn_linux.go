@@ -88,6 +88,34 @@ func sealFDs() {
 	cloexecListed("/proc/self/fd")
 }
 
+// cloexecRange marks the fds from first to last close-on-exec, in one
+// close_range(2) call where the kernel has it (5.11).
+func cloexecRange(first, last int) {
+	if first > last || unix.CloseRange(uint(first), uint(last), unix.CLOSE_RANGE_CLOEXEC) == nil {
+		return
+	}
+	for fd := first; fd <= last; fd++ {
+		unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC)
+	}
+}
+
+// closeFDs closes fds, a run of consecutive fds at a time with one
+// close_range(2) call (5.9).
+func closeFDs(fds []int) {
+	for i := 0; i < len(fds); {
+		j := i + 1
+		for j < len(fds) && fds[j] == fds[j-1]+1 {
+			j++
+		}
+		if j-i == 1 || unix.CloseRange(uint(fds[i]), uint(fds[j-1]), 0) != nil {
+			for _, fd := range fds[i:j] {
+				unix.Close(fd)
+			}
+		}
+		i = j
+	}
+}
+
 // childWatch waits for one child process and reaps it exactly once.
 type childWatch struct {
 	pid  int

@@ -81,6 +81,20 @@ func forkExec(path string, argv, env []string, dir string, files []uintptr) (int
 // in one call; /dev/fd lists the open fds.
 func sealFDs() { cloexecListed("/dev/fd") }
 
+// cloexecRange: see spawn_linux.go; one fcntl a fd.
+func cloexecRange(first, last int) {
+	for fd := first; fd <= last; fd++ {
+		unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC)
+	}
+}
+
+// closeFDs: see spawn_linux.go; one close a fd.
+func closeFDs(fds []int) {
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
+}
+
 // childWatch waits for one child process and reaps it exactly once.
 //
 // Without waitid(WNOWAIT) the reaping wait4 cannot be ordered against kill:

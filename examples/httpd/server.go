@@ -97,11 +97,20 @@ func serve(listen, socket string, drain time.Duration, notifyReload, storeFDs bo
 		return 1
 	}
 	if storeFDs {
+		// Once systemd knows this process as the main process: before
+		// that it would drop the message (StoreFDs returns ErrNotMain).
 		// Idempotent: systemd ignores an fd it stores already, so every
 		// generation may do it.
-		if err := shellflip.StoreFDs(listenerName); err != nil {
-			log.Warn("cannot keep the listening socket in systemd's fd store", "err", err)
-		}
+		go func() {
+			select {
+			case <-shellflip.MainChan():
+			case <-r.Done():
+				return
+			}
+			if err := shellflip.StoreFDs(listenerName); err != nil {
+				log.Warn("cannot keep the listening socket in systemd's fd store", "err", err)
+			}
+		}()
 	}
 	served := make(chan error, 1)
 	go func() { served <- s.http.Serve(ln) }()
