@@ -33,15 +33,21 @@ const (
 	maxControlConns = 64
 )
 
-// restartRequest is a client waiting for the outcome of a restart.
+// restartRequest is a client waiting for the outcome of a restart: on the
+// control socket (conn), or in this process (Restarter.Restart: reply).
 type restartRequest struct {
-	conn *net.UnixConn
+	conn  *net.UnixConn
+	reply chan outcome // buffered, one
 }
 
 // respond sends the outcome and closes the connection. A client that went
 // away gets nothing; the write error (EPIPE, which Go reports as an error
 // rather than a signal for sockets) is logged and otherwise ignored.
 func (q *restartRequest) respond(log *slog.Logger, pid int, err error) {
+	if q.reply != nil {
+		q.reply <- outcome{pid: pid, err: err}
+		return
+	}
 	var buf [512]byte
 	var frame []byte
 	if err != nil {
@@ -245,7 +251,7 @@ func (s *controlServer) accept() {
 			s.wg.Add(1)
 			go func() {
 				defer s.wg.Done()
-				(&restartRequest{conn}).respond(s.log, 0, errors.New("too many concurrent restart requests"))
+				(&restartRequest{conn: conn}).respond(s.log, 0, errors.New("too many concurrent restart requests"))
 			}()
 			continue
 		}
@@ -260,7 +266,7 @@ func (s *controlServer) accept() {
 
 // serve reads one request from conn and hands it to the restart loop.
 func (s *controlServer) serve(conn *net.UnixConn) {
-	q := &restartRequest{conn}
+	q := &restartRequest{conn: conn}
 	if err := checkPeer(conn); err != nil {
 		q.respond(s.log, 0, err)
 		return

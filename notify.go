@@ -374,7 +374,10 @@ func ready() error {
 	if err := inherited.err; err != nil {
 		return err
 	}
-	closeUnclaimed()
+	// The inherited fds nobody claimed are closed on the way out, after
+	// the readiness byte: with many fds that is real work, which the old
+	// process need not wait for.
+	defer closeUnclaimed()
 
 	stateMu.Lock()
 	closeFD(&inherited.stateFD)

@@ -182,6 +182,7 @@ type Restarter struct {
 	ctl     *controlServer // nil without a control socket
 	sig     chan os.Signal
 	spawner *spawner
+	calls   chan *restartRequest // from Restart
 	// notReady is the ready timeout's cause, made once.
 	notReady error
 	ctx      context.Context // Start's, until Stop
@@ -213,7 +214,7 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 	if err := inheritanceErr(); err != nil {
 		return nil, err
 	}
-	r := &Restarter{cfg: cfg, log: cfg.Logger, done: make(chan struct{})}
+	r := &Restarter{cfg: cfg, log: cfg.Logger, done: make(chan struct{}), calls: make(chan *restartRequest)}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
 	}
@@ -302,9 +303,37 @@ func (r *Restarter) Stop() {
 	<-r.done
 }
 
+// outcome is how a restart ended: the new process, or why not. pid is
+// proc's, or 0, for requesters.
 type outcome struct {
 	proc *Process
+	pid  int
 	err  error
+}
+
+// Restart restarts now, as the signal or a control-socket request would,
+// and returns the new process's pid, or why the restart failed (or did not
+// start: the Restarter has ended, or ctx is done first). A restart already
+// in flight is joined, not repeated. After a successful restart the
+// Restarter ends, as after any other: drain and exit.
+func (r *Restarter) Restart(ctx context.Context) (int, error) {
+	q := &restartRequest{reply: make(chan outcome, 1)}
+	select {
+	case r.calls <- q:
+	case <-r.done:
+		if r.err != nil {
+			return 0, r.err
+		}
+		return 0, errors.New("shellflip: this process was replaced already")
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+	select {
+	case o := <-q.reply:
+		return o.pid, o.err
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
 }
 
 func (r *Restarter) run(ctx context.Context) {
@@ -328,12 +357,15 @@ func (r *Restarter) run(ctx context.Context) {
 		case q := <-reqs:
 			r.log.Info("shellflip: restart requested on the control socket")
 			waiting = append(waiting, q)
+		case q := <-r.calls:
+			r.log.Info("shellflip: restart requested by the program")
+			waiting = append(waiting, q)
 		}
 
 		result := make(chan outcome, 1)
 		go func() {
 			p, err := r.restart(ctx)
-			result <- outcome{p, err}
+			result <- outcome{proc: p, err: err}
 		}()
 		var out outcome
 	inFlight:
@@ -343,6 +375,8 @@ func (r *Restarter) run(ctx context.Context) {
 			case out = <-result:
 				break inFlight
 			case q := <-reqs:
+				waiting = append(waiting, q)
+			case q := <-r.calls:
 				waiting = append(waiting, q)
 			case <-r.sig:
 			}

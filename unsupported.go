@@ -51,9 +51,11 @@ func (*childWatch) status() string { return "" }
 func fdnameValid(string) bool      { return false }
 func closeUnclaimed()              {}
 
-type restartRequest struct{}
+type restartRequest struct{ reply chan outcome }
 
-func (*restartRequest) respond(*slog.Logger, int, error) {}
+func (q *restartRequest) respond(_ *slog.Logger, pid int, err error) {
+	q.reply <- outcome{pid: pid, err: err}
+}
 
 type controlServer struct {
 	fd   int

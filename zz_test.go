@@ -39,13 +39,14 @@ const (
 	envTestSocket = "SHELLFLIP_TEST_SOCKET"
 	// A knob applies once: the process that manages to remove the file
 	// named by the variable misbehaves; the next generation does not.
-	envTestFailFile  = "SHELLFLIP_TEST_FAIL_FILE"  // ...before Ready, as $SHELLFLIP_TEST_FAIL_MODE says
-	envTestFailMode  = "SHELLFLIP_TEST_FAIL_MODE"  // exit3, hang, closeready, halfstate, garbage
-	envTestStateFail = "SHELLFLIP_TEST_STATE_FAIL" // the old process's SendState fails
-	envTestHoldFIFO  = "SHELLFLIP_TEST_HOLD_FIFO"  // a new process waits for a line on this fifo before Ready
-	envTestTimeout   = "SHELLFLIP_TEST_READY_TIMEOUT"
-	envTestListen    = "SHELLFLIP_TEST_LISTEN"     // comma-separated network=address pairs to Listen on
-	envTestStateSize = "SHELLFLIP_TEST_STATE_SIZE" // bytes of filler state after the generation line
+	envTestFailFile    = "SHELLFLIP_TEST_FAIL_FILE"  // ...before Ready, as $SHELLFLIP_TEST_FAIL_MODE says
+	envTestFailMode    = "SHELLFLIP_TEST_FAIL_MODE"  // exit3, hang, closeready, halfstate, garbage
+	envTestStateFail   = "SHELLFLIP_TEST_STATE_FAIL" // the old process's SendState fails
+	envTestHoldFIFO    = "SHELLFLIP_TEST_HOLD_FIFO"  // a new process waits for a line on this fifo before Ready
+	envTestTimeout     = "SHELLFLIP_TEST_READY_TIMEOUT"
+	envTestListen      = "SHELLFLIP_TEST_LISTEN"       // comma-separated network=address pairs to Listen on
+	envTestStateSize   = "SHELLFLIP_TEST_STATE_SIZE"   // bytes of filler state after the generation line
+	envTestSelfRestart = "SHELLFLIP_TEST_SELF_RESTART" // generation 0 calls Restarter.Restart
 )
 
 // testDeadline bounds every wait in these tests; a healthy run is far
@@ -204,6 +205,25 @@ func testServer() int {
 		return 1
 	}
 	report("ready pid=%d gen=%d addrs=%s", pid, gen, strings.Join(addrs, ","))
+	if gen == 0 && os.Getenv(envTestSelfRestart) != "" {
+		// The program restarts itself: twice at once, to show that the
+		// second call joins the first restart.
+		type res struct {
+			pid int
+			err error
+		}
+		results := make(chan res, 2)
+		for range 2 {
+			go func() {
+				p, err := r.Restart(context.Background())
+				results <- res{p, err}
+			}()
+		}
+		a, b := <-results, <-results
+		report("self pid=%d new=%d other=%d err=%v", pid, a.pid, b.pid, errors.Join(a.err, b.err))
+		_, err := r.Restart(context.Background())
+		report("again pid=%d err=%v", pid, err)
+	}
 	p, err := r.Wait()
 	if err != nil {
 		report("ended pid=%d err=%v", pid, err)
@@ -540,6 +560,25 @@ func TestRestartBySignal(t *testing.T) {
 	case <-c.exited:
 	case <-time.After(testDeadline):
 		t.Fatalf("old process %d did not exit", pid)
+	}
+}
+
+// TestRestartByProgram: Restarter.Restart restarts, concurrent calls share
+// one restart, and a call after it is answered, not blocked.
+func TestRestartByProgram(t *testing.T) {
+	c := newTestCluster(t)
+	c.start("server", envTestSelfRestart+"=1")
+	self := c.reports.next("self")
+	if self["new"] == "0" || self["new"] != self["other"] || self["err"] != "<nil>" {
+		t.Fatalf("Restart: %v, want one new pid for both calls and no error", self)
+	}
+	np, _ := strconv.Atoi(self["new"])
+	c.track(np)
+	if r := c.reports.next("ready"); r["pid"] != self["new"] || r["gen"] != "1" {
+		t.Errorf("new process reported %v, want pid %s, generation 1", r, self["new"])
+	}
+	if again := c.reports.next("again"); !strings.Contains(again["err"], "replaced already") {
+		t.Errorf("Restart after the restart: %v, want an error saying so", again)
 	}
 }
 

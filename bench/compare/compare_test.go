@@ -13,9 +13,11 @@ package compare
 //	                 when the new process, which calls shellflip.Start (and
 //	                 so Ready), was taken for the successor.
 //	shellflip-signal the same restart triggered by SIGUSR1 to this process
-//	                 and awaited with Restarter.Wait: the in-process trigger
-//	                 and answer, as tableflip's Upgrade is, without the
-//	                 control socket's client round trip.
+//	                 and awaited with Restarter.Wait, without the control
+//	                 socket's client round trip.
+//	shellflip-call   the same restart triggered by Restarter.Restart: a
+//	                 call in this process that returns the new pid, as
+//	                 tableflip's Upgrade is; the like-for-like comparison.
 //	tableflip        Upgrader.Upgrade of a tableflip.Upgrader in this
 //	                 process; it returns when the new process, which calls
 //	                 tableflip.New and Upgrader.Ready, has reported ready.
@@ -187,8 +189,9 @@ func BenchmarkUpgradeToReady(b *testing.B) {
 	for _, n := range fdCounts {
 		b.Run("fds="+strconv.Itoa(n), func(b *testing.B) {
 			b.Run("lib=floor", func(b *testing.B) { benchFloor(b, n) })
-			b.Run("lib=shellflip", func(b *testing.B) { benchShellflip(b, n, false) })
-			b.Run("lib=shellflip-signal", func(b *testing.B) { benchShellflip(b, n, true) })
+			b.Run("lib=shellflip", func(b *testing.B) { benchShellflip(b, n, bySocket) })
+			b.Run("lib=shellflip-signal", func(b *testing.B) { benchShellflip(b, n, bySignal) })
+			b.Run("lib=shellflip-call", func(b *testing.B) { benchShellflip(b, n, byCall) })
 			b.Run("lib=tableflip", func(b *testing.B) { benchTableflip(b, n) })
 		})
 	}
@@ -258,7 +261,18 @@ func benchFloor(b *testing.B, n int) {
 	clk.report()
 }
 
-func benchShellflip(b *testing.B, n int, bySignal bool) {
+// How a shellflip restart is triggered: a client on the control socket (as
+// BenchmarkRestartToReady in the main module does), SIGUSR1, or a call of
+// Restarter.Restart, which is what tableflip's Upgrade is.
+type trigger int
+
+const (
+	bySocket trigger = iota
+	bySignal
+	byCall
+)
+
+func benchShellflip(b *testing.B, n int, how trigger) {
 	noFile(b, 2*uint64(n)+256) // the listener and the registry's duplicate
 	for _, addr := range addrs(n) {
 		ln, err := shellflip.Listen("tcp", addr)
@@ -271,7 +285,7 @@ func benchShellflip(b *testing.B, n int, bySignal bool) {
 		})
 	}
 	var sock string
-	if !bySignal {
+	if how == bySocket {
 		sock = filepath.Join(b.TempDir(), "ctl.sock")
 	}
 	setenv(b, envRole, "shellflip")
@@ -300,7 +314,8 @@ func benchShellflip(b *testing.B, n int, bySignal bool) {
 		clk.start()
 
 		var pid int
-		if bySignal {
+		switch how {
+		case bySignal:
 			err = unix.Kill(os.Getpid(), unix.SIGUSR1)
 			if err == nil {
 				var p *shellflip.Process
@@ -308,7 +323,9 @@ func benchShellflip(b *testing.B, n int, bySignal bool) {
 					pid = p.Pid
 				}
 			}
-		} else {
+		case byCall:
+			pid, err = rs.Restart(ctx)
+		default:
 			pid, err = shellflip.RequestRestart(ctx, sock)
 		}
 		w.Close()
