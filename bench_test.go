@@ -2,6 +2,27 @@
 
 package shellflip
 
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ==========================================================================
+// A restart against its physical floor, and the state handover
+// ==========================================================================
+
 // Benchmarks of a whole restart against its physical floor.
 //
 // Every benchmark here starts the test binary itself as the new process: the
@@ -43,21 +64,6 @@ package shellflip
 //	go test -run '^$' -bench . -count 6 -benchtime 20x
 //
 // and compare with benchstat. They are fast enough for CI with -benchtime 3x.
-
-import (
-	"context"
-	"fmt"
-	"io"
-	"net"
-	"os"
-	"path/filepath"
-	"strconv"
-	"syscall"
-	"testing"
-	"time"
-
-	"golang.org/x/sys/unix"
-)
 
 const (
 	// benchEnvSocket names the control socket for the new process's Start.
@@ -515,4 +521,129 @@ func benchRawHandover(attr *syscall.ProcAttr, state []byte) error {
 		err = rerr
 	}
 	return err
+}
+
+// ==========================================================================
+// The control-socket protocol (wire.go)
+// ==========================================================================
+
+// wireBenchText is a 200-byte RestartFailed text without escapes.
+var wireBenchText = strings.Repeat("restart failed: ", 12) + "12345678"
+
+func BenchmarkWireEncode(b *testing.B) {
+	buf := make([]byte, 0, maxFrameLen+4)
+	b.Run("TryRestart", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			buf = appendTryRestart(buf[:0])
+		}
+	})
+	b.Run("RestartComplete", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			buf = appendRestartComplete(buf[:0], 4294967295)
+		}
+	})
+	b.Run("RestartFailed/200B", func(b *testing.B) {
+		b.ReportAllocs()
+		b.SetBytes(int64(len(wireBenchText)))
+		for b.Loop() {
+			buf = appendRestartFailed(buf[:0], wireBenchText)
+		}
+	})
+	b.Run("RestartFailed/escapes", func(b *testing.B) {
+		text := strings.Repeat("a\"\\\n\x01é\xff", 25) // 200 bytes
+		b.ReportAllocs()
+		b.SetBytes(int64(len(text)))
+		for b.Loop() {
+			buf = appendRestartFailed(buf[:0], text)
+		}
+	})
+	b.Run("RestartFailed/truncated", func(b *testing.B) {
+		text := strings.Repeat("x", 2*maxFrameLen)
+		b.ReportAllocs()
+		b.SetBytes(maxFrameLen)
+		for b.Loop() {
+			buf = appendRestartFailed(buf[:0], text)
+		}
+	})
+}
+
+func BenchmarkWireDecode(b *testing.B) {
+	for _, bb := range []struct {
+		name, in string
+	}{
+		{"TryRestart/string", `{"Request":"TryRestart"}`},
+		{"TryRestart/object", `{"Request":{"TryRestart":null}}`},
+		{"RestartComplete", `{"Response":{"RestartComplete":4294967295}}`},
+		{"RestartFailed/200B", `{"Response":{"RestartFailed":"` + wireBenchText + `"}}`},
+		{"RestartFailed/escapes", `{"Response":{"RestartFailed":"` + strings.Repeat(`a\"\\\n\u0001`, 20) + `"}}`},
+	} {
+		p := []byte(bb.in)
+		b.Run(bb.name, func(b *testing.B) {
+			b.ReportAllocs()
+			b.SetBytes(int64(len(p)))
+			for b.Loop() {
+				if _, err := decodeMessage(p); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+func BenchmarkWireReadFrame(b *testing.B) {
+	for _, bb := range []struct {
+		name  string
+		frame []byte
+	}{
+		{"TryRestart", appendTryRestart(nil)},
+		{"RestartFailed/200B", appendRestartFailed(nil, wireBenchText)},
+		{"RestartFailed/64KiB", appendRestartFailed(nil, strings.Repeat("x", maxFrameLen))},
+	} {
+		b.Run(bb.name, func(b *testing.B) {
+			r := bytes.NewReader(bb.frame)
+			scratch := make([]byte, 0, maxFrameLen)
+			b.ReportAllocs()
+			b.SetBytes(int64(len(bb.frame)))
+			for b.Loop() {
+				r.Reset(bb.frame)
+				if _, err := readFrame(r, scratch); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// ==========================================================================
+// sd_notify (sdnotify.go)
+// ==========================================================================
+
+// BenchmarkSdNotifySend measures one datagram to a local listener that reads
+// and discards it: the encoding, the sendmsg and the wake-up of the reader.
+func BenchmarkSdNotifySend(b *testing.B) {
+	status := strings.Repeat("s", 64)
+	cases := []struct {
+		name   string
+		fields []SdField
+	}{
+		{"READY", []SdField{SdReady()}},
+		{"MAINPID+READY", []SdField{SdMainPID(12345), SdReady()}},
+		{"STATUS64", []SdField{SdStatus(status)}},
+	}
+	for _, c := range cases {
+		b.Run(c.name, func(b *testing.B) {
+			l := sdListen(b, false)
+			n := sdNewNotifier(b, l.addr)
+			_, stop := l.drain(b, -1)
+			defer stop()
+			b.ReportAllocs()
+			for b.Loop() {
+				if err := n.Send(c.fields...); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }
