@@ -1041,6 +1041,41 @@ func TestTakeInheritanceHostile(t *testing.T) {
 	}
 }
 
+// buildExample builds ./examples/name into a temporary directory, with the
+// race detector if this test binary has it, and returns the binary's path.
+func buildExample(t *testing.T, name string) string {
+	t.Helper()
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		t.Skipf("no go tool on $PATH to build examples/%s with: %v", name, err)
+	}
+	bin := filepath.Join(t.TempDir(), name)
+	args := []string{"build", "-o", bin}
+	if info, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range info.Settings {
+			if s.Key == "-race" && s.Value == "true" {
+				args = append(args, "-race")
+			}
+		}
+	}
+	cmd := exec.Command(goTool, append(args, "./examples/"+name)...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go %s: %v\n%s", strings.Join(cmd.Args[1:], " "), err, out)
+	}
+	return bin
+}
+
+// openFDs counts the test process's open fds, once the runtime's poller
+// (which opens fds of its own on first use) is up.
+func openFDs(t *testing.T) int {
+	t.Helper()
+	if r, w, err := os.Pipe(); err == nil {
+		r.Close()
+		w.Close()
+	}
+	return countFDs(t)
+}
+
 // countFDs counts this process's open fds.
 func countFDs(t *testing.T) int {
 	t.Helper()
@@ -5701,16 +5736,16 @@ var (
 )
 
 func TestRestarterExample(t *testing.T) {
-	fds := restarterFDs(t)
+	fds := openFDs(t)
 	t.Cleanup(func() {
 		// This runs after every subtest and its cleanups. Fewer fds than
 		// before is no leak of ours: an earlier test's process handle may
 		// have been released meanwhile.
-		if n := restarterFDs(t); n > fds {
+		if n := openFDs(t); n > fds {
 			t.Errorf("the test process has %d fds open, %d before: the tests leaked some", n, fds)
 		}
 	})
-	bin := restarterBuild(t)
+	bin := buildExample(t, "restarter")
 	t.Run("Restart", func(t *testing.T) {
 		t.Parallel()
 		restarterTestRestart(t, bin)
@@ -5960,30 +5995,6 @@ func restarterTestState(t *testing.T, bin string) {
 			}
 		})
 	}
-}
-
-// restarterBuild builds the example into a temporary directory, with the
-// race detector if the tests run with it.
-func restarterBuild(t *testing.T) string {
-	t.Helper()
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		t.Skipf("no go tool on $PATH to build examples/restarter with: %v", err)
-	}
-	bin := filepath.Join(t.TempDir(), "restarter")
-	args := []string{"build", "-o", bin}
-	if info, ok := debug.ReadBuildInfo(); ok {
-		for _, s := range info.Settings {
-			if s.Key == "-race" && s.Value == "true" {
-				args = append(args, "-race")
-			}
-		}
-	}
-	cmd := exec.Command(goTool, append(args, "./examples/restarter")...)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go %s: %v\n%s", strings.Join(cmd.Args[1:], " "), err, out)
-	}
-	return bin
 }
 
 // restarterTempDir returns a directory short enough for a socket path
@@ -6278,21 +6289,6 @@ func restarterSocketpair(t *testing.T) (oldEnd, newEnd *os.File) {
 	return oldEnd, newEnd
 }
 
-// restarterFDs counts this process's open fds, once the runtime has opened
-// the ones it keeps for its poller.
-func restarterFDs(t *testing.T) int {
-	t.Helper()
-	if r, w, err := os.Pipe(); err == nil {
-		r.Close()
-		w.Close()
-	}
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
-}
-
 // ==========================================================================
 // examples/httpd: zero downtime under load, wrk, socket activation, the demo
 // ==========================================================================
@@ -6316,14 +6312,14 @@ var (
 )
 
 func TestHTTPDExample(t *testing.T) {
-	fds := httpdFDs(t)
+	fds := openFDs(t)
 	t.Cleanup(func() {
 		// Runs after every subtest and its cleanups.
-		if n := httpdFDs(t); n != fds {
+		if n := openFDs(t); n != fds {
 			t.Errorf("the test process has %d fds open, %d before: the tests leaked some", n, fds)
 		}
 	})
-	bin := httpdBuild(t)
+	bin := buildExample(t, "httpd")
 	t.Run("Basic", func(t *testing.T) { httpdTestBasic(t, bin) })
 	t.Run("Drain", func(t *testing.T) { httpdTestDrain(t, bin) })
 	t.Run("BadDeploy", func(t *testing.T) { httpdTestBadDeploy(t, bin) })
@@ -6850,30 +6846,6 @@ func httpdRuns(pid int, bin string) bool {
 	return err == nil && strings.TrimSuffix(exe, " (deleted)") == bin
 }
 
-// httpdBuild builds the example, with the race detector if this test binary
-// has it, so that the library's races in real processes are found too.
-func httpdBuild(t *testing.T) string {
-	t.Helper()
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		t.Skipf("no go tool on $PATH to build examples/httpd with: %v", err)
-	}
-	bin := filepath.Join(t.TempDir(), "httpd")
-	args := []string{"build", "-o", bin}
-	if info, ok := debug.ReadBuildInfo(); ok {
-		for _, s := range info.Settings {
-			if s.Key == "-race" && s.Value == "true" {
-				args = append(args, "-race")
-			}
-		}
-	}
-	cmd := exec.Command(goTool, append(args, "./examples/httpd")...)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go %s: %v\n%s", strings.Join(cmd.Args[1:], " "), err, out)
-	}
-	return bin
-}
-
 // httpdEnv is the environment of the processes the tests start. A binary
 // built with the race detector sleeps a second before it exits, unless told
 // otherwise (GORACE atexit_sleep_ms, 1000 by default): a second per "httpd
@@ -6885,21 +6857,6 @@ func httpdEnv() []string {
 		gorace = v + " " + gorace
 	}
 	return append(os.Environ(), "GORACE="+gorace)
-}
-
-// httpdFDs counts the test process's open fds, once the runtime's poller
-// (which opens fds of its own on first use) is up.
-func httpdFDs(t *testing.T) int {
-	t.Helper()
-	if r, w, err := os.Pipe(); err == nil {
-		r.Close()
-		w.Close()
-	}
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
 }
 
 // httpdServer is a server started by the test and every generation it
@@ -8761,7 +8718,7 @@ var sdhttpdRestartRE = regexp.MustCompile(`(?m)^Restart succeeded, child pid is 
 // NotifyAccess (main), under its own unit files.
 func TestSystemdHTTPD(t *testing.T) {
 	systemdSkip(t)
-	bin := httpdBuild(t)
+	bin := buildExample(t, "httpd")
 	t.Run("SocketUnit", func(t *testing.T) { sdhttpdTestSocketUnit(t, bin) })
 	t.Run("FDStore", func(t *testing.T) { sdhttpdTestFDStore(t, bin) })
 	t.Run("StopAfterReload", func(t *testing.T) { sdhttpdTestStopAfterReload(t, bin) })
