@@ -10949,7 +10949,7 @@ func allocReadyChild() int {
 // allocRestartBudget bounds the heap allocations of the old process's side
 // of one restart with no fds registered, no control socket and no hooks:
 // Restarter.restart and Restarter.handOver, up to the reaping of the new
-// process. Measured with Go 1.26 on linux/amd64: 37 to 39 (39 to 41 under
+// process. Measured with Go 1.26 on linux/amd64: 35 (37 to 38 under
 // -race). They come from, per restart:
 //
 //	syscall.ForkExec: path, dir, argv and envv turned into NUL-terminated
@@ -10958,10 +10958,11 @@ func allocReadyChild() int {
 //	the environment: os.Environ's copy, childEnv's slice and its
 //	  SHELLFLIP_READY_FD/SHELLFLIP_STATE_FD entries                         4
 //	the ready timeout: context.WithTimeoutCause (context, timer, done
-//	  channel) and its cause, built with fmt.Errorf on every restart       ~8
+//	  channel; its cause is made once, by Start)                           ~5
+//	context.AfterFunc twice: the state writer's and the readiness
+//	  reader's deadline on cancellation                                    ~4
 //	os.NewFile for the readiness socket and the state pipe (2 each)         4
-//	the child watcher (struct, channel, goroutine) and the readiness
-//	  reader (channel, goroutine)                                          ~6
+//	the child watcher (struct, channel, goroutine)                         ~3
 //	the fd list of the new process (passFDs: literal and growth)            3
 //	os.Stat of the program (Restarter.program)                              2
 //	the slog arguments pid and path, boxed even when the logger
@@ -10971,7 +10972,7 @@ func allocReadyChild() int {
 // None of them grows with the size of the environment or the command line:
 // ForkExec copies each into one buffer plus one pointer array. The
 // registry's fds add allocRegistryAllocs.
-const allocRestartBudget = 44
+const allocRestartBudget = 40
 
 // allocRegistryAllocs bounds what n registered fds add to a restart: the fd
 // and name slices growing by doubling (passFDs), and the LISTEN_PID,
