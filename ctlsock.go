@@ -49,17 +49,21 @@ func (q *restartRequest) respond(log *slog.Logger, pid int, err error) {
 		return
 	}
 	var buf [512]byte
-	var frame []byte
-	if err != nil {
-		frame = appendRestartFailed(buf[:0], err.Error())
-	} else {
-		frame = appendRestartComplete(buf[:0], uint32(pid))
-	}
+	frame := appendOutcome(buf[:0], pid, err)
 	q.conn.SetWriteDeadline(time.Now().Add(requestTimeout))
 	if _, werr := q.conn.Write(frame); werr != nil {
 		log.Warn("shellflip: could not answer a restart request", "err", werr)
 	}
 	q.conn.Close()
+}
+
+// appendOutcome appends the response frame for a restart that ended in pid
+// or err.
+func appendOutcome(dst []byte, pid int, err error) []byte {
+	if err != nil {
+		return appendRestartFailed(dst, err.Error())
+	}
+	return appendRestartComplete(dst, uint32(pid))
 }
 
 // controlServer accepts restart requests on the control socket.
@@ -404,12 +408,7 @@ func (s *controlServer) drainBacklog() {
 	// package made it so), so accept4 reports EAGAIN once it is empty.
 	pid, ferr := s.final()
 	var buf [512]byte
-	var frame []byte
-	if ferr != nil {
-		frame = appendRestartFailed(buf[:0], ferr.Error())
-	} else {
-		frame = appendRestartComplete(buf[:0], uint32(pid))
-	}
+	frame := appendOutcome(buf[:0], pid, ferr)
 	for {
 		var nfd int
 		err := ignoringEINTR(func() (err error) {
