@@ -21,8 +21,10 @@
 //  4. waits until the new process calls Ready (directly or through Start),
 //     exits, or runs out of Config.ReadyTimeout;
 //  5. on success runs Lifecycle.NewProcessReady (stop accepting there),
-//     tells systemd the new main pid, tells the new process it is now the
-//     main process, answers the requesters with the new pid, and
+//     tells systemd the new main pid, answers the requesters with the new
+//     pid (and every client still queued on the control socket: one
+//     process serves it at a time), tells the new process it is now the
+//     main process, and
 //     ends its Restarter: the program drains (see ShutdownCoordinator) and
 //     exits. On failure it kills and reaps the new process, runs
 //     Lifecycle.NewProcessFailed, answers with the reason, and keeps serving.
