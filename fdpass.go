@@ -36,10 +36,11 @@ type fdEntry struct {
 	claimed   bool // the program asked for it by name
 }
 
+// fdreg is the process's registry. After Ready it holds no inherited fd
+// that was not claimed: closeUnclaimed removed those.
 var fdreg struct {
 	mu      sync.Mutex
 	entries []*fdEntry
-	ready   bool // unclaimed inherited fds are closed; inherited ones can no longer be claimed
 }
 
 // adoptInherited puts the fds of the LISTEN_FDS block into the registry.
@@ -183,7 +184,7 @@ func getOrCreate(name string, want sockKind, create func() (syscall.Conn, error)
 	}
 	fdreg.mu.Lock()
 	defer fdreg.mu.Unlock()
-	if e := lookupEntry(name); e != nil && !(e.inherited && fdreg.ready && !e.claimed) {
+	if e := lookupEntry(name); e != nil {
 		if err := want.check(e.fd); err != nil {
 			return nil, fmt.Errorf("shellflip: fd %q: %w", name, err)
 		}
@@ -220,7 +221,7 @@ func File(name string) (*os.File, error) {
 	fdreg.mu.Lock()
 	defer fdreg.mu.Unlock()
 	e := lookupEntry(name)
-	if e == nil || e.inherited && fdreg.ready && !e.claimed {
+	if e == nil {
 		return nil, nil
 	}
 	f, err := dupFile(e.fd, name)
@@ -300,7 +301,6 @@ func Names() []string {
 func closeUnclaimed() {
 	fdreg.mu.Lock()
 	defer fdreg.mu.Unlock()
-	fdreg.ready = true
 	var unclaimed []int
 	fdreg.entries = slices.DeleteFunc(fdreg.entries, func(e *fdEntry) bool {
 		if !e.inherited || e.claimed {
@@ -343,9 +343,6 @@ func unlinkListenerPath(fd int) {
 func passFDs(files []uintptr, names []string) ([]uintptr, []string, func()) {
 	fdreg.mu.Lock()
 	for _, e := range fdreg.entries {
-		if e.inherited && !e.claimed && fdreg.ready {
-			continue
-		}
 		files = append(files, uintptr(e.fd))
 		names = append(names, e.name)
 	}
