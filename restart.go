@@ -509,11 +509,11 @@ func (r *Restarter) restart(ctx context.Context) (_ *Process, err error) {
 			return nil, fmt.Errorf("pre-spawn hook: %w", err)
 		}
 	}
-	parent := ctx
+	parent, started := ctx, false
 	defer func() {
 		// With the Restarter's context, not the expired ready timeout's:
 		// undoing the handover deserves its own time.
-		if err != nil && hooks.NewProcessFailed != nil {
+		if err != nil && started && hooks.NewProcessFailed != nil {
 			hooks.NewProcessFailed(parent, err)
 		}
 	}()
@@ -557,6 +557,7 @@ func (r *Restarter) restart(ctx context.Context) (_ *Process, err error) {
 		return nil, fmt.Errorf("starting %s: %w", path, err)
 	}
 	child := watchChild(pid)
+	started = true
 	r.log.Info("shellflip: new process started", "pid", pid, "path", path)
 	ready, err := pollableFile(readyP, "shellflip-ready")
 	if err != nil {
