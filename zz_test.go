@@ -222,6 +222,12 @@ func testServer() int {
 				_, err := w.Write(make([]byte, stateSize))
 				return err
 			},
+			NewProcessFailed: func(_ context.Context, err error) {
+				report("hookfailed pid=%d err=%v", pid, err)
+			},
+			NewProcessReady: func(_ context.Context, newPid int) {
+				report("hookready pid=%d new=%d", pid, newPid)
+			},
 		},
 	})
 	if err != nil {
@@ -554,6 +560,13 @@ func TestRestartBySocket(t *testing.T) {
 	c := newTestCluster(t)
 	r0 := c.start("server")
 	r1 := c.restart(r0["pid"])
+	// NewProcessReady ran in the old process, for the new one. (That it
+	// runs before anyone is told is what TestRestarterExample's clients
+	// show: every one that connects after the restart reaches the new
+	// process, because the example stops accepting in the hook.)
+	if h := c.reports.next("hookready"); h["pid"] != r0["pid"] || h["new"] != r1["pid"] {
+		t.Errorf("NewProcessReady reported %v, want pid=%s new=%s", h, r0["pid"], r1["pid"])
+	}
 	if r1["gen"] != "1" {
 		t.Errorf("new process reports generation %s, want 1 (state handover)", r1["gen"])
 	}
@@ -653,6 +666,9 @@ func TestRestartFailures(t *testing.T) {
 			var bad int
 			if _, serr := fmt.Sscanf(err.Error(), "new process %d:", &bad); serr != nil {
 				t.Fatalf("error %q does not name the failed pid", err)
+			}
+			if h := c.reports.next("hookfailed"); h["pid"] != r0["pid"] || h["err"] != err.Error() {
+				t.Errorf("NewProcessFailed reported %v, want pid=%s and the error the requester got", h, r0["pid"])
 			}
 			waitGone(t, bad)
 			c.restart(r0["pid"])
