@@ -112,8 +112,9 @@ type Config struct {
 	// directory it started in (or looked up in $PATH, as the shell did), so
 	// a deploy that replaces the binary at that path is picked up. If no
 	// executable is at that path any more (a binary built by "go run" and
-	// since removed, say), the running executable is used, and that is
-	// logged.
+	// since removed, say), the running executable is used (on Linux
+	// /proc/self/exe, which works even when its file was deleted), and
+	// that is logged.
 	Path string
 	Args []string
 
@@ -659,7 +660,7 @@ func (r *Restarter) program() (string, error) {
 	if isExecutable(path) || r.cfg.Path != "" {
 		return path, nil
 	}
-	exe, err := os.Executable()
+	exe, err := runningExecutable()
 	if err != nil {
 		return "", fmt.Errorf("no executable at %s, and the running one cannot be found: %w", path, err)
 	}

@@ -116,6 +116,18 @@ func closeFDs(fds []int) {
 	}
 }
 
+// runningExecutable returns a path to this process's own executable that
+// can be executed even if its file was deleted or replaced since it
+// started: /proc/self/exe, which the kernel resolves to the running image.
+// (os.Executable names the file the image came from, and that may be gone.)
+func runningExecutable() (string, error) {
+	const self = "/proc/self/exe"
+	if err := unix.Access(self, unix.X_OK); err != nil {
+		return os.Executable()
+	}
+	return self, nil
+}
+
 // childWatch waits for one child process and reaps it exactly once.
 type childWatch struct {
 	pid  int

@@ -95,6 +95,10 @@ func closeFDs(fds []int) {
 	}
 }
 
+// runningExecutable: see spawn_linux.go. There is no /proc/self/exe here:
+// the file the running image came from, if it is still there.
+func runningExecutable() (string, error) { return os.Executable() }
+
 // childWatch waits for one child process and reaps it exactly once.
 //
 // Without waitid(WNOWAIT) the reaping wait4 cannot be ordered against kill:

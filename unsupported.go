@@ -171,3 +171,5 @@ func StoreFDs(...string) error { return ErrNotSupported }
 
 // UnstoreFDs returns ErrNotSupported on this platform.
 func UnstoreFDs(...string) error { return ErrNotSupported }
+
+func runningExecutable() (string, error) { return "", ErrNotSupported }

@@ -446,7 +446,13 @@ func newTestCluster(t *testing.T) *testCluster {
 // waits until it is ready.
 func (c *testCluster) start(role string, env ...string) map[string]string {
 	c.t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	return c.startBin(os.Args[0], role, env...)
+}
+
+// startBin is start with the test binary at bin.
+func (c *testCluster) startBin(bin, role string, env ...string) map[string]string {
+	c.t.Helper()
+	cmd := exec.Command(bin, "-test.run=^$")
 	cmd.Env = append(os.Environ(),
 		// A race-enabled binary otherwise sleeps a second at exit.
 		"GORACE=atexit_sleep_ms=0",
@@ -616,6 +622,23 @@ func TestRestartByProgram(t *testing.T) {
 	}
 	if again := c.reports.next("again"); !strings.Contains(again["err"], "replaced already") {
 		t.Errorf("Restart after the restart: %v, want an error saying so", again)
+	}
+}
+
+// TestRestartDeletedBinary: when the program's file is gone (a binary that
+// "go run" built and removed, say), the running executable is restarted.
+func TestRestartDeletedBinary(t *testing.T) {
+	c := newTestCluster(t)
+	bin := filepath.Join(c.dir, "gone.test")
+	if err := copyExecutable(os.Args[0], bin); err != nil {
+		t.Fatal(err)
+	}
+	r0 := c.startBin(bin, "server")
+	if err := os.Remove(bin); err != nil {
+		t.Fatal(err)
+	}
+	if r1 := c.restart(r0["pid"]); r1["gen"] != "1" {
+		t.Errorf("new process reports generation %s, want 1", r1["gen"])
 	}
 }
 
