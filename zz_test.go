@@ -9821,17 +9821,8 @@ func faultZombies(t *testing.T, parents map[int]bool) []faultProc {
 // "anon_inode:[eventpoll]", or the path of a file.
 func faultFDKinds(t *testing.T, pid int) map[string]int {
 	t.Helper()
-	dir := fmt.Sprintf("/proc/%d/fd", pid)
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
 	kinds := map[string]int{}
-	for _, e := range ents {
-		target, err := os.Readlink(dir + "/" + e.Name())
-		if err != nil {
-			continue
-		}
+	for _, target := range faultFDTargets(t, pid) {
 		kind, _, _ := strings.Cut(target, ":[") // socket:[123], pipe:[123]
 		if strings.HasPrefix(target, "anon_inode:") {
 			kind = target
