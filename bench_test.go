@@ -19,9 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ==========================================================================
-// A restart against its physical floor, and the state handover
-// ==========================================================================
+// A restart against its physical floor, and the state handover.
 
 // Benchmarks of a whole restart against its physical floor.
 //
@@ -523,9 +521,7 @@ func benchRawHandover(attr *syscall.ProcAttr, state []byte) error {
 	return err
 }
 
-// ==========================================================================
-// The control-socket protocol (wire.go)
-// ==========================================================================
+// The control-socket protocol (wire.go).
 
 // wireBenchText is a 200-byte RestartFailed text without escapes.
 var wireBenchText = strings.Repeat("restart failed: ", 12) + "12345678"
@@ -616,9 +612,7 @@ func BenchmarkWireReadFrame(b *testing.B) {
 	}
 }
 
-// ==========================================================================
-// sd_notify (sdnotify.go)
-// ==========================================================================
+// sd_notify (sdnotify.go).
 
 // BenchmarkSdNotifySend measures one datagram to a local listener that reads
 // and discards it: the encoding, the sendmsg and the wake-up of the reader.

@@ -13,9 +13,7 @@ import (
 	"github.com/shellflip-go/shellflip"
 )
 
-// ==========================================================================
-// The restart API
-// ==========================================================================
+// The restart API.
 
 // A service that keeps its listener and a counter across restarts, and
 // drains when a new copy of it has taken over.
@@ -92,9 +90,7 @@ func ExampleListenerName() {
 	// unix//run/app.sock
 }
 
-// ==========================================================================
-// The drain coordinator
-// ==========================================================================
+// The drain coordinator.
 
 // A connection handler serves requests until shutdown begins, finishes the
 // one in hand, and returns. The old process drains by calling Shutdown once

@@ -1,0 +1,596 @@
+//go:build linux
+
+package shellflip
+
+import (
+	"bufio"
+	"bytes"
+	"cmp"
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// examples/restarter, driven as a user would.
+
+// These tests drive examples/restarter as a user would: the example is
+// built once, started as a real process, restarted with its own "restart"
+// command, and talked to by real TCP clients. Every generation of a server
+// writes to the stdout and stderr of the first, so the test reads them from
+// pipes it owns for as long as the test runs, line by line with deadlines.
+
+// restarterDeadline bounds every wait; a healthy run is far quicker.
+const restarterDeadline = 30 * time.Second
+
+var (
+	restarterInstanceRE = regexp.MustCompile(`^Instance no\. (\d+) listening on (127\.0\.0\.1:\d+)$`)
+	restarterSuccessRE  = regexp.MustCompile(`^Restart succeeded, child pid is ([1-9]\d*)\n$`)
+	restarterGreetingRE = regexp.MustCompile(`^Hello, this is process ([1-9]\d*)\n$`)
+)
+
+func TestRestarterExample(t *testing.T) {
+	fds := openFDs(t)
+	t.Cleanup(func() {
+		// This runs after every subtest and its cleanups. Fewer fds than
+		// before is no leak of ours: an earlier test's process handle may
+		// have been released meanwhile.
+		if n := openFDs(t); n > fds {
+			t.Errorf("the test process has %d fds open, %d before: the tests leaked some", n, fds)
+		}
+	})
+	bin := buildExample(t, "restarter")
+	t.Run("Restart", func(t *testing.T) {
+		t.Parallel()
+		restarterTestRestart(t, bin)
+	})
+	t.Run("MaxGeneration", func(t *testing.T) {
+		t.Parallel()
+		restarterTestMaxGeneration(t, bin)
+	})
+	t.Run("NoServer", func(t *testing.T) {
+		t.Parallel()
+		socket := filepath.Join(restarterTempDir(t), "none.sock")
+		if text := restarterRestartFails(t, bin, socket); !strings.Contains(text, socket) {
+			t.Errorf("failure text %q does not name the socket %s", text, socket)
+		}
+	})
+	t.Run("BadDeploy", func(t *testing.T) {
+		t.Parallel()
+		restarterTestBadDeploy(t, bin)
+	})
+	t.Run("State", func(t *testing.T) {
+		t.Parallel()
+		restarterTestState(t, bin)
+	})
+	t.Run("Usage", func(t *testing.T) {
+		t.Parallel()
+		for _, args := range [][]string{{"bogus"}, {"restart", "now"}, {"-max-generation", "-1"}} {
+			stdout, stderr, code := restarterRun(t, bin, args...)
+			if code != 2 || stdout != "" || !strings.Contains(stderr, "Usage:") {
+				t.Errorf("restarter %q: exit code %d, stdout %q, stderr %q; want 2, nothing, a usage message", args, code, stdout, stderr)
+			}
+		}
+	})
+}
+
+// restarterTestRestart restarts a server with a client connected, and checks
+// who serves whom until the old process has exited.
+func restarterTestRestart(t *testing.T, bin string) {
+	srv := restarterStart(t, bin)
+	addr := srv.expectInstance(0, "")
+	old := restarterDial(t, addr)
+	if old.pid != srv.cmd.Process.Pid {
+		t.Fatalf("client greeted by pid %d, want the server's %d", old.pid, srv.cmd.Process.Pid)
+	}
+	old.echo("before the restart")
+
+	newPid := srv.restart(1, addr)
+	if newPid == srv.cmd.Process.Pid {
+		t.Fatalf("the new process has the old one's pid %d", newPid)
+	}
+
+	// The old process stopped accepting before the restart command got its
+	// answer: every new client reaches the new process. Several of them,
+	// so that one landing in the old process by chance would show.
+	var fresh *restarterClient
+	for i := range 5 {
+		c := restarterDial(t, addr)
+		if c.pid != newPid {
+			t.Fatalf("client %d after the restart greeted by pid %d, want the new process %d", i, c.pid, newPid)
+		}
+		c.echo("new client " + strconv.Itoa(i))
+		if fresh == nil {
+			fresh = c
+		} else {
+			c.close()
+		}
+	}
+
+	// The new process is ready and serving, and the old one still serves
+	// the client it had: it has not exited while that client is connected.
+	old.echo("after the restart")
+	select {
+	case <-srv.exited:
+		t.Fatalf("the old process exited (%v) while its client was still connected", srv.cmd.ProcessState)
+	default:
+	}
+	old.close()
+	select {
+	case <-srv.exited:
+	case <-time.After(restarterDeadline):
+		t.Fatalf("the old process is still running %v after its last client left", restarterDeadline)
+	}
+	if st := srv.cmd.ProcessState; !st.Success() {
+		t.Fatalf("the old process ended with %v, want exit status 0", st)
+	}
+	fresh.echo("after the old process exited")
+	fresh.close()
+}
+
+// restarterTestMaxGeneration checks that generations up to -max-generation
+// restart, and that the next one refuses, every time, and keeps serving.
+func restarterTestMaxGeneration(t *testing.T, bin string) {
+	srv := restarterStart(t, bin, "-listen", "127.0.0.1:0", "-max-generation", "1")
+	addr := srv.expectInstance(0, "")
+	var pid int
+	for gen := 1; gen <= 2; gen++ {
+		pid = srv.restart(gen, addr)
+	}
+
+	var first string
+	for i := range 2 {
+		text := restarterRestartFails(t, bin, srv.socket)
+		if i == 0 {
+			first = text
+			for _, want := range []string{"instance no. 2", "-max-generation 1"} {
+				if !strings.Contains(text, want) {
+					t.Errorf("failure text %q does not mention %q", text, want)
+				}
+			}
+		} else if text != first {
+			t.Errorf("second refusal %q differs from the first %q", text, first)
+		}
+		c := restarterDial(t, addr)
+		if c.pid != pid {
+			t.Fatalf("after the refusal, a client was greeted by pid %d, want generation 2's %d", c.pid, pid)
+		}
+		c.echo("still serving " + strconv.Itoa(i))
+		c.close()
+	}
+}
+
+// restarterTestBadDeploy replaces the server's binary with one that fails
+// to start: the restart fails, the old process takes new clients again, and
+// once the binary is fixed the next restart succeeds.
+func restarterTestBadDeploy(t *testing.T, bin string) {
+	if _, err := os.Stat("/bin/sh"); err != nil {
+		t.Skipf("no /bin/sh for a failing binary: %v", err)
+	}
+	deployed := filepath.Join(restarterTempDir(t), "restarter")
+	deploy := func(b []byte) {
+		t.Helper()
+		// Write and rename, as a deploy would: the running binary is
+		// left alone, and the next restart runs the new one.
+		if err := os.WriteFile(deployed+".new", b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(deployed+".new", deployed); err != nil {
+			t.Fatal(err)
+		}
+	}
+	good, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deploy(good)
+	srv := restarterStart(t, deployed)
+	addr := srv.expectInstance(0, "")
+	held := restarterDial(t, addr)
+
+	// The new process starts, and exits before it is ready; by then the
+	// old process had stopped accepting to hand over.
+	deploy([]byte("#!/bin/sh\nexit 3\n"))
+	restarterRestartFails(t, bin, srv.socket)
+	for i := range 3 {
+		c := restarterDial(t, addr)
+		if c.pid != srv.cmd.Process.Pid {
+			t.Fatalf("client %d after the failed restart greeted by pid %d, want the old process %d", i, c.pid, srv.cmd.Process.Pid)
+		}
+		c.echo("after the failed restart")
+		c.close()
+	}
+	held.echo("after the failed restart")
+
+	deploy(good)
+	newPid := srv.restart(1, addr)
+	c := restarterDial(t, addr)
+	if c.pid != newPid {
+		t.Fatalf("client after the fixed restart greeted by pid %d, want the new process %d", c.pid, newPid)
+	}
+	held.echo("after the fixed restart")
+	held.close()
+	select {
+	case <-srv.exited:
+	case <-time.After(restarterDeadline):
+		t.Fatalf("the old process is still running %v after its last client left", restarterDeadline)
+	}
+	if st := srv.cmd.ProcessState; !st.Success() {
+		t.Fatalf("the old process ended with %v, want exit status 0", st)
+	}
+}
+
+// restarterTestState starts the example as the new process of a restart,
+// with the test in the old process's place, and checks what it makes of the
+// state it is handed.
+func restarterTestState(t *testing.T, bin string) {
+	for _, tc := range []struct {
+		name  string
+		state []byte
+		gen   int // -1: the state must be refused
+	}{
+		// The old process sends its generation as 4 bytes, big-endian.
+		{"generation 7", binary.BigEndian.AppendUint32(nil, 7), 8},
+		{"generation 256", binary.BigEndian.AppendUint32(nil, 256), 257},
+		{"empty", nil, -1},
+		{"short", []byte{0, 0, 7}, -1},
+		{"long", append(binary.BigEndian.AppendUint32(nil, 7), 0), -1},
+		{"last generation", binary.BigEndian.AppendUint32(nil, 1<<32-1), -1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			readyOld, readyNew := restarterSocketpair(t)
+			stateR, stateW, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer stateR.Close()
+			// A few bytes fit in the pipe: write them all and close, so
+			// the new process reads them and then EOF.
+			_, err = stateW.Write(tc.state)
+			stateW.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+
+			srv := restarterStartWith(t, bin, func(cmd *exec.Cmd) {
+				cmd.ExtraFiles = []*os.File{readyNew, stateR} // fds 3 and 4
+				cmd.Env = append(cmd.Env, envReadyFD+"=3", envStateFD+"=4")
+			})
+			readyNew.Close()
+			stateR.Close()
+
+			var b [1]byte
+			readyOld.SetReadDeadline(time.Now().Add(restarterDeadline))
+			n, rerr := readyOld.Read(b[:])
+			if tc.gen >= 0 {
+				if n != 1 || b[0] != readyByte {
+					t.Fatalf("readiness socket: read %q, %v; want %q", b[:n], rerr, readyByte)
+				}
+				srv.expectInstance(tc.gen, "")
+				return
+			}
+			if rerr != io.EOF {
+				t.Errorf("readiness socket: read %q, %v; want EOF, as the state was refused", b[:n], rerr)
+			}
+			select {
+			case <-srv.exited:
+			case <-time.After(restarterDeadline):
+				t.Fatalf("still running %v after being handed bad state", restarterDeadline)
+			}
+			if code := srv.cmd.ProcessState.ExitCode(); code != 1 {
+				t.Errorf("exit code %d after bad state, want 1", code)
+			}
+			if line, ok := <-srv.lines; ok {
+				t.Errorf("stdout after bad state: %q, want nothing", line)
+			}
+			srv.closePipes() // the process is gone: its stderr is complete
+			if log := srv.stderr(); !strings.Contains(log, "cannot take over from the old process") {
+				t.Errorf("stderr does not say why the state was refused:\n%s", log)
+			}
+		})
+	}
+}
+
+// restarterTempDir returns a directory short enough for a socket path
+// (sun_path holds 108 bytes; t.TempDir's names grow with the test's).
+func restarterTempDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "restarter")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+// restarterEnv is the test's environment without what would make the
+// example think it was started by systemd or by a restart, and with the
+// race detector's pause at exit (a second by default) turned off.
+func restarterEnv() []string {
+	var env []string
+	race := "atexit_sleep_ms=0"
+	for _, kv := range os.Environ() {
+		k, v, _ := strings.Cut(kv, "=")
+		switch {
+		case k == "NOTIFY_SOCKET" || strings.HasPrefix(k, "LISTEN_") || strings.HasPrefix(k, "SHELLFLIP_"):
+			continue
+		case k == "GORACE":
+			race = v + " " + race
+			continue
+		}
+		env = append(env, kv)
+	}
+	return append(env, "GORACE="+race)
+}
+
+// restarterServer is generation 0 of a server and every generation it
+// restarted into; they share its stdout and stderr.
+type restarterServer struct {
+	t      *testing.T
+	bin    string
+	socket string
+	cmd    *exec.Cmd
+	lines  chan string   // stdout, line by line; closed at EOF
+	exited chan struct{} // closed once generation 0 has exited and cmd.ProcessState is set
+
+	outR, errR *os.File
+	logDone    chan struct{} // closed when stderr is read to EOF or closed
+	logMu      sync.Mutex
+	log        bytes.Buffer
+	later      []*os.Process // later generations, held by pidfd
+}
+
+// restarterStart starts generation 0 of a server with args after -socket.
+func restarterStart(t *testing.T, bin string, args ...string) *restarterServer {
+	return restarterStartWith(t, bin, func(cmd *exec.Cmd) { cmd.Args = append(cmd.Args, args...) })
+}
+
+// restarterStartWith starts the example with -socket and whatever setup
+// adds to the command, and arranges for every generation to be killed when
+// the test ends.
+func restarterStartWith(t *testing.T, bin string, setup func(*exec.Cmd)) *restarterServer {
+	t.Helper()
+	s := &restarterServer{
+		t: t, bin: bin,
+		socket:  filepath.Join(restarterTempDir(t), "ctl.sock"),
+		lines:   make(chan string, 16),
+		exited:  make(chan struct{}),
+		logDone: make(chan struct{}),
+	}
+	s.cmd = exec.Command(bin, "-socket", s.socket)
+	s.cmd.Env = restarterEnv()
+	setup(s.cmd)
+
+	// Our own pipes rather than Cmd's: later generations keep writing to
+	// them after generation 0 has exited and was waited for, which would
+	// have closed Cmd's read ends under them.
+	var outW, errW *os.File
+	var err error
+	if s.outR, outW, err = os.Pipe(); err != nil {
+		t.Fatal(err)
+	}
+	if s.errR, errW, err = os.Pipe(); err != nil {
+		s.outR.Close()
+		outW.Close()
+		t.Fatal(err)
+	}
+	s.cmd.Stdout, s.cmd.Stderr = outW, errW
+	err = s.cmd.Start()
+	outW.Close()
+	errW.Close()
+	if err != nil {
+		s.outR.Close()
+		s.errR.Close()
+		t.Fatal(err)
+	}
+	go func() {
+		s.cmd.Wait()
+		close(s.exited)
+	}()
+	done := make(chan struct{})
+	go func() {
+		defer close(s.lines)
+		sc := bufio.NewScanner(s.outR)
+		for sc.Scan() {
+			select {
+			case s.lines <- sc.Text():
+			case <-done:
+				return
+			}
+		}
+	}()
+	go func() {
+		defer close(s.logDone)
+		var buf [4096]byte
+		for {
+			n, err := s.errR.Read(buf[:])
+			s.logMu.Lock()
+			s.log.Write(buf[:n])
+			s.logMu.Unlock()
+			if err != nil {
+				return
+			}
+		}
+	}()
+
+	t.Cleanup(func() {
+		s.cmd.Process.Kill()
+		for _, p := range s.later {
+			p.Kill()
+			p.Release()
+		}
+		select {
+		case <-s.exited:
+		case <-time.After(restarterDeadline):
+			t.Errorf("pid %d outlived SIGKILL by %v", s.cmd.Process.Pid, restarterDeadline)
+		}
+		close(done)
+		s.closePipes()
+		if t.Failed() {
+			t.Logf("the servers' stderr:\n%s", s.stderr())
+		}
+	})
+	return s
+}
+
+// closePipes closes the read ends of stdout and stderr, and waits until the
+// stderr reader has stopped.
+func (s *restarterServer) closePipes() {
+	s.outR.Close()
+	s.errR.Close()
+	<-s.logDone
+}
+
+func (s *restarterServer) stderr() string {
+	s.logMu.Lock()
+	defer s.logMu.Unlock()
+	return s.log.String()
+}
+
+// expectInstance waits for the next line on stdout, which must announce
+// generation gen, on addr unless addr is "", and returns the address.
+func (s *restarterServer) expectInstance(gen int, addr string) string {
+	s.t.Helper()
+	var line string
+	var ok bool
+	select {
+	case line, ok = <-s.lines:
+	case <-time.After(restarterDeadline):
+		s.t.Fatalf("no instance no. %d on stdout within %v", gen, restarterDeadline)
+	}
+	if !ok {
+		s.t.Fatalf("stdout closed while waiting for instance no. %d", gen)
+	}
+	m := restarterInstanceRE.FindStringSubmatch(line)
+	if m == nil || m[1] != strconv.Itoa(gen) || addr != "" && m[2] != addr {
+		s.t.Fatalf("stdout: %q, want instance no. %d listening on %s", line, gen, cmp.Or(addr, "127.0.0.1:PORT"))
+	}
+	return m[2]
+}
+
+// restart runs "restarter restart", which must succeed, and waits until the
+// new process, of generation gen, announces itself on addr. It returns the
+// new pid.
+func (s *restarterServer) restart(gen int, addr string) int {
+	s.t.Helper()
+	stdout, stderr, code := restarterRun(s.t, s.bin, "-socket", s.socket, "restart")
+	m := restarterSuccessRE.FindStringSubmatch(stdout)
+	if code != 0 || m == nil || stderr != "" {
+		s.t.Fatalf("restart to generation %d: exit code %d, stdout %q, stderr %q; want 0, the new pid, nothing", gen, code, stdout, stderr)
+	}
+	pid, _ := strconv.Atoi(m[1])
+	// A pidfd, taken while the process surely runs (it is a server, it
+	// stays until killed or replaced), so that the cleanup's kill cannot
+	// hit another process that reused the pid.
+	p, err := os.FindProcess(pid)
+	if err != nil {
+		s.t.Fatalf("pid %d: %v", pid, err)
+	}
+	s.later = append(s.later, p)
+	s.expectInstance(gen, addr)
+	return pid
+}
+
+// restarterRestartFails runs "restarter restart", which must fail, and
+// returns the failure text.
+func restarterRestartFails(t *testing.T, bin, socket string) string {
+	t.Helper()
+	stdout, stderr, code := restarterRun(t, bin, "-socket", socket, "restart")
+	text, ok := strings.CutPrefix(stderr, "Restart failed: ")
+	if code != 1 || stdout != "" || !ok || !strings.HasSuffix(text, "\n") || strings.Count(text, "\n") != 1 {
+		t.Fatalf("restart: exit code %d, stdout %q, stderr %q; want 1, nothing, one \"Restart failed: \" line", code, stdout, stderr)
+	}
+	return strings.TrimSuffix(text, "\n")
+}
+
+// restarterRun runs the example to completion and returns what it printed
+// and its exit code.
+func restarterRun(t *testing.T, bin string, args ...string) (stdout, stderr string, code int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), restarterDeadline)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.Env = restarterEnv()
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err := cmd.Run()
+	var exit *exec.ExitError
+	if err != nil && !errors.As(err, &exit) || ctx.Err() != nil {
+		t.Fatalf("restarter %q: %v (context: %v)", args, err, ctx.Err())
+	}
+	return out.String(), errOut.String(), cmd.ProcessState.ExitCode()
+}
+
+// restarterClient is a TCP client of the example, greeted by pid.
+type restarterClient struct {
+	t    *testing.T
+	conn net.Conn
+	r    *bufio.Reader
+	pid  int
+}
+
+func restarterDial(t *testing.T, addr string) *restarterClient {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, restarterDeadline)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	c := &restarterClient{t: t, conn: conn, r: bufio.NewReader(conn)}
+	conn.SetDeadline(time.Now().Add(restarterDeadline))
+	line, err := c.r.ReadString('\n')
+	m := restarterGreetingRE.FindStringSubmatch(line)
+	if m == nil {
+		t.Fatalf("greeting: %q, %v", line, err)
+	}
+	c.pid, _ = strconv.Atoi(m[1])
+	return c
+}
+
+// echo sends msg and a newline, and checks that they come back.
+func (c *restarterClient) echo(msg string) {
+	c.t.Helper()
+	c.conn.SetDeadline(time.Now().Add(restarterDeadline))
+	if _, err := io.WriteString(c.conn, msg+"\n"); err != nil {
+		c.t.Fatalf("pid %d: sending %q: %v", c.pid, msg, err)
+	}
+	got, err := c.r.ReadString('\n')
+	if got != msg+"\n" {
+		c.t.Fatalf("pid %d: sent %q, got back %q, %v", c.pid, msg+"\n", got, err)
+	}
+}
+
+func (c *restarterClient) close() { c.conn.Close() }
+
+// restarterSocketpair returns the two ends of a unix stream socketpair: the
+// old process's end, pollable so that deadlines work, and the new one's.
+func restarterSocketpair(t *testing.T) (oldEnd, newEnd *os.File) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(os.NewSyscallError("socketpair", err))
+	}
+	if err := unix.SetNonblock(fds[0], true); err != nil {
+		unix.Close(fds[0])
+		unix.Close(fds[1])
+		t.Fatal(os.NewSyscallError("setnonblock", err))
+	}
+	oldEnd, newEnd = os.NewFile(uintptr(fds[0]), "ready-old"), os.NewFile(uintptr(fds[1]), "ready-new")
+	t.Cleanup(func() {
+		oldEnd.Close()
+		newEnd.Close()
+	})
+	return oldEnd, newEnd
+}

@@ -1,0 +1,2148 @@
+//go:build linux
+
+package shellflip
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// A real systemd 252 in private namespaces: reloads, fd store, notify-reload.
+
+// Tests of the library under a real systemd 252, and of the datagrams it
+// sends to a notify socket owned by the test where systemd 252 cannot be
+// the judge (Type=notify-reload came in 253).
+//
+// systemd runs as PID 1 of private pid, mount, cgroup, net, uts and ipc
+// namespaces (unshare(1), then testdata/systemd/boot.sh), in a cgroup2
+// sub-cgroup of its own, with a pty as its console so that its log reaches
+// the test, and is driven with systemctl through nsenter(1). The service is this test
+// binary, copied where the namespaced systemd can exec it, running the
+// "systemd-service" role; ExecReload= runs another copy in the
+// "systemd-reload" role, which calls RequestRestart. Everything is torn
+// down by the test: systemd is killed with SIGKILL (which takes the whole
+// pid namespace with it), and the cgroup is removed depth first.
+//
+// What systemd 252 did here that is worth knowing:
+//
+//   - A regular file bind-mounted over /dev/console gets no log at all:
+//     PID 1 opens the console with open_terminal(), which refuses a
+//     non-tty, and its stdio are /dev/null. A pty slave works.
+//   - The default NotifyAccess= of Type=notify is "main" (systemctl show
+//     says so), so a datagram from any other pid is dropped with the
+//     warning "Got notification message from PID X, but reception only
+//     permitted for main PID Y". BARRIER=1 is exempt: the manager handles
+//     it before it looks for the sending unit, so the old process can wait
+//     on a barrier after it has handed MAINPID over.
+//   - A MAINPID= naming a process that is not systemd's child (the new
+//     process is the old one's) is accepted, with the warning "Supervising
+//     process X which is not our child. We'll most likely not notice when
+//     it exits." once per restart. It does notice: once the old process
+//     has exited, PID 1 is the new one's parent, and when the new one is
+//     killed the unit fails with "Main process exited, code=killed".
+//   - READY=1 during a reload does not end the reload while ExecReload= is
+//     still running (service_notify_message checks control_pid): the reload
+//     job ends when the reload client exits, with its exit status, and
+//     `systemctl reload` returns then. A failed ExecReload= leaves the unit
+//     active with ReloadResult=exit-code.
+//   - After a successful ExecReload=, systemd re-reads PIDFile= if the unit
+//     has one (service_sigchld_event, SERVICE_RELOAD) and takes the pid in
+//     it as the main pid. A pid file that still names the old process at
+//     that moment undoes MAINPID=: seen here as "Reloaded" followed by
+//     "Deactivated successfully" when the old process exited, with the new
+//     one killed. That is also why the PIDFile= test boots a unit of its
+//     own: with PIDFile= the re-read would hide a missing MAINPID=.
+//   - ExecReload= runs without $NOTIFY_SOCKET (NotifyAccess=main gives it
+//     only to the main process); a control process that wants to talk to
+//     systemd must know the socket's path.
+//   - The fd store survives `systemctl restart` in 252 without
+//     FileDescriptorStorePreserve= (added in 254): systemd releases a
+//     unit's resources only when it is inactive with no job queued, and a
+//     restart job stays queued from the stop through the start.
+//   - Not systemd's, but it bit here: a race-enabled Go binary sleeps 1 s
+//     on exit (GORACE atexit_sleep_ms defaults to 1000), so every reload
+//     would wait 1 s for the reload client; the unit sets
+//     atexit_sleep_ms=0.
+
+// Knobs of the systemd roles, in the environment of the service.
+const (
+	envSystemdListen       = "SHELLFLIP_TEST_SD_LISTEN"        // unix socket path to serve pid and generation on
+	envSystemdAccept       = "SHELLFLIP_TEST_SD_ACCEPT"        // "inherited": accept only on a listener this process inherited
+	envSystemdStore        = "SHELLFLIP_TEST_SD_STORE"         // non-empty: push the registry to systemd's fd store
+	envSystemdNotifyReload = "SHELLFLIP_TEST_SD_NOTIFY_RELOAD" // non-empty: Config{NotifyReload: true, Signal: SIGHUP}
+	envSystemdPIDFile      = "SHELLFLIP_TEST_SD_PIDFILE"       // Config.PIDFile
+	envSystemdStray        = "SHELLFLIP_TEST_SD_STRAY"         // knob: the reload client sends a datagram of its own and exits
+	envSystemdLog          = "SHELLFLIP_TEST_SD_LOG"           // non-empty: the library logs to stderr
+)
+
+const (
+	systemdUnit   = "shellflip-test.service"
+	systemdTarget = "shellflip-test.target"
+	// systemdNotMainWarning is what systemd logs when it drops a datagram
+	// from a pid other than the main one under NotifyAccess=main.
+	systemdNotMainWarning = "but reception only permitted for main PID"
+)
+
+func init() {
+	testRoles["systemd-service"] = systemdServiceRole
+	testRoles["systemd-reload"] = systemdReloadRole
+}
+
+// systemdServiceRole is the service. Every generation reports, in order:
+//
+//	started pid= restarted= names=   (names: the registry before Listen)
+//	early pid= err=                  (restarted only: a Send before Ready)
+//	notmain pid= err=                (restarted only: a Send after Ready)
+//	ready pid= gen= inherited= ino=  (Start returned)
+//	main pid= err=                   (IsMain: STATUS=main pid=N, then a barrier)
+//	replaced pid= new=               (a restart succeeded; it stops accepting and exits)
+//
+// A restarted process that removes $SHELLFLIP_TEST_FAIL_FILE exits with
+// status 3 right after its early report, before Ready.
+func systemdServiceRole() int {
+	pid := os.Getpid()
+	names := Names()
+	n, err := SystemdNotifier()
+	if err != nil {
+		report("error pid=%d notifier: %v", pid, err)
+		return 1
+	}
+	report("started pid=%d restarted=%t names=%s", pid, StartedByRestart(), strings.Join(names, ","))
+	if StartedByRestart() {
+		report("early pid=%d err=%v", pid, n.Send(SdStatus("early")))
+		if takeKnob(envTestFailFile) {
+			os.Exit(3)
+		}
+	}
+
+	gen := 0
+	st, err := ReceiveState()
+	if err != nil {
+		report("error pid=%d receive: %v", pid, err)
+		return 1
+	}
+	if st != nil {
+		line, err := bufio.NewReader(st).ReadString('\n')
+		st.Close()
+		if err == nil {
+			gen, err = strconv.Atoi(strings.TrimSpace(line))
+		}
+		if err != nil {
+			report("error pid=%d state %q: %v", pid, line, err)
+			return 1
+		}
+		gen++
+	}
+
+	inherited, ino := false, uint64(0)
+	var ln net.Listener
+	if path := os.Getenv(envSystemdListen); path != "" {
+		inherited = slices.Contains(names, ListenerName("unix", path))
+		ln, err = Listen("unix", path)
+		if err != nil {
+			report("error pid=%d listen: %v", pid, err)
+			return 1
+		}
+		if ino, err = systemdInode(ln.(syscall.Conn)); err != nil {
+			report("error pid=%d fstat: %v", pid, err)
+			return 1
+		}
+		if os.Getenv(envSystemdAccept) != "inherited" || inherited {
+			go serveHello(ln, gen)
+		}
+	}
+	if os.Getenv(envSystemdStore) != "" {
+		if err := StoreFDs(); err != nil {
+			report("error pid=%d store: %v", pid, err)
+			return 1
+		}
+	}
+
+	cfg := Config{
+		Logger:     systemdLogger(),
+		SocketPath: os.Getenv(envTestSocket),
+		PIDFile:    os.Getenv(envSystemdPIDFile),
+		Lifecycle: &Lifecycle{SendState: func(ctx context.Context, w io.Writer) error {
+			_, err := fmt.Fprintf(w, "%d\n", gen)
+			return err
+		}},
+	}
+	if os.Getenv(envSystemdNotifyReload) != "" {
+		cfg.NotifyReload, cfg.Signal = true, syscall.SIGHUP
+	}
+	r, err := Start(context.Background(), cfg)
+	if err != nil {
+		report("error pid=%d start: %v", pid, err)
+		return 1
+	}
+	if StartedByRestart() {
+		report("notmain pid=%d err=%v", pid, n.Send(SdStatus("not main yet")))
+	}
+	go func() {
+		<-MainChan()
+		err := n.Send(SdStatus("main pid=" + strconv.Itoa(pid)))
+		if err == nil {
+			// Once the barrier returns, systemd has read the status: the
+			// test can ask for it as soon as it has this report.
+			ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
+			err = n.Barrier(ctx)
+			cancel()
+		}
+		report("main pid=%d err=%v", pid, err)
+	}()
+	report("ready pid=%d gen=%d inherited=%t ino=%d", pid, gen, inherited, ino)
+	p, err := r.Wait()
+	if err != nil {
+		report("ended pid=%d err=%v", pid, err)
+		return 1
+	}
+	if ln != nil {
+		// As a real service would: stop accepting, so that the test's
+		// next connection can only reach the new process.
+		ln.Close()
+	}
+	report("replaced pid=%d new=%d", pid, p.Pid)
+	return 0
+}
+
+// systemdLogger logs to stderr, which the unit appends to service.log,
+// if the role was asked to.
+func systemdLogger() *slog.Logger {
+	if os.Getenv(envSystemdLog) == "" {
+		return nil
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, nil)).With("pid", os.Getpid())
+}
+
+// systemdReloadRole is the unit's ExecReload=: it asks the service for a
+// restart, prints the outcome for the unit's log, reports it, and exits 0
+// on success, 1 on failure. When it removes the $SHELLFLIP_TEST_SD_STRAY
+// knob it instead sends a datagram to systemd itself (it is not the main
+// process, so systemd must drop it with a warning) and exits 0.
+func systemdReloadRole() int {
+	pid := os.Getpid()
+	if takeKnob(envSystemdStray) {
+		// systemd 252 gives control processes no $NOTIFY_SOCKET unless
+		// NotifyAccess=all; the manager's socket is at its usual place.
+		addr := os.Getenv("NOTIFY_SOCKET")
+		if addr == "" {
+			addr = "/run/systemd/notify"
+		}
+		n, err := NewSdNotifier(addr)
+		if err == nil {
+			err = n.Send(SdStatus("stray"))
+			n.Close()
+		}
+		report("stray pid=%d err=%v", pid, err)
+		return 0
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
+	defer cancel()
+	newPid, err := RequestRestart(ctx, os.Getenv(envTestSocket))
+	if err != nil {
+		fmt.Printf("reload failed: %v\n", err)
+		report("reloaded pid=%d new=0 err=%v", pid, err)
+		return 1
+	}
+	fmt.Printf("reloaded: new main pid %d\n", newPid)
+	report("reloaded pid=%d new=%d err=<nil>", pid, newPid)
+	return 0
+}
+
+// systemdInode returns the inode of c's socket: the same number in every
+// process that holds the same socket, a different one for a re-bound socket.
+func systemdInode(c syscall.Conn) (uint64, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var st unix.Stat_t
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = unix.Fstat(int(fd), &st) }); err != nil {
+		return 0, err
+	}
+	return st.Ino, os.NewSyscallError("fstat", serr)
+}
+
+// systemdNS is a systemd booted as PID 1 of private namespaces, managing
+// one test unit.
+type systemdNS struct {
+	t       *testing.T
+	dir     string // shared with the namespace: units, binaries, sockets, logs
+	pid     int    // the namespaced systemd, as this process sees it
+	console *systemdConsole
+	reports *testReports
+}
+
+// systemdSkip skips the test unless this machine can boot a private systemd.
+func systemdSkip(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("booting systemd in private namespaces needs root; CI runs as root")
+	}
+	for _, tool := range []string{"unshare", "nsenter", "systemctl", "ip", "mount"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not found: %v", tool, err)
+		}
+	}
+	if _, err := os.Stat("/lib/systemd/systemd"); err != nil {
+		t.Skipf("systemd is not installed: %v", err)
+	}
+}
+
+var systemdSeq atomic.Int64
+
+// systemdTempDir returns a new directory with a short name, so that the
+// sockets in it fit in sun_path, removed at cleanup.
+func systemdTempDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "sdns")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+// systemdBoot boots systemd with the test unit, whose [Service] section
+// gets the extra lines ("{dir}" in them stands for the test's directory),
+// and waits until systemd has finished starting up; the unit itself is not
+// started. Everything it creates goes away at cleanup, on every path.
+func systemdBoot(t *testing.T, extra ...string) *systemdNS {
+	t.Helper()
+	systemdSkip(t)
+	script, err := filepath.Abs("testdata/systemd/boot.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := systemdTempDir(t)
+	// Copies of the test binary: the service's can be replaced, as a
+	// deploy would, without touching the reload client's.
+	for _, bin := range []string{"svc", "client"} {
+		if err := copyExecutable(os.Args[0], filepath.Join(dir, bin)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ns := &systemdNS{t: t, dir: dir, reports: newTestReports(t, dir)}
+	ns.writeUnits(extra)
+
+	cg, cgfd := systemdCgroup(t)
+	ns.console = systemdOpenConsole(t)
+	log, err := os.Create(filepath.Join(dir, "unshare.log"))
+	if err != nil {
+		unix.Close(cgfd)
+		t.Fatal(err)
+	}
+	defer log.Close()
+	cmd := exec.Command("unshare", "--cgroup", "--pid", "--fork", "--mount", "--uts", "--ipc", "--net",
+		"--mount-proc", "--kill-child", "--", "/bin/sh", script, dir, ns.console.slavePath, systemdTarget)
+	cmd.Stdout, cmd.Stderr = log, log
+	// clone3(CLONE_INTO_CGROUP): unshare starts in the sub-cgroup, which
+	// its --cgroup namespace then makes the root of systemd's tree.
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: cgfd}
+	err = cmd.Start()
+	unix.Close(cgfd)
+	if err != nil {
+		t.Fatalf("starting unshare in %s: %v", cg, err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		cmd.Wait()
+		close(exited)
+	}()
+	t.Cleanup(func() {
+		// SIGKILL to PID 1 of the namespace kills every process in it,
+		// and unshare (--kill-child) exits with it. Before systemd is
+		// found, killing unshare takes its child down the same way.
+		if ns.pid > 0 {
+			unix.Kill(ns.pid, unix.SIGKILL)
+		} else {
+			cmd.Process.Kill()
+		}
+		select {
+		case <-exited:
+		case <-time.After(testDeadline):
+			cmd.Process.Kill()
+			t.Errorf("unshare (pid %d) did not exit after systemd was killed", cmd.Process.Pid)
+		}
+	})
+
+	if _, err := ns.console.wait("Startup finished", exited); err != nil {
+		b, _ := os.ReadFile(log.Name())
+		t.Fatalf("systemd did not start up: %v\nconsole:\n%s\nunshare:\n%s", err, ns.console.text(), b)
+	}
+	// By now unshare's only child has exec'd systemd.
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", cmd.Process.Pid, cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f := strings.Fields(string(b)); len(f) == 1 {
+		ns.pid, _ = strconv.Atoi(f[0])
+	}
+	if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", ns.pid)); ns.pid == 0 || strings.TrimSpace(string(comm)) != "systemd" {
+		t.Fatalf("unshare's children are %q, want one systemd", b)
+	}
+	return ns
+}
+
+func (ns *systemdNS) writeUnits(extra []string) {
+	ns.t.Helper()
+	units := filepath.Join(ns.dir, "units")
+	if err := os.Mkdir(units, 0o755); err != nil {
+		ns.t.Fatal(err)
+	}
+	d := ns.dir
+	for i, line := range extra {
+		extra[i] = strings.ReplaceAll(line, "{dir}", d)
+	}
+	// "$$" is a literal "$" for systemd. Type=notify without NotifyAccess=:
+	// the default (main) is what the library must live with.
+	service := strings.Join(append([]string{
+		"[Unit]",
+		"DefaultDependencies=no",
+		"",
+		"[Service]",
+		"Type=notify",
+		"ExecStart=" + d + "/svc -test.run=^$$",
+		"ExecReload=/usr/bin/env " + envTestRole + "=systemd-reload " + d + "/client -test.run=^$$",
+		"Environment=" + envTestRole + "=systemd-service " + envTestReport + "=" + ns.reports.path +
+			" " + envTestSocket + "=" + d + "/ctl.sock " + envSystemdListen + "=" + d + "/hello.sock" +
+			" " + envSystemdStray + "=" + d + "/stray",
+		// A race-enabled binary sleeps 1 s on exit (GORACE's
+		// atexit_sleep_ms), which every reload would wait for.
+		"Environment=\"GORACE=" + strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0") + "\" " + envSystemdLog + "=1",
+		"StandardOutput=append:" + d + "/service.log",
+		"StandardError=inherit",
+		"TimeoutSec=20", // fail before systemctl's own deadline (testDeadline)
+	}, extra...), "\n") + "\n"
+	target := "[Unit]\nDefaultDependencies=no\n"
+	for name, text := range map[string]string{systemdUnit: service, systemdTarget: target} {
+		if err := os.WriteFile(filepath.Join(units, name), []byte(text), 0o644); err != nil {
+			ns.t.Fatal(err)
+		}
+	}
+}
+
+// systemdCgroup creates a sub-cgroup of this machine's cgroup2 hierarchy
+// (/sys/fs/cgroup on a pure cgroup2 host, /sys/fs/cgroup/unified on a
+// hybrid one) and returns its path and an fd for CLONE_INTO_CGROUP. The
+// cgroup and whatever systemd created below it are removed at cleanup.
+func systemdCgroup(t *testing.T) (string, int) {
+	t.Helper()
+	root := "/sys/fs/cgroup"
+	if _, err := os.Stat(filepath.Join(root, "cgroup.controllers")); err != nil {
+		root = "/sys/fs/cgroup/unified"
+		if _, err := os.Stat(filepath.Join(root, "cgroup.controllers")); err != nil {
+			t.Skip("no cgroup2 hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified")
+		}
+	}
+	path := filepath.Join(root, fmt.Sprintf("shellflip-test-%d-%d", os.Getpid(), systemdSeq.Add(1)))
+	if err := os.Mkdir(path, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { systemdRemoveCgroup(t, path) })
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return path, fd
+}
+
+// systemdRemoveCgroup removes path and the cgroups below it, children first.
+func systemdRemoveCgroup(t *testing.T, path string) {
+	t.Helper()
+	var dirs []string
+	filepath.WalkDir(path, func(p string, d os.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			dirs = append(dirs, p)
+		}
+		return nil
+	})
+	// WalkDir visits a directory before what is below it.
+	slices.Reverse(dirs)
+	for _, d := range dirs {
+		err := unix.Rmdir(d)
+		if err == unix.EBUSY {
+			// Still populated: the last processes are on their way out.
+			systemdWaitUnpopulated(t, d)
+			err = unix.Rmdir(d)
+		}
+		if err != nil {
+			t.Errorf("removing cgroup %s: %v", d, err)
+		}
+	}
+}
+
+// systemdWaitUnpopulated waits until cgroup.events says "populated 0". The
+// kernel signals a change of that file with POLLPRI.
+func systemdWaitUnpopulated(t *testing.T, cg string) {
+	f, err := os.Open(filepath.Join(cg, "cgroup.events"))
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	deadline := time.Now().Add(testDeadline)
+	for {
+		b := make([]byte, 512)
+		n, _ := f.ReadAt(b, 0)
+		if strings.Contains(string(b[:n]), "populated 0") {
+			return
+		}
+		ms := int(time.Until(deadline) / time.Millisecond)
+		if ms <= 0 {
+			t.Errorf("cgroup %s still populated: %s", cg, b[:n])
+			return
+		}
+		rc, err := f.SyscallConn()
+		if err != nil {
+			return
+		}
+		rc.Control(func(fd uintptr) {
+			unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLPRI}}, ms)
+		})
+	}
+}
+
+// systemdConsole is the master side of the pty that the namespaced systemd
+// has as /dev/console: everything it logs.
+type systemdConsole struct {
+	master    *os.File
+	slave     int // held open, so that the master does not see a hang-up before systemd opens the slave
+	slavePath string
+
+	mu      sync.Mutex
+	buf     []byte
+	changed chan struct{} // closed and replaced whenever buf grows or the reader ends
+	ended   bool
+}
+
+func systemdOpenConsole(t *testing.T) *systemdConsole {
+	t.Helper()
+	m, err := unix.Open("/dev/ptmx", unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Skipf("no pty for systemd's console: %v", err)
+	}
+	if err := unix.IoctlSetPointerInt(m, unix.TIOCSPTLCK, 0); err != nil {
+		unix.Close(m)
+		t.Fatal(os.NewSyscallError("ioctl TIOCSPTLCK", err))
+	}
+	n, err := unix.IoctlGetInt(m, unix.TIOCGPTN)
+	if err != nil {
+		unix.Close(m)
+		t.Fatal(os.NewSyscallError("ioctl TIOCGPTN", err))
+	}
+	c := &systemdConsole{slavePath: "/dev/pts/" + strconv.Itoa(n), changed: make(chan struct{})}
+	c.slave, err = unix.Open(c.slavePath, unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		unix.Close(m)
+		t.Fatal(err)
+	}
+	// Non-blocking, so that the poller serves the master and Close ends
+	// a pending Read.
+	unix.SetNonblock(m, true)
+	c.master = os.NewFile(uintptr(m), "ptmx")
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		b := make([]byte, 4096)
+		for {
+			n, err := c.master.Read(b)
+			c.mu.Lock()
+			c.buf = append(c.buf, strings.ReplaceAll(string(b[:n]), "\r", "")...)
+			c.ended = err != nil
+			close(c.changed)
+			c.changed = make(chan struct{})
+			c.mu.Unlock()
+			if err != nil {
+				return
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		c.master.Close()
+		<-done
+		unix.Close(c.slave)
+		if t.Failed() {
+			t.Logf("systemd's console:\n%s", c.text())
+		}
+	})
+	return c
+}
+
+func (c *systemdConsole) text() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return string(c.buf)
+}
+
+// wait returns the first line that contains s, waiting for it until the
+// deadline, or until stop is closed.
+func (c *systemdConsole) wait(s string, stop <-chan struct{}) (string, error) {
+	timer := time.NewTimer(testDeadline)
+	defer timer.Stop()
+	for {
+		c.mu.Lock()
+		text, changed, ended := string(c.buf), c.changed, c.ended
+		c.mu.Unlock()
+		for _, line := range strings.Split(text, "\n") {
+			if strings.Contains(line, s) {
+				return line, nil
+			}
+		}
+		if ended {
+			return "", fmt.Errorf("console closed before %q", s)
+		}
+		select {
+		case <-changed:
+		case <-stop:
+			return "", fmt.Errorf("stopped waiting for %q", s)
+		case <-timer.C:
+			return "", fmt.Errorf("no %q on the console within %v", s, testDeadline)
+		}
+	}
+}
+
+// lines returns the console lines that contain s.
+func (c *systemdConsole) lines(s string) []string {
+	var out []string
+	for _, line := range strings.Split(c.text(), "\n") {
+		if strings.Contains(line, s) {
+			out = append(out, line)
+		}
+	}
+	return out
+}
+
+// systemctl runs systemctl in the namespaces and returns its output.
+func (ns *systemdNS) systemctl(args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
+	defer cancel()
+	argv := append([]string{"-t", strconv.Itoa(ns.pid), "-m", "-p", "-u", "-i", "-n", "--",
+		"systemctl", "--no-pager", "--no-ask-password"}, args...)
+	cmd := exec.CommandContext(ctx, "nsenter", argv...)
+	cmd.Env = append(os.Environ(), "SYSTEMD_COLORS=0")
+	out, err := cmd.CombinedOutput()
+	return strings.TrimSpace(string(out)), err
+}
+
+func (ns *systemdNS) mustSystemctl(args ...string) string {
+	ns.t.Helper()
+	out, err := ns.systemctl(args...)
+	if err != nil {
+		ns.t.Fatalf("systemctl %s: %v\n%s%s", strings.Join(args, " "), err, out, ns.serviceLog())
+	}
+	return out
+}
+
+// show returns a property of the test unit.
+func (ns *systemdNS) show(prop string) string {
+	ns.t.Helper()
+	return ns.mustSystemctl("show", "--property="+prop, "--value", systemdUnit)
+}
+
+// serviceLog returns what the unit's processes printed, for failure
+// messages.
+func (ns *systemdNS) serviceLog() string {
+	b, _ := os.ReadFile(filepath.Join(ns.dir, "service.log"))
+	if len(b) == 0 {
+		return ""
+	}
+	return "\nservice output:\n" + string(b)
+}
+
+// systemctlAsync runs systemctl in the background, so that the caller can
+// read the reports meanwhile: a datagram socket queues only
+// net.unix.max_dgram_qlen (10) unread datagrams, and a role blocked on a
+// report would stall the very restart systemctl waits for. The returned
+// function waits for systemctl (bounded by its own deadline).
+func (ns *systemdNS) systemctlAsync(args ...string) (wait func() (string, error)) {
+	type result struct {
+		out string
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		out, err := ns.systemctl(args...)
+		ch <- result{out, err}
+	}()
+	return func() (string, error) {
+		r := <-ch
+		return r.out, r.err
+	}
+}
+
+// mustWait fails the test if the systemctl command behind wait failed.
+func (ns *systemdNS) mustWait(what string, wait func() (string, error)) string {
+	ns.t.Helper()
+	out, err := wait()
+	if err != nil {
+		ns.t.Fatalf("systemctl %s: %v\n%s%s", what, err, out, ns.serviceLog())
+	}
+	return out
+}
+
+// start starts the unit and checks that its first process is running,
+// main and serving. It returns that process's pid.
+func (ns *systemdNS) start() string {
+	ns.t.Helper()
+	wait := ns.systemctlAsync("start", systemdUnit)
+	st := ns.reports.next("started")
+	if st["restarted"] != "false" {
+		ns.t.Errorf("the first process says restarted=%s", st["restarted"])
+	}
+	pid := ns.reports.next("ready")["pid"]
+	if pid != st["pid"] {
+		ns.t.Fatalf("started %s, but %s became ready", st["pid"], pid)
+	}
+	ns.mustWait("start", wait)
+	ns.checkMain(pid, "0")
+	return pid
+}
+
+// reload runs `systemctl reload`, expects it to succeed, and follows the
+// handover from old to the new process in the reports. It returns the new
+// process's pid after checking that systemd knows it as the main pid.
+func (ns *systemdNS) reload(old, gen string) string {
+	ns.t.Helper()
+	wait := ns.systemctlAsync("reload", systemdUnit)
+	rel := ns.reports.next("reloaded")
+	pid := rel["new"]
+	if rel["err"] != "<nil>" || pid == "0" {
+		ns.t.Fatalf("the reload client reported %v%s", rel, ns.serviceLog())
+	}
+	ns.followRestart(old, pid)
+	ns.mustWait("reload", wait)
+	ns.checkMain(pid, gen)
+	return pid
+}
+
+// followRestart checks the reports of a restart from old to pid that
+// succeeded.
+func (ns *systemdNS) followRestart(old, pid string) {
+	ns.t.Helper()
+	r := ns.reports
+	if st := r.next("started"); st["pid"] != pid || st["restarted"] != "true" {
+		ns.t.Fatalf("RequestRestart returned %s, but %v started", pid, st)
+	}
+	if early := r.next("early"); !strings.Contains(early["err"], ErrNotMain.Error()) {
+		ns.t.Errorf("a new process's Send before Ready returned %q, want ErrNotMain", early["err"])
+	}
+	// Whether the Send after Ready was refused depends on how soon the old
+	// process gets systemd's answer to its barrier; either way systemd must
+	// not complain about it (checked on the console by the callers).
+	r.next("notmain")
+	if ready := r.next("ready"); ready["pid"] != pid {
+		ns.t.Fatalf("RequestRestart returned %s, but %s became ready", pid, ready["pid"])
+	}
+	if repl := r.next("replaced"); repl["pid"] != old || repl["new"] != pid {
+		ns.t.Fatalf("old process reported %v, want pid=%s new=%s", repl, old, pid)
+	}
+}
+
+// checkMain checks that systemd knows pid as the unit's main process, the
+// unit is active, the process's own datagram was accepted, and the process
+// answers on the unit's socket as generation gen.
+func (ns *systemdNS) checkMain(pid, gen string) {
+	ns.t.Helper()
+	if m := ns.reports.next("main"); m["pid"] != pid || m["err"] != "<nil>" {
+		ns.t.Fatalf("main report %v, want pid=%s err=<nil>", m, pid)
+	}
+	if got := ns.show("MainPID"); got != pid {
+		ns.t.Errorf("MainPID=%s, want %s", got, pid)
+	}
+	if got := ns.show("ActiveState") + "/" + ns.show("SubState"); got != "active/running" {
+		ns.t.Errorf("unit is %s, want active/running", got)
+	}
+	if got, want := ns.show("StatusText"), "main pid="+pid; got != want {
+		ns.t.Errorf("StatusText=%q, want %q: systemd did not take the main process's datagram", got, want)
+	}
+	h := systemdHello(ns.t, filepath.Join(ns.dir, "hello.sock"))
+	if h["pid"] != pid || h["gen"] != gen {
+		ns.t.Errorf("the unit's socket answered %v, want pid=%s gen=%s", h, pid, gen)
+	}
+}
+
+// checkNoWarnings checks that systemd dropped no datagram from a pid other
+// than the main one.
+func (ns *systemdNS) checkNoWarnings() {
+	ns.t.Helper()
+	if w := ns.console.lines(systemdNotMainWarning); len(w) > 0 {
+		ns.t.Errorf("systemd dropped notifications from non-main pids:\n%s", strings.Join(w, "\n"))
+	}
+}
+
+// systemdHello connects to a "systemd-service" socket and returns what the
+// process that accepted says about itself.
+func systemdHello(t *testing.T, path string) map[string]string {
+	t.Helper()
+	c, err := net.DialTimeout("unix", path, testDeadline)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	return systemdReadHello(t, c)
+}
+
+func systemdReadHello(t *testing.T, c net.Conn) map[string]string {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(testDeadline))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		t.Fatalf("reading the greeting: %v", err)
+	}
+	return parseReport("hello " + strings.TrimSpace(line))
+}
+
+// systemdInstall puts a copy of src at dst as a deploy would: a new file
+// renamed over the old one, which a running process may still be executing.
+func systemdInstall(t *testing.T, src, dst string) {
+	t.Helper()
+	if err := copyExecutable(src, dst+".new"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(dst+".new", dst); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestSystemdReloadFollowsMainPID: a Type=notify unit with the default
+// NotifyAccess (main) and ExecReload= calling RequestRestart. Every reload
+// succeeds, MainPID follows the new process, the unit stays active, the new
+// process's own datagrams are accepted, and systemd never drops a datagram
+// from a non-main pid. A datagram that is from a non-main pid, sent on
+// purpose at the end, is logged: the console does show such warnings. And
+// systemd notices when the last new process, not its child, is killed.
+func TestSystemdReloadFollowsMainPID(t *testing.T) {
+	ns := systemdBoot(t)
+	if got := ns.show("NotifyAccess"); got != "main" {
+		t.Errorf("NotifyAccess=%s, want systemd's default for Type=notify, main", got)
+	}
+	pid := ns.start()
+	for gen := 1; gen <= 3; gen++ {
+		pid = ns.reload(pid, strconv.Itoa(gen))
+	}
+	ns.checkNoWarnings()
+
+	// The positive control, which also flushes the log: systemd handles
+	// datagrams in order, so once it has logged this one it has handled
+	// every earlier one, including anything the old processes sent
+	// before they exited.
+	if err := os.WriteFile(filepath.Join(ns.dir, "stray"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ns.mustSystemctl("reload", systemdUnit)
+	stray := ns.reports.next("stray")
+	if stray["err"] != "<nil>" {
+		t.Fatalf("the stray datagram was not sent: %v", stray)
+	}
+	want := "Got notification message from PID " + stray["pid"] + ", " + systemdNotMainWarning + " " + pid
+	if _, err := ns.console.wait(want, nil); err != nil {
+		t.Fatalf("the stray datagram was not reported: %v", err)
+	}
+	if w := ns.console.lines(systemdNotMainWarning); len(w) != 1 {
+		t.Errorf("want only the stray datagram dropped, got:\n%s", strings.Join(w, "\n"))
+	}
+	if got := ns.show("MainPID"); got != pid {
+		t.Errorf("MainPID=%s after the stray datagram, want %s", got, pid)
+	}
+
+	// systemd warned that it supervises a process that is not its child;
+	// it does notice when that process dies.
+	ns.mustSystemctl("kill", "--kill-who=main", "--signal=SIGKILL", systemdUnit)
+	if _, err := ns.console.wait("Main process exited, code=killed", nil); err != nil {
+		t.Fatalf("systemd did not notice that main process %s was killed: %v", pid, err)
+	}
+	if got := ns.show("Result"); got != "signal" {
+		t.Errorf("Result=%s after the main process was killed, want signal", got)
+	}
+}
+
+// TestSystemdReloadWithBrokenBinary: a reload after a bad deploy (the
+// service's binary replaced by one that exits at once) fails, and says why;
+// the old process stays the main process and keeps serving, and a reload
+// after the good binary is back succeeds.
+func TestSystemdReloadWithBrokenBinary(t *testing.T) {
+	ns := systemdBoot(t)
+	old := ns.start()
+	svc := filepath.Join(ns.dir, "svc")
+	systemdInstall(t, "/bin/false", svc)
+
+	wait := ns.systemctlAsync("reload", systemdUnit)
+	rel := ns.reports.next("reloaded")
+	// Most often "exited before it was ready (exit status 1)"; "sending
+	// state: ... broken pipe (exit status 1)" when false exits before the
+	// old process has written the state.
+	if !strings.HasPrefix(rel["err"], "new process ") || !strings.HasSuffix(rel["err"], "(exit status 1)") {
+		t.Errorf("the reload client reported %v, want a new process that exited with status 1", rel)
+	}
+	if out, err := wait(); err == nil {
+		t.Errorf("systemctl reload succeeded with a broken binary:\n%s", out)
+	}
+	if !strings.Contains(ns.serviceLog(), "reload failed: "+rel["err"]) {
+		t.Errorf("the reload client's explanation is not in the unit's output:%s", ns.serviceLog())
+	}
+	if got := ns.show("ReloadResult"); got != "exit-code" {
+		t.Errorf("ReloadResult=%s, want exit-code", got)
+	}
+	if got := ns.show("MainPID"); got != old {
+		t.Errorf("MainPID=%s after a failed reload, want the old process %s", got, old)
+	}
+	if got := ns.show("ActiveState") + "/" + ns.show("SubState"); got != "active/running" {
+		t.Errorf("unit is %s after a failed reload, want active/running", got)
+	}
+	if h := systemdHello(t, filepath.Join(ns.dir, "hello.sock")); h["pid"] != old || h["gen"] != "0" {
+		t.Errorf("after a failed reload the unit's socket answered %v, want pid=%s gen=0", h, old)
+	}
+
+	systemdInstall(t, os.Args[0], svc)
+	ns.reload(old, "1")
+	ns.checkNoWarnings()
+}
+
+// TestSystemdFDStoreSurvivesRestart: a listener pushed to systemd's fd store
+// (FileDescriptorStoreMax=) reaches the process that `systemctl restart`
+// starts, under its name, and it is the same socket, not a new bind: the
+// first process never accepts, and a connection queued in the backlog
+// before the restart is accepted by the second.
+func TestSystemdFDStoreSurvivesRestart(t *testing.T) {
+	ns := systemdBoot(t,
+		"FileDescriptorStoreMax=16",
+		"Environment="+envSystemdStore+"=1 "+envSystemdAccept+"=inherited")
+	name := ListenerName("unix", filepath.Join(ns.dir, "hello.sock"))
+
+	wait := ns.systemctlAsync("start", systemdUnit)
+	first := ns.reports.next("started")
+	if first["names"] != "" {
+		t.Errorf("a fresh start inherited %q", first["names"])
+	}
+	r0 := ns.reports.next("ready")
+	ns.mustWait("start", wait)
+	if r0["inherited"] != "false" {
+		t.Fatalf("the first process reports %v, want a listener of its own", r0)
+	}
+	// StoreFDs sent FDSTORE=1 before READY=1, and systemd handles the
+	// datagrams in order: by the time start returned, the fd was stored.
+	if got := ns.show("NFileDescriptorStore"); got != "1" {
+		t.Errorf("NFileDescriptorStore=%s, want 1", got)
+	}
+	queued, err := net.DialTimeout("unix", filepath.Join(ns.dir, "hello.sock"), testDeadline)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer queued.Close()
+
+	wait = ns.systemctlAsync("restart", systemdUnit)
+	second := ns.reports.next("started")
+	if second["restarted"] != "false" || second["names"] != name {
+		t.Errorf("the process systemd started reports %v, want restarted=false names=%s", second, name)
+	}
+	r1 := ns.reports.next("ready")
+	ns.mustWait("restart", wait)
+	if r1["pid"] == r0["pid"] || r1["inherited"] != "true" || r1["ino"] != r0["ino"] {
+		t.Errorf("after the restart: %v; before: %v; want a new pid serving the same socket (ino)", r1, r0)
+	}
+	if h := systemdReadHello(t, queued); h["pid"] != r1["pid"] {
+		t.Errorf("the connection queued before the restart was answered by %v, want pid=%s", h, r1["pid"])
+	}
+	if got := ns.show("MainPID"); got != r1["pid"] {
+		t.Errorf("MainPID=%s, want %s", got, r1["pid"])
+	}
+	// The second process stored the same socket again; systemd keeps one.
+	if got := ns.show("NFileDescriptorStore"); got != "1" {
+		t.Errorf("NFileDescriptorStore=%s after the second StoreFDs, want 1", got)
+	}
+	ns.checkNoWarnings()
+}
+
+// TestSystemdPIDFileReload: with PIDFile= in the unit, systemd re-reads the
+// file after every successful ExecReload= and takes the pid in it as the
+// main pid; the file must name the new process by then, or systemd would go
+// back to the old one, which is about to exit.
+func TestSystemdPIDFileReload(t *testing.T) {
+	ns := systemdBoot(t, "PIDFile={dir}/svc.pid", "Environment="+envSystemdPIDFile+"={dir}/svc.pid")
+	pidFile := filepath.Join(ns.dir, "svc.pid")
+	pid := ns.start()
+	if got := systemdReadPIDFile(t, pidFile); got != pid {
+		t.Errorf("pid file holds %s, want %s", got, pid)
+	}
+	for gen := 1; gen <= 3; gen++ {
+		pid = ns.reload(pid, strconv.Itoa(gen))
+		if got := systemdReadPIDFile(t, pidFile); got != pid {
+			t.Errorf("after reload %d the pid file holds %s, want %s", gen, got, pid)
+		}
+	}
+	ns.checkNoWarnings()
+}
+
+func systemdReadPIDFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b) == 0 || b[len(b)-1] != '\n' {
+		t.Errorf("pid file %q is not one line", b)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// systemdNotifyRecorder plays systemd's notify socket for tests that need
+// no systemd: a datagram socket with SO_PASSCRED, so that every datagram
+// comes with its sender's pid, as systemd receives them.
+type systemdNotifyRecorder struct {
+	path string
+	conn *net.UnixConn
+}
+
+// systemdDatagram is one notification: who sent it, its text, and the fds
+// that came with it (the receiver's to close).
+type systemdDatagram struct {
+	pid  int
+	text string
+	fds  []int
+}
+
+func systemdListenNotify(t *testing.T, dir string) *systemdNotifyRecorder {
+	t.Helper()
+	path := filepath.Join(dir, "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSCRED, 1)
+	}); err != nil || serr != nil {
+		t.Fatalf("SO_PASSCRED: %v %v", err, serr)
+	}
+	return &systemdNotifyRecorder{path: path, conn: conn}
+}
+
+// recv returns the next datagram, waiting for it up to testDeadline if
+// wait is set; without wait it only takes one already queued. A datagram
+// is queued by the time its sender's sendmsg returns, so a recv without
+// wait tells exactly what was sent so far.
+func (r *systemdNotifyRecorder) recv(t *testing.T, wait bool) (systemdDatagram, bool) {
+	t.Helper()
+	if err := r.conn.SetReadDeadline(time.Now().Add(testDeadline)); err != nil {
+		t.Fatal(err)
+	}
+	rc, err := r.conn.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, sdMaxDatagram+1)
+	oob := make([]byte, unix.CmsgSpace(unix.SizeofUcred)+unix.CmsgSpace(4*sdMaxFDs))
+	var n, oobn, flags int
+	var rerr error
+	err = rc.Read(func(fd uintptr) bool {
+		for {
+			n, oobn, flags, _, rerr = unix.Recvmsg(int(fd), buf, oob, unix.MSG_DONTWAIT|unix.MSG_CMSG_CLOEXEC)
+			if rerr != unix.EINTR {
+				return !wait || rerr != unix.EAGAIN
+			}
+		}
+	})
+	if err != nil {
+		t.Fatalf("waiting for a notification on %s: %v", r.path, err)
+	}
+	if rerr == unix.EAGAIN {
+		return systemdDatagram{}, false
+	}
+	if rerr != nil {
+		t.Fatal(os.NewSyscallError("recvmsg", rerr))
+	}
+	d := systemdDatagram{text: string(buf[:n])}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range msgs {
+		switch {
+		case m.Header.Level != unix.SOL_SOCKET:
+		case m.Header.Type == unix.SCM_CREDENTIALS:
+			cred, err := unix.ParseUnixCredentials(&m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			d.pid = int(cred.Pid)
+		case m.Header.Type == unix.SCM_RIGHTS:
+			fds, err := unix.ParseUnixRights(&m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			d.fds = append(d.fds, fds...)
+		}
+	}
+	if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
+		sdCloseFDs(d.fds)
+		t.Fatalf("truncated datagram %q (flags %#x)", d.text, flags)
+	}
+	return d, true
+}
+
+// expect checks that the next datagram is text from pid, without fds.
+func (r *systemdNotifyRecorder) expect(t *testing.T, pid int, text string) {
+	t.Helper()
+	d, _ := r.recv(t, true)
+	sdCloseFDs(d.fds)
+	if d.pid != pid || d.text != text || len(d.fds) != 0 {
+		t.Fatalf("got %q from pid %d with %d fds, want %q from pid %d", d.text, d.pid, len(d.fds), text, pid)
+	}
+}
+
+// barrier checks that the next datagram is BARRIER=1 from pid with one fd,
+// the write end of a pipe, and returns that fd: the sender's Barrier waits
+// until it is closed.
+func (r *systemdNotifyRecorder) barrier(t *testing.T, pid int) int {
+	t.Helper()
+	d, _ := r.recv(t, true)
+	if d.pid != pid || d.text != "BARRIER=1" || len(d.fds) != 1 {
+		sdCloseFDs(d.fds)
+		t.Fatalf("got %q from pid %d with %d fds, want BARRIER=1 from pid %d with one fd", d.text, d.pid, len(d.fds), pid)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(d.fds[0], &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFIFO {
+		t.Errorf("the barrier fd is not a pipe (mode %#o, %v)", st.Mode, err)
+	}
+	return d.fds[0]
+}
+
+// expectNone checks that nothing was sent that was not received yet.
+func (r *systemdNotifyRecorder) expectNone(t *testing.T, why string) {
+	t.Helper()
+	if d, ok := r.recv(t, false); ok {
+		sdCloseFDs(d.fds)
+		t.Errorf("%s, pid %d sent %q with %d fds", why, d.pid, d.text, len(d.fds))
+	}
+}
+
+// announced follows a "systemd-service" process's datagrams once it is the
+// main process: STATUS=main pid=N and a barrier, which the test releases.
+func (r *systemdNotifyRecorder) announced(t *testing.T, reports *testReports, pid int) {
+	t.Helper()
+	r.expect(t, pid, "STATUS=main pid="+strconv.Itoa(pid))
+	unix.Close(r.barrier(t, pid))
+	if m := reports.next("main"); m["pid"] != strconv.Itoa(pid) || m["err"] != "<nil>" {
+		t.Fatalf("main report %v, want pid=%d err=<nil>", m, pid)
+	}
+}
+
+// systemdMonotonicUsec reads CLOCK_MONOTONIC in microseconds, the clock of
+// MONOTONIC_USEC.
+func systemdMonotonicUsec(t *testing.T) int64 {
+	t.Helper()
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		t.Fatal(err)
+	}
+	return ts.Nano() / 1e3
+}
+
+var systemdReloadingRE = regexp.MustCompile(`^RELOADING=1\nMONOTONIC_USEC=([0-9]+)$`)
+
+// systemdStartNotified starts generation 0 of a "systemd-service"
+// cluster whose notify socket is rec, and follows its first datagrams.
+func systemdStartNotified(t *testing.T, c *testCluster, rec *systemdNotifyRecorder, env ...string) int {
+	t.Helper()
+	r0 := c.start("systemd-service", append([]string{"NOTIFY_SOCKET=" + rec.path}, env...)...)
+	pid, _ := strconv.Atoi(r0["pid"])
+	rec.expect(t, pid, "READY=1") // a fresh start announces itself
+	rec.announced(t, c.reports, pid)
+	return pid
+}
+
+// systemdSighup sends the reload signal to old and checks the datagram that
+// opens a Type=notify-reload reload: RELOADING=1 with MONOTONIC_USEC read
+// between the signal and its arrival. It returns the pid of the new process
+// the restart started, once that process reported its refused Send.
+func systemdSighup(t *testing.T, c *testCluster, rec *systemdNotifyRecorder, old int) int {
+	t.Helper()
+	before := systemdMonotonicUsec(t)
+	if err := unix.Kill(old, unix.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	d, _ := rec.recv(t, true)
+	after := systemdMonotonicUsec(t)
+	sdCloseFDs(d.fds)
+	m := systemdReloadingRE.FindStringSubmatch(d.text)
+	if d.pid != old || m == nil || len(d.fds) != 0 {
+		t.Fatalf("got %q from pid %d with %d fds, want RELOADING=1 and MONOTONIC_USEC from pid %d", d.text, d.pid, len(d.fds), old)
+	}
+	if usec, _ := strconv.ParseInt(m[1], 10, 64); usec < before || usec > after {
+		t.Errorf("MONOTONIC_USEC=%d, want it between %d and %d, around the signal", usec, before, after)
+	}
+	st := c.reports.next("started")
+	pid, _ := strconv.Atoi(st["pid"])
+	c.track(pid)
+	if early := c.reports.next("early"); early["pid"] != st["pid"] || !strings.Contains(early["err"], ErrNotMain.Error()) {
+		t.Errorf("the new process's Send before Ready: %v, want ErrNotMain", early)
+	}
+	return pid
+}
+
+// systemdHandOver follows the datagrams of a successful handover from old
+// to pid while the test holds the barrier: MAINPID and READY=1 from old in
+// one datagram, a barrier from old, and nothing from pid until the barrier
+// is released. release runs while the barrier is held.
+func systemdHandOver(t *testing.T, c *testCluster, rec *systemdNotifyRecorder, old, pid int, release func()) {
+	t.Helper()
+	rec.expect(t, old, fmt.Sprintf("MAINPID=%d\nREADY=1", pid))
+	fd := rec.barrier(t, old)
+	closed := false
+	defer func() {
+		if !closed {
+			unix.Close(fd)
+		}
+	}()
+	// The new process is ready, and not main: its Send is refused.
+	if nm := c.reports.next("notmain"); nm["pid"] != strconv.Itoa(pid) || !strings.Contains(nm["err"], ErrNotMain.Error()) {
+		t.Errorf("the new process's Send after Ready, before the barrier was released: %v, want ErrNotMain", nm)
+	}
+	if ready := c.reports.next("ready"); ready["pid"] != strconv.Itoa(pid) {
+		t.Fatalf("ready report %v, want pid=%d", ready, pid)
+	}
+	rec.expectNone(t, "while the barrier was held")
+	if release != nil {
+		release()
+	}
+	unix.Close(fd)
+	closed = true
+	if repl := c.reports.next("replaced"); repl["pid"] != strconv.Itoa(old) || repl["new"] != strconv.Itoa(pid) {
+		t.Fatalf("old process reported %v, want pid=%d new=%d", repl, old, pid)
+	}
+	rec.announced(t, c.reports, pid)
+}
+
+// TestSystemdNotifyReloadDatagrams: systemd 252 has no Type=notify-reload,
+// so the datagrams a Type=notify-reload unit would see are checked against
+// a notify socket of the test's. On the reload signal: RELOADING=1 with
+// MONOTONIC_USEC, then from the old process MAINPID=new and READY=1 in one
+// datagram, then a barrier, and nothing from the new process before the
+// barrier is released. A restart that fails ends the reload with READY=1
+// and a STATUS that says why, and the old process keeps serving.
+func TestSystemdNotifyReloadDatagrams(t *testing.T) {
+	c := newTestCluster(t)
+	rec := systemdListenNotify(t, c.dir)
+	knob := filepath.Join(c.dir, "fail")
+	hello := filepath.Join(c.dir, "hello.sock")
+	p0 := systemdStartNotified(t, c, rec, envSystemdNotifyReload+"=1", envTestFailFile+"="+knob, envSystemdListen+"="+hello)
+
+	p1 := systemdSighup(t, c, rec, p0)
+	systemdHandOver(t, c, rec, p0, p1, nil)
+
+	// A bad deploy: the next new process exits before Ready.
+	if err := os.WriteFile(knob, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	bad := systemdSighup(t, c, rec, p1)
+	want := fmt.Sprintf("READY=1\nSTATUS=restart failed: new process %d: exited before it was ready (exit status 3)", bad)
+	rec.expect(t, p1, want)
+	waitGone(t, bad)
+	rec.expectNone(t, "after the failed restart")
+	if h := systemdHello(t, hello); h["pid"] != strconv.Itoa(p1) {
+		t.Errorf("after a failed restart the socket answered %v, want pid=%d", h, p1)
+	}
+
+	p2 := systemdSighup(t, c, rec, p1)
+	systemdHandOver(t, c, rec, p1, p2, nil)
+	if h := systemdHello(t, hello); h["pid"] != strconv.Itoa(p2) || h["gen"] != "2" {
+		t.Errorf("the socket answered %v, want pid=%d gen=2", h, p2)
+	}
+}
+
+// TestSystemdHandOverWaitsForBarrier: the old process sends MAINPID and
+// READY=1, then a barrier, and answers the requester only once systemd has
+// released the barrier, that is, has processed MAINPID; until then the new
+// process, ready but not main, has its own Send refused with ErrNotMain.
+func TestSystemdHandOverWaitsForBarrier(t *testing.T) {
+	c := newTestCluster(t)
+	rec := systemdListenNotify(t, c.dir)
+	p0 := systemdStartNotified(t, c, rec)
+
+	type result struct {
+		pid      int
+		err      error
+		released bool // the barrier had been released when RequestRestart returned
+	}
+	var released atomic.Bool
+	done := make(chan result, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
+		defer cancel()
+		pid, err := RequestRestart(ctx, c.socket)
+		done <- result{pid, err, released.Load()}
+	}()
+	st := c.reports.next("started")
+	p1, _ := strconv.Atoi(st["pid"])
+	c.track(p1)
+	if early := c.reports.next("early"); !strings.Contains(early["err"], ErrNotMain.Error()) {
+		t.Errorf("the new process's Send before Ready: %v, want ErrNotMain", early)
+	}
+	systemdHandOver(t, c, rec, p0, p1, func() {
+		// The old process sent its barrier and the new process is ready:
+		// an old process that did not wait for the barrier would have
+		// answered by now.
+		select {
+		case r := <-done:
+			t.Fatalf("RequestRestart returned (%d, %v) before the barrier was released", r.pid, r.err)
+		default:
+		}
+		released.Store(true)
+	})
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(testDeadline):
+		t.Fatal("RequestRestart did not return after the barrier was released")
+	}
+	if r.err != nil || r.pid != p1 || !r.released {
+		t.Errorf("RequestRestart returned (%d, %v) with the barrier released=%t, want (%d, nil) after the release", r.pid, r.err, r.released, p1)
+	}
+}
+
+// TestSystemdPIDFile: Config.PIDFile is written atomically (only ever
+// renamed into place, so a reader never sees it empty or partial), holds
+// the process's pid once it is ready, and holds the new pid once a restart
+// is complete, which is when a supervisor reads it.
+func TestSystemdPIDFile(t *testing.T) {
+	c := newTestCluster(t)
+	run := filepath.Join(c.dir, "run")
+	if err := os.Mkdir(run, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	pidFile := filepath.Join(run, "svc.pid")
+	in, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
+	if err != nil {
+		t.Fatal(os.NewSyscallError("inotify_init1", err))
+	}
+	defer unix.Close(in)
+	if _, err := unix.InotifyAddWatch(in, run, unix.IN_CREATE|unix.IN_MODIFY|unix.IN_CLOSE_WRITE|unix.IN_MOVED_TO|unix.IN_DELETE); err != nil {
+		t.Fatal(os.NewSyscallError("inotify_add_watch", err))
+	}
+
+	r0 := c.start("systemd-service", "NOTIFY_SOCKET=", envSystemdPIDFile+"="+pidFile)
+	if got := systemdReadPIDFile(t, pidFile); got != r0["pid"] {
+		t.Errorf("pid file holds %s once the process is ready, want %s", got, r0["pid"])
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
+	defer cancel()
+	pid, err := RequestRestart(ctx, c.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.track(pid)
+	if got := systemdReadPIDFile(t, pidFile); got != strconv.Itoa(pid) {
+		t.Errorf("pid file holds %s when RequestRestart returned, want the new pid %d", got, pid)
+	}
+	c.reports.next("ready")
+	c.reports.next("replaced")
+	if got := systemdReadPIDFile(t, pidFile); got != strconv.Itoa(pid) {
+		t.Errorf("pid file holds %s, want the new pid %d", got, pid)
+	}
+
+	// Every event on the pid file's own name is a rename into place.
+	var renames int
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := unix.Read(in, buf)
+		if err == unix.EAGAIN {
+			break
+		}
+		if err != nil {
+			t.Fatal(os.NewSyscallError("read inotify", err))
+		}
+		for off := 0; off+unix.SizeofInotifyEvent <= n; {
+			ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
+			name := strings.TrimRight(string(buf[off+unix.SizeofInotifyEvent:off+unix.SizeofInotifyEvent+int(ev.Len)]), "\x00")
+			off += unix.SizeofInotifyEvent + int(ev.Len)
+			if name != filepath.Base(pidFile) {
+				continue
+			}
+			if ev.Mask != unix.IN_MOVED_TO {
+				t.Errorf("event %#x on %s: the pid file was written in place", ev.Mask, name)
+			}
+			renames++
+		}
+	}
+	if renames != 2 {
+		t.Errorf("the pid file was renamed into place %d times, want 2 (one per process)", renames)
+	}
+	if left, _ := filepath.Glob(filepath.Join(run, ".*")); len(left) > 0 {
+		t.Errorf("temporary files left behind: %q", left)
+	}
+}
+
+// examples/httpd and its shipped units under a real systemd.
+
+// examples/httpd under a real systemd 252 (see zz_systemd_test.go for how it
+// is booted), installed with the example's own unit files. The units are
+// read from examples/httpd and changed only where this machine differs from
+// a real install, each change an explicit substitution that fails the test
+// if its text is no longer in the shipped file:
+//
+//   - httpd.service: the binary's path in ExecStart= and ExecReload=, and
+//     -store-fds added to ExecStart= (the fd store is opt-in, and the flag
+//     is the one the unit's users would add). ExecReload= runs a separate
+//     copy of the same binary, so that a broken deploy of the server's
+//     binary leaves the reload client intact and it is the library that
+//     finds the new process failing. Without httpd.socket, the test also
+//     drops the two lines that tie the service to it.
+//   - httpd.socket: nothing. Its ListenStream=127.0.0.1:8080 is free in
+//     the private net namespace, and the test connects there.
+//
+// A drop-in per unit adds what the test needs and the shipped units do not
+// say: DefaultDependencies=no, because the default ones pull in
+// sysinit.target and with it every unit of this machine's
+// /lib/systemd/system; FileDescriptorStoreMax= for the fd store; the
+// output of the service's processes (the reload client's verdict included)
+// appended to a file the test reads; GORACE=atexit_sleep_ms=0, because the
+// example is built with the race detector when this test binary is, and a
+// race-enabled reload client would otherwise sleep a second before it
+// exits; and, without httpd.socket, an ExecStartPre= that waits for the
+// test's go-ahead, so that the test can connect while no httpd process
+// exists and the fd store alone holds the listening socket.
+//
+// HTTP requests go to 127.0.0.1:8080 of the namespace from sockets this
+// process creates on a thread that has joined the namespace's net namespace
+// (sdhttpdDial); a socket stays in the net namespace it was created in.
+
+// sdhttpdAddr is where the example listens, as httpd.socket's ListenStream=
+// and as httpd's default -listen.
+const sdhttpdAddr = "127.0.0.1:8080"
+
+var sdhttpdRestartRE = regexp.MustCompile(`(?m)^Restart succeeded, child pid is ([1-9][0-9]*)$`)
+
+// TestSystemdHTTPD: examples/httpd as a Type=notify service with the default
+// NotifyAccess (main), under its own unit files.
+func TestSystemdHTTPD(t *testing.T) {
+	systemdSkip(t)
+	bin := buildExample(t, "httpd")
+	t.Run("SocketUnit", func(t *testing.T) { sdhttpdTestSocketUnit(t, bin) })
+	t.Run("FDStore", func(t *testing.T) { sdhttpdTestFDStore(t, bin) })
+	t.Run("StopAfterReload", func(t *testing.T) { sdhttpdTestStopAfterReload(t, bin) })
+	t.Run("StoreFDsAfterReload", func(t *testing.T) { sdhttpdTestStoreFDsAfterReload(t, bin) })
+}
+
+// sdhttpdTestSocketUnit: with httpd.socket, a connection starts the
+// service, whose main process is the one that answers; every `systemctl
+// reload` makes a new process the main one without a word from systemd
+// about a datagram from another pid; a reload into a binary that fails is
+// reported as failed and changes nothing; the next good one succeeds; and
+// `systemctl restart` starts a process that serves on the same socket.
+func sdhttpdTestSocketUnit(t *testing.T, bin string) {
+	h := sdhttpdBoot(t, bin, true)
+	h.ns.mustSystemctl("start", "httpd.socket")
+	if got := h.state("httpd.service"); got != "inactive/dead" {
+		t.Fatalf("httpd.service is %s before the first connection, want inactive/dead", got)
+	}
+	if got := h.show("httpd.service", "NotifyAccess") + " " + h.show("httpd.service", "Type"); got != "main notify" {
+		t.Errorf("NotifyAccess and Type are %q, want the defaults of the shipped unit, \"main notify\"", got)
+	}
+	ino, _ := h.listener()
+
+	// The first request starts the service.
+	pid := h.checkMain(0)
+	h.checkHolds(pid, ino)
+
+	restarts := 0
+	for gen := 1; gen <= 3; gen++ {
+		pid = h.reload(pid, gen, &restarts)
+	}
+
+	// A bad deploy: the server's binary now exits at once. The reload
+	// client, a binary of its own, asks as usual; the old process sees its
+	// new process exit before it was ready, and serves on.
+	h.install([]byte("#!/bin/sh\nexit 3\n"))
+	if out, err := h.ns.systemctl("reload", "httpd.service"); err == nil {
+		t.Errorf("systemctl reload succeeded with a broken binary:\n%s", out)
+	}
+	if !regexp.MustCompile(`(?m)^Restart failed: new process [0-9]+: .*\(exit status 3\)$`).MatchString(h.log()) {
+		t.Errorf("the reload client did not say that the new process exited with status 3:\n%s", h.log())
+	}
+	if got := h.show("httpd.service", "ReloadResult"); got != "exit-code" {
+		t.Errorf("ReloadResult=%s after the failed reload, want exit-code", got)
+	}
+	if got := h.checkMain(3); got != pid {
+		t.Errorf("after the failed reload pid %s is the main process, want the old one, %s", got, pid)
+	}
+	if n := len(sdhttpdRestartRE.FindAllString(h.log(), -1)); n != restarts {
+		t.Errorf("the reload client reported %d successful restarts, want %d", n, restarts)
+	}
+
+	h.install(nil)
+	pid = h.reload(pid, 4, &restarts)
+	h.checkHolds(pid, ino)
+	// Checked before the restart: after a reload, a stop does not wait for
+	// the main process (see sdhttpdTestStopAfterReload), and the STOPPING=1
+	// it sends on SIGTERM can then reach systemd after the new process is
+	// the main one, which systemd reports as a datagram from a non-main pid.
+	h.checkNoWarnings()
+
+	// Every generation ran with -store-fds. The first one stored the
+	// socket; systemd keeps one copy of a socket however often it is
+	// stored.
+	if got := h.show("httpd.service", "NFileDescriptorStore"); got != "1" {
+		t.Errorf("NFileDescriptorStore=%s, want 1", got)
+	}
+	h.ns.mustSystemctl("restart", "httpd.service")
+	fresh := h.checkMain(0)
+	if fresh == pid {
+		t.Fatalf("systemctl restart left pid %s the main process", pid)
+	}
+	h.checkHolds(fresh, ino)
+	// systemd passes the socket unit's fd and the stored one, both named
+	// "http": the same socket, which httpd takes once.
+	if got := h.environ(fresh)["LISTEN_FDNAMES"]; got != "http:http" {
+		t.Errorf("after the restart LISTEN_FDNAMES=%q, want the socket unit's and the stored fd, \"http:http\"", got)
+	}
+}
+
+// sdhttpdTestFDStore: without httpd.socket, httpd binds 127.0.0.1:8080
+// itself and keeps the socket in systemd's fd store. `systemctl restart`
+// stops the process and starts another, and the socket lives on in the
+// store in between: a connection made while no httpd process exists is
+// queued, and the new process, given the socket back under "http", answers
+// it without binding anything.
+func sdhttpdTestFDStore(t *testing.T, bin string) {
+	h := sdhttpdBoot(t, bin, false)
+	h.release()
+	h.ns.mustSystemctl("start", "httpd.service")
+	// httpd stores its socket after READY=1, so start may return first.
+	h.waitShow("httpd.service", "NFileDescriptorStore", "1")
+	pid := h.checkMain(0)
+	ino, _ := h.listener()
+	h.checkHolds(pid, ino)
+	if got := h.environ(pid)["LISTEN_FDNAMES"]; got != "" {
+		t.Errorf("the first process was passed fds named %q, want none", got)
+	}
+
+	wait := h.ns.systemctlAsync("restart", "httpd.service")
+	h.waitShow("httpd.service", "SubState", "start-pre")
+	// The old process is gone (the stop waited for it), and the new one
+	// waits for the test's go-ahead before it starts: the listening socket
+	// is open in systemd's fd store alone.
+	if got := h.show("httpd.service", "MainPID"); got != "0" {
+		t.Errorf("MainPID=%s while the new process has not started, want 0", got)
+	}
+	if _, err := os.Stat(h.procPath(pid, "")); err == nil {
+		t.Errorf("the old process %s still exists", pid)
+	}
+	if got, _ := h.listener(); got != ino {
+		t.Fatalf("while no httpd process runs the listening socket is inode %d, want %d", got, ino)
+	}
+	queued := h.dial()
+	defer queued.Close()
+	if _, err := io.WriteString(queued, "GET / HTTP/1.1\r\nHost: "+sdhttpdAddr+"\r\nConnection: close\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	if _, n := h.listener(); n != 1 {
+		t.Errorf("%d connections in the listening socket's accept queue, want the test's one", n)
+	}
+	h.release()
+	h.ns.mustWait("restart", wait)
+
+	fresh := h.show("httpd.service", "MainPID")
+	if p, gen := sdhttpdResponse(t, queued); p != fresh || gen != "0" {
+		t.Errorf("the connection queued across the restart was answered by pid %s generation %s, want the new main process %s, generation 0", p, gen, fresh)
+	}
+	if got := h.checkMain(0); got != fresh || fresh == pid {
+		t.Errorf("after the restart pid %s answers and %s is the main process, want a new process, not %s", got, fresh, pid)
+	}
+	h.checkHolds(fresh, ino)
+	if got := h.environ(fresh)["LISTEN_FDNAMES"]; got != "http" {
+		t.Errorf("after the restart LISTEN_FDNAMES=%q, want the stored socket, \"http\"", got)
+	}
+	if got := h.show("httpd.service", "NFileDescriptorStore"); got != "1" {
+		t.Errorf("NFileDescriptorStore=%s after the restart, want 1", got)
+	}
+	h.checkNoWarnings()
+}
+
+// sdhttpdTestStopAfterReload: `systemctl stop` lets a request in flight
+// complete, as httpd.service promises ("SIGKILL only after
+// TimeoutStopSec"), before a reload and after one.
+//
+// After a reload it does not, under systemd 252: the main process is then
+// one that systemd did not fork (MAINPID= named the old process's child),
+// which systemd marks "alien" (service_set_main_pid: main_pid_alien) and
+// does not wait for (unit_kill_context: "if (!main_pid_alien) wait_for_exit
+// = true"). With no other process left in the cgroup, nothing is waited
+// for, and service_enter_signal goes from SIGTERM straight to SIGKILL: the
+// console shows "Killing process N (httpd) with signal SIGKILL" right
+// after the stop began, the request in flight gets an EOF, and the unit
+// ends "Failed with result 'signal'". The old process having exited makes
+// no difference: systemd does not recompute main_pid_alien. In a `systemctl
+// restart`, the STOPPING=1 that httpd sends on SIGTERM can then be read
+// after the next process is the main one: "Got notification message from
+// PID N, but reception only permitted for main PID M" (seen under load).
+func sdhttpdTestStopAfterReload(t *testing.T, bin string) {
+	h := sdhttpdBoot(t, bin, true)
+	h.ns.mustSystemctl("start", "httpd.socket")
+	pid := h.checkMain(0)
+	h.stopWithRequestInFlight(pid, "before any reload")
+
+	pid = h.checkMain(0) // the socket starts the service again
+	restarts := 0
+	pid = h.reload(pid, 1, &restarts)
+	h.stopWithRequestInFlight(pid, "after a reload")
+}
+
+// stopWithRequestInFlight stops httpd.service while main process pid
+// serves a slow request, and checks that the request completes and the
+// unit stops cleanly.
+func (h *sdhttpd) stopWithRequestInFlight(pid, when string) {
+	h.t.Helper()
+	c := h.dial()
+	defer c.Close()
+	// A first request on the connection shows that pid has accepted it;
+	// the slow one then reaches pid alone, whether it reads it before the
+	// stop or, draining, after.
+	if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: "+sdhttpdAddr+"\r\n\r\n"); err != nil {
+		h.t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	if got, _ := sdhttpdReadResponse(h.t, c, br); got != pid {
+		h.t.Fatalf("pid %s answered, want the main process %s", got, pid)
+	}
+	if _, err := io.WriteString(c, "GET /slow?ms=300 HTTP/1.1\r\nHost: "+sdhttpdAddr+"\r\n\r\n"); err != nil {
+		h.t.Fatal(err)
+	}
+	if out, err := h.ns.systemctl("stop", "httpd.service"); err != nil {
+		h.t.Errorf("systemctl stop %s: %v\n%s", when, err, out)
+	}
+	c.SetReadDeadline(time.Now().Add(testDeadline))
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		h.t.Errorf("%s, the request in flight at `systemctl stop` failed: %v", when, err)
+	} else {
+		resp.Body.Close()
+	}
+	if got := h.show("httpd.service", "Result"); got != "success" {
+		h.t.Errorf("%s, `systemctl stop` ended with Result=%s, want success", when, got)
+	}
+	if k := h.ns.console.lines("with signal SIGKILL"); len(k) > 0 {
+		h.t.Errorf("%s, systemd killed httpd at once, not after TimeoutStopSec:\n%s", when, strings.Join(k, "\n"))
+	}
+}
+
+// sdhttpdTestStoreFDsAfterReload: with -store-fds, every generation stores
+// the listening socket, as server.go's comment says ("every generation may
+// do it"). A generation started by a reload calls StoreFDs as soon as
+// Start returns, which is most often before the old process has made it
+// the main process; StoreFDs then refuses with ErrNotMain, and the reload
+// leaves "cannot keep the listening socket in systemd's fd store" in the
+// log. (systemd still has the first generation's copy, the same socket,
+// so a restart still finds it.) Three reloads, because a new process that
+// loses the race to the handover stores its socket without a word.
+func sdhttpdTestStoreFDsAfterReload(t *testing.T, bin string) {
+	h := sdhttpdBoot(t, bin, true)
+	h.ns.mustSystemctl("start", "httpd.socket")
+	pid := h.checkMain(0)
+	restarts := 0
+	for gen := 1; gen <= 3; gen++ {
+		pid = h.reload(pid, gen, &restarts)
+		// After StoreFDs, httpd prints its "Instance no." line; the
+		// reload may have returned before.
+		h.waitLog(fmt.Sprintf("Instance no. %d listening on ", gen))
+	}
+	const warning = "cannot keep the listening socket in systemd's fd store"
+	for _, line := range strings.Split(h.log(), "\n") {
+		if strings.Contains(line, warning) {
+			t.Errorf("a generation started by a reload could not store its socket:\n%s", line)
+		}
+	}
+}
+
+// sdhttpd is examples/httpd installed in a namespaced systemd.
+type sdhttpd struct {
+	t      *testing.T
+	ns     *systemdNS
+	bin    string   // the example, as built
+	svc    string   // the server's binary, ExecStart='s
+	gate   *os.File // the ExecStartPre= fifo, read and write; nil with httpd.socket
+	client *http.Client
+}
+
+// sdhttpdBoot boots systemd and installs httpd.service, with httpd.socket
+// if socket is set, from the files in examples/httpd. Neither is started.
+func sdhttpdBoot(t *testing.T, bin string, socket bool) *sdhttpd {
+	t.Helper()
+	ns := systemdBoot(t)
+	h := &sdhttpd{t: t, ns: ns, bin: bin, svc: filepath.Join(ns.dir, "httpd")}
+	reloader := filepath.Join(ns.dir, "httpd-reload")
+	for _, dst := range []string{h.svc, reloader} {
+		if err := copyExecutable(bin, dst); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	service := sdhttpdReadUnit(t, "httpd.service")
+	service = sdhttpdReplace(t, service, "\nExecStart=/usr/local/bin/httpd ", "\nExecStart="+h.svc+" -store-fds ")
+	service = sdhttpdReplace(t, service, "\nExecReload=/usr/local/bin/httpd ", "\nExecReload="+reloader+" ")
+	dropIn := []string{
+		"[Unit]",
+		"DefaultDependencies=no",
+		"[Service]",
+		"FileDescriptorStoreMax=4",
+		"StandardOutput=append:" + filepath.Join(ns.dir, "httpd.log"),
+		"StandardError=inherit",
+		"Environment=\"GORACE=" + strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0") + "\"",
+	}
+	units := map[string]string{"httpd.service": service}
+	if socket {
+		sock := sdhttpdReadUnit(t, "httpd.socket")
+		if !strings.Contains(sock, "\nListenStream="+sdhttpdAddr+"\n") {
+			t.Fatalf("httpd.socket does not listen on %s, where the test connects:\n%s", sdhttpdAddr, sock)
+		}
+		units["httpd.socket"] = sock
+		units["httpd.socket.d/test.conf"] = "[Unit]\nDefaultDependencies=no\n"
+	} else {
+		service = sdhttpdReplace(t, service, "\nRequires=httpd.socket\n", "\n")
+		units["httpd.service"] = sdhttpdReplace(t, service, "\nAfter=httpd.socket\n", "\n")
+		gate := filepath.Join(ns.dir, "gate")
+		if err := unix.Mkfifo(gate, 0o600); err != nil {
+			t.Fatal(os.NewSyscallError("mkfifo", err))
+		}
+		// Read and write: the test never blocks on opening or writing it,
+		// and the shell never sees its end.
+		f, err := os.OpenFile(gate, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		h.gate = f
+		dropIn = append(dropIn, "ExecStartPre=/bin/sh -c 'read -r go < "+gate+"'")
+	}
+	units["httpd.service.d/test.conf"] = strings.Join(dropIn, "\n") + "\n"
+	for _, line := range strings.Split(units["httpd.service"], "\n") {
+		if !strings.HasPrefix(line, "#") && strings.Contains(line, "/usr/local/bin/") {
+			t.Fatalf("httpd.service names /usr/local/bin in a line the test does not rewrite: %q", line)
+		}
+	}
+
+	// boot.sh copied the units that were there at boot into the
+	// namespace's private /run; these go there too, through systemd's
+	// root, and a daemon-reload makes systemd read them.
+	run := h.rootPath("/run/systemd/system")
+	for name, text := range units {
+		path := filepath.Join(run, name)
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ns.mustSystemctl("daemon-reload")
+
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return sdhttpdDial(ctx, ns.pid, network, addr)
+		},
+		// A connection per request: no idle connection keeps an old
+		// process draining, or answers from a process that is not the
+		// main one any more.
+		DisableKeepAlives: true,
+	}
+	h.client = &http.Client{Transport: tr, Timeout: testDeadline}
+	t.Cleanup(func() {
+		tr.CloseIdleConnections()
+		if b := h.log(); strings.Contains(b, "WARNING: DATA RACE") {
+			t.Errorf("the race detector found a race in an httpd process:\n%s", b)
+		} else if t.Failed() {
+			t.Logf("httpd's output:\n%s", b)
+		}
+	})
+	return h
+}
+
+// sdhttpdReadUnit returns the text of a unit file shipped with the example.
+func sdhttpdReadUnit(t *testing.T, name string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("examples", "httpd", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// sdhttpdReplace replaces old in text with repl, and fails the test unless
+// old is there exactly once: a changed unit file must not go untested
+// because a substitution silently did nothing.
+func sdhttpdReplace(t *testing.T, text, old, repl string) string {
+	t.Helper()
+	if n := strings.Count(text, old); n != 1 {
+		t.Fatalf("the unit file has %q %d times, want once; update the test's substitution:\n%s", old, n, text)
+	}
+	return strings.Replace(text, old, repl, 1)
+}
+
+// sdhttpdDial connects to addr from inside the net namespace of process
+// pid. Only the socket's creation needs the namespace: the goroutine locks
+// itself to its thread, moves the thread into the namespace, dials, and
+// moves the thread back before it ends. It never unlocks, so that the
+// runtime ends the thread with the goroutine rather than let other
+// goroutines run on it; but if the thread is the main one, the runtime
+// keeps it, and /proc/self/net (the main thread's namespace) would
+// otherwise show the systemd namespace's sockets to every later test.
+func sdhttpdDial(ctx context.Context, pid int, network, addr string) (net.Conn, error) {
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		home, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			ch <- result{nil, os.NewSyscallError("open", err)}
+			return
+		}
+		defer unix.Close(home)
+		fd, err := unix.Open(fmt.Sprintf("/proc/%d/ns/net", pid), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			ch <- result{nil, os.NewSyscallError("open", err)}
+			return
+		}
+		err = unix.Setns(fd, unix.CLONE_NEWNET)
+		unix.Close(fd)
+		if err != nil {
+			ch <- result{nil, os.NewSyscallError("setns", err)}
+			return
+		}
+		defer func() {
+			if err := unix.Setns(home, unix.CLONE_NEWNET); err != nil {
+				panic("sdhttpdDial: cannot return to the test's net namespace: " + err.Error())
+			}
+		}()
+		// An IP literal: no resolver, and a single address, which the
+		// dialer tries in this goroutine.
+		c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+		ch <- result{c, err}
+	}()
+	r := <-ch
+	return r.c, r.err
+}
+
+// dial connects to the example's address in the namespace.
+func (h *sdhttpd) dial() net.Conn {
+	h.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
+	defer cancel()
+	c, err := sdhttpdDial(ctx, h.ns.pid, "tcp", sdhttpdAddr)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return c
+}
+
+// get sends GET / and returns the pid and generation the answer names.
+func (h *sdhttpd) get() (pid, gen string) {
+	h.t.Helper()
+	resp, err := h.client.Get("http://" + sdhttpdAddr + "/")
+	if err != nil {
+		h.t.Fatalf("GET /: %v", err)
+	}
+	defer resp.Body.Close()
+	return sdhttpdBody(h.t, resp)
+}
+
+// sdhttpdResponse reads the response to a GET / written on c.
+func sdhttpdResponse(t *testing.T, c net.Conn) (pid, gen string) {
+	t.Helper()
+	return sdhttpdReadResponse(t, c, bufio.NewReader(c))
+}
+
+// sdhttpdReadResponse reads the response to a GET / written on c, through
+// br, a reader of c.
+func sdhttpdReadResponse(t *testing.T, c net.Conn, br *bufio.Reader) (pid, gen string) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(testDeadline))
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("reading the response: %v", err)
+	}
+	defer resp.Body.Close()
+	return sdhttpdBody(t, resp)
+}
+
+func sdhttpdBody(t *testing.T, resp *http.Response) (pid, gen string) {
+	t.Helper()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("reading the body: %v", err)
+	}
+	m := httpdBodyRE.FindStringSubmatch(string(b))
+	if resp.StatusCode != http.StatusOK || m == nil {
+		t.Fatalf("GET / answered %s %q, want 200 and pid=PID generation=G", resp.Status, b)
+	}
+	return m[1], m[2]
+}
+
+// show returns a property of unit.
+func (h *sdhttpd) show(unit, prop string) string {
+	h.t.Helper()
+	return h.ns.mustSystemctl("show", "--property="+prop, "--value", unit)
+}
+
+func (h *sdhttpd) state(unit string) string {
+	h.t.Helper()
+	return h.show(unit, "ActiveState") + "/" + h.show(unit, "SubState")
+}
+
+// waitShow waits until a property of unit has the value want.
+func (h *sdhttpd) waitShow(unit, prop, want string) {
+	h.t.Helper()
+	deadline := time.Now().Add(testDeadline)
+	for {
+		got := h.show(unit, prop)
+		if got == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			h.t.Fatalf("%s of %s is %s after %v, want %s", prop, unit, got, testDeadline, want)
+		}
+	}
+}
+
+// checkMain sends GET / (which starts the service, with httpd.socket) and
+// checks that the process that answered, as generation gen, is the main
+// process of the service, which is active. It returns that pid.
+func (h *sdhttpd) checkMain(gen int) string {
+	h.t.Helper()
+	pid, g := h.get()
+	if g != strconv.Itoa(gen) {
+		h.t.Errorf("pid %s answered as generation %s, want %d", pid, g, gen)
+	}
+	if got := h.show("httpd.service", "MainPID"); got != pid {
+		h.t.Errorf("MainPID=%s, but pid %s answered", got, pid)
+	}
+	if got := h.state("httpd.service"); got != "active/running" {
+		h.t.Errorf("httpd.service is %s, want active/running", got)
+	}
+	return pid
+}
+
+// reload runs `systemctl reload httpd`, which must succeed, and checks that
+// the new process the reload client names is the main process and answers
+// as generation gen. It returns the new pid.
+func (h *sdhttpd) reload(old string, gen int, restarts *int) string {
+	h.t.Helper()
+	h.ns.mustSystemctl("reload", "httpd.service")
+	*restarts++
+	m := sdhttpdRestartRE.FindAllStringSubmatch(h.log(), -1)
+	if len(m) != *restarts {
+		h.t.Fatalf("the reload client reported %d successful restarts, want %d:\n%s", len(m), *restarts, h.log())
+	}
+	pid := m[len(m)-1][1]
+	if pid == old {
+		h.t.Fatalf("the reload client reported the old pid %s", pid)
+	}
+	if got := h.checkMain(gen); got != pid {
+		h.t.Errorf("pid %s answered after the reload, the reload client said %s", got, pid)
+	}
+	return pid
+}
+
+// install replaces the server's binary as a deploy would: a new file renamed
+// over the old one. nil installs the example.
+func (h *sdhttpd) install(text []byte) {
+	h.t.Helper()
+	if text == nil {
+		systemdInstall(h.t, h.bin, h.svc)
+		return
+	}
+	if err := os.WriteFile(h.svc+".new", text, 0o755); err != nil {
+		h.t.Fatal(err)
+	}
+	if err := os.Rename(h.svc+".new", h.svc); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+// release lets the next start of the service past its ExecStartPre=.
+func (h *sdhttpd) release() {
+	h.t.Helper()
+	if _, err := h.gate.WriteString("go\n"); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+// waitLog waits until the service's processes have written a line that
+// contains s. The file grows by appends, which inotify reports.
+func (h *sdhttpd) waitLog(s string) {
+	h.t.Helper()
+	in, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
+	if err != nil {
+		h.t.Fatal(os.NewSyscallError("inotify_init1", err))
+	}
+	defer unix.Close(in)
+	if _, err := unix.InotifyAddWatch(in, filepath.Join(h.ns.dir, "httpd.log"), unix.IN_MODIFY); err != nil {
+		h.t.Fatal(os.NewSyscallError("inotify_add_watch", err))
+	}
+	deadline := time.Now().Add(testDeadline)
+	buf := make([]byte, 4096)
+	for !strings.Contains(h.log(), s) {
+		ms := int(time.Until(deadline) / time.Millisecond)
+		if ms <= 0 {
+			h.t.Fatalf("no %q in httpd's output within %v", s, testDeadline)
+		}
+		if _, err := unix.Poll([]unix.PollFd{{Fd: int32(in), Events: unix.POLLIN}}, ms); err != nil && err != unix.EINTR {
+			h.t.Fatal(os.NewSyscallError("poll", err))
+		}
+		// Drain the events; the file is read again either way.
+		for {
+			if _, err := unix.Read(in, buf); err != nil {
+				break
+			}
+		}
+	}
+}
+
+// log returns what the service's processes wrote.
+func (h *sdhttpd) log() string {
+	b, _ := os.ReadFile(filepath.Join(h.ns.dir, "httpd.log"))
+	return string(b)
+}
+
+// rootPath is the path of path in the namespace's mounts: under the
+// namespaced systemd's root, /run is the namespace's private tmpfs and
+// /proc the pid namespace's own.
+func (h *sdhttpd) rootPath(path string) string {
+	return fmt.Sprintf("/proc/%d/root%s", h.ns.pid, path)
+}
+
+// procPath is the path of /proc/PID/NAME in the namespace, pid as the
+// namespace knows it (MainPID=, the pid in httpd's answer).
+func (h *sdhttpd) procPath(pid, name string) string {
+	return h.rootPath("/proc/" + pid + "/" + name)
+}
+
+// listener returns the inode of the socket listening on sdhttpdAddr in the
+// namespace, and how many connections its accept queue holds. For a
+// listening socket, /proc/net/tcp's rx_queue is the accept queue's length.
+func (h *sdhttpd) listener() (ino uint64, queued int) {
+	h.t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/tcp", h.ns.pid))
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	const local, listen = "0100007F:1F90", "0A" // 127.0.0.1:8080, TCP_LISTEN
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) < 10 || f[1] != local || f[3] != listen {
+			continue
+		}
+		_, rx, _ := strings.Cut(f[4], ":")
+		q, err1 := strconv.ParseUint(rx, 16, 32)
+		ino, err2 := strconv.ParseUint(f[9], 10, 64)
+		if err1 != nil || err2 != nil {
+			h.t.Fatalf("cannot parse %q", line)
+		}
+		return ino, int(q)
+	}
+	h.t.Fatalf("nothing listens on %s in the namespace:\n%s", sdhttpdAddr, b)
+	return 0, 0
+}
+
+// checkHolds checks that process pid has the socket ino open.
+func (h *sdhttpd) checkHolds(pid string, ino uint64) {
+	h.t.Helper()
+	dir := h.procPath(pid, "fd")
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	want := fmt.Sprintf("socket:[%d]", ino)
+	for _, e := range ents {
+		if l, _ := os.Readlink(filepath.Join(dir, e.Name())); l == want {
+			return
+		}
+	}
+	h.t.Errorf("pid %s does not hold the listening socket %s", pid, want)
+}
+
+// environ returns the environment process pid was started with (what
+// execve got, not what the process made of it since).
+func (h *sdhttpd) environ(pid string) map[string]string {
+	h.t.Helper()
+	b, err := os.ReadFile(h.procPath(pid, "environ"))
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	env := map[string]string{}
+	for _, kv := range strings.Split(string(b), "\x00") {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			env[k] = v
+		}
+	}
+	return env
+}
+
+// checkNoWarnings checks that systemd dropped no datagram from a pid other
+// than the main one. It first sends a datagram of its own to systemd's
+// notify socket, from outside the namespace, so with no pid systemd can
+// see, and waits for systemd to log that it ignored it: systemd reads the
+// socket in order, so by then it has logged whatever it had to say about
+// every datagram sent before, by any process.
+func (h *sdhttpd) checkNoWarnings() {
+	h.t.Helper()
+	const ignored = "Received notify message without valid credentials"
+	c := h.ns.console
+	before := strings.Count(c.text(), ignored)
+	n, err := NewSdNotifier(h.rootPath("/run/systemd/notify"))
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	err = n.Send(SdStatus("flush"))
+	n.Close()
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	timer := time.NewTimer(testDeadline)
+	defer timer.Stop()
+	for {
+		c.mu.Lock()
+		text, changed, ended := string(c.buf), c.changed, c.ended
+		c.mu.Unlock()
+		if strings.Count(text, ignored) > before {
+			break
+		}
+		if ended {
+			h.t.Fatalf("the console closed before systemd logged %q", ignored)
+		}
+		select {
+		case <-changed:
+		case <-timer.C:
+			h.t.Fatalf("systemd did not log %q within %v", ignored, testDeadline)
+		}
+	}
+	h.ns.checkNoWarnings()
+}
