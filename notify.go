@@ -52,14 +52,17 @@ func init() {
 	adoptInherited(inherited.listen)
 }
 
-// FixupListenPID replaces LISTEN_PID=auto, which the old process sets because
-// it cannot know its child's pid before the fork, with this process's pid, so
-// that code that checks LISTEN_PID (sd_listen_fds(3), coreos/go-systemd)
-// sees what systemd itself would have set. The package calls it at
-// initialisation; calling it again is harmless.
+// FixupListenPID replaces LISTEN_PID=auto and WATCHDOG_PID=auto, which the
+// old process sets because it cannot know its child's pid before the fork,
+// with this process's pid, so that code that checks them (sd_listen_fds(3),
+// sd_watchdog_enabled(3), coreos/go-systemd) sees what systemd itself would
+// have set. The package calls it at initialisation; calling it again is
+// harmless.
 func FixupListenPID() {
-	if os.Getenv(envListenPID) == listenPIDAuto {
-		os.Setenv(envListenPID, strconv.Itoa(os.Getpid()))
+	for _, k := range []string{envListenPID, envWatchdogPID} {
+		if os.Getenv(k) == listenPIDAuto {
+			os.Setenv(k, strconv.Itoa(os.Getpid()))
+		}
 	}
 }
 

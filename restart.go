@@ -48,10 +48,12 @@ const (
 	envListenPID     = "LISTEN_PID"
 	envListenFDs     = "LISTEN_FDS"
 	envListenFDNames = "LISTEN_FDNAMES"
+	envWatchdogPID   = "WATCHDOG_PID"
 
-	// listenPIDAuto stands in for the new process's pid, which the old
-	// process cannot know before the fork; the new process replaces it with
-	// its own pid at initialisation (see FixupListenPID).
+	// listenPIDAuto stands in for the new process's pid in LISTEN_PID and
+	// WATCHDOG_PID, which the old process cannot know before the fork; the
+	// new process replaces it with its own pid at initialisation (see
+	// FixupListenPID).
 	listenPIDAuto = "auto"
 
 	// listenFDsStart is SD_LISTEN_FDS_START from sd-daemon.h.
@@ -695,8 +697,10 @@ func isExecutable(path string) bool {
 // variables that describe this process's own fds, plus extra (which wins
 // over variables of the same name), plus the variables naming the new
 // process's fds. LISTEN_PID is "auto": the new process's init sets its own
-// pid there (FixupListenPID).
+// pid there (FixupListenPID). So is WATCHDOG_PID if systemd set it to this
+// process: the watchdog passes to the new main process with everything else.
 func childEnv(environ, extra, names []string, readyFD, stateFD, ctlFD int) []string {
+	ownWatchdog := envWatchdogPID + "=" + strconv.Itoa(os.Getpid())
 	drop := func(kv string) bool {
 		k, _, _ := strings.Cut(kv, "=")
 		switch k {
@@ -712,7 +716,10 @@ func childEnv(environ, extra, names []string, readyFD, stateFD, ctlFD int) []str
 	}
 	env := make([]string, 0, len(environ)+len(extra)+6)
 	for _, kv := range environ {
-		if !drop(kv) {
+		switch {
+		case kv == ownWatchdog:
+			env = append(env, envWatchdogPID+"="+listenPIDAuto)
+		case !drop(kv):
 			env = append(env, kv)
 		}
 	}

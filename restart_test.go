@@ -291,6 +291,27 @@ func TestChildEnv(t *testing.T) {
 	}
 }
 
+// TestRestartHandsOverWatchdog: systemd gives the main process
+// WATCHDOG_USEC and WATCHDOG_PID=<its pid>. A new process must see the
+// watchdog as its own, or it never pings and systemd kills it one interval
+// after the reload.
+func TestRestartHandsOverWatchdog(t *testing.T) {
+	c := newTestCluster(t)
+	r0 := c.start("server", envTestWatchdog+"=1")
+	const want = "1.5s/true/<nil>"
+	if r0["watchdog"] != want {
+		t.Fatalf("generation 0 sees watchdog %s, want %s", r0["watchdog"], want)
+	}
+	r1 := c.restart(r0["pid"])
+	if r1["watchdog"] != want {
+		t.Errorf("generation 1 sees watchdog %s, want %s", r1["watchdog"], want)
+	}
+	r2 := c.restart(r1["pid"])
+	if r2["watchdog"] != want {
+		t.Errorf("generation 2 sees watchdog %s, want %s", r2["watchdog"], want)
+	}
+}
+
 // Allocation budgets.
 
 // Allocation budgets. Those of the wire format and of sd_notify are asserted

@@ -48,6 +48,7 @@ const (
 	envTestListen      = "SHELLFLIP_TEST_LISTEN"       // comma-separated network=address pairs to Listen on
 	envTestStateSize   = "SHELLFLIP_TEST_STATE_SIZE"   // bytes of filler state after the generation line
 	envTestSelfRestart = "SHELLFLIP_TEST_SELF_RESTART" // generation 0 calls Restarter.Restart
+	envTestWatchdog    = "SHELLFLIP_TEST_WATCHDOG"     // generation 0 sets WATCHDOG_USEC and WATCHDOG_PID as systemd would
 )
 
 // testDeadline bounds every wait in these tests; a healthy run is far
@@ -105,6 +106,10 @@ func testServer() int {
 	gen := 0
 	pid := os.Getpid()
 	report("started pid=%d", pid)
+	if os.Getenv(envTestWatchdog) != "" && !StartedByRestart() {
+		os.Setenv("WATCHDOG_USEC", "3000000")
+		os.Setenv("WATCHDOG_PID", strconv.Itoa(pid))
+	}
 	st, err := ReceiveState()
 	if err != nil {
 		report("error pid=%d receive: %v", pid, err)
@@ -211,7 +216,8 @@ func testServer() int {
 		report("error pid=%d start: %v", pid, err)
 		return 1
 	}
-	report("ready pid=%d gen=%d addrs=%s", pid, gen, strings.Join(addrs, ","))
+	wd, wdOn, wdErr := SdWatchdogInterval()
+	report("ready pid=%d gen=%d addrs=%s watchdog=%v/%v/%v", pid, gen, strings.Join(addrs, ","), wd, wdOn, wdErr)
 	if gen == 0 && os.Getenv(envTestSelfRestart) != "" {
 		// The program restarts itself: twice at once, to show that the
 		// second call joins the first restart.
