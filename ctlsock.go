@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
@@ -69,38 +70,57 @@ func appendOutcome(dst []byte, pid int, err error) []byte {
 // controlServer accepts restart requests on the control socket.
 type controlServer struct {
 	ln   *net.UnixListener
-	fd   int // close-on-exec duplicate of the listening socket, for the new process
+	fd   int    // close-on-exec duplicate of the listening socket, for the new process
+	id   fileID // the socket file's identity, for the new process to check
 	path string
 	log  *slog.Logger
 	reqs chan *restartRequest // to the restart loop
 
-	slots chan struct{} // one per connection being served
-
-	stopped chan struct{} // closed by finish
+	slots   chan struct{} // one per connection being served
+	stopped chan struct{} // closed by stopAccepting
+	wg      sync.WaitGroup
 
 	mu       sync.Mutex
-	finished bool // the restart loop is gone; answer with final
+	finished bool // stopAccepting ran; late requests get the final outcome
 	finalPID int
 	finalErr error
-	reading  map[*net.UnixConn]struct{} // connections whose request is not read yet
-	wg       sync.WaitGroup             // connection handlers
+}
+
+// fileID identifies a file: the socket file at the control socket's path.
+type fileID struct{ dev, ino uint64 }
+
+func (id fileID) String() string {
+	return strconv.FormatUint(id.dev, 10) + ":" + strconv.FormatUint(id.ino, 10)
+}
+
+func lstatID(path string) (fileID, uint32, error) {
+	var st unix.Stat_t
+	if err := ignoringEINTR(func() error { return unix.Lstat(path, &st) }); err != nil {
+		return fileID{}, 0, err
+	}
+	return fileID{uint64(st.Dev), uint64(st.Ino)}, uint32(st.Mode), nil
 }
 
 // listenControl binds the control socket at path, or adopts the one the old
-// process passed (inheritedFD >= 0) if it is bound to the same path.
-func listenControl(path string, inheritedFD int, log *slog.Logger) (*controlServer, error) {
+// process passed (inheritedFD >= 0) if path still names it: the file there
+// has the identity the old process passed (inheritedID). A socket file
+// that was deleted or replaced since is bound afresh, so that the path
+// keeps leading to the service.
+func listenControl(path string, inheritedFD int, inheritedID string, log *slog.Logger) (*controlServer, error) {
 	fd := -1
+	var id fileID
 	if inheritedFD >= 0 {
-		if listeningUnixPath(inheritedFD) == filepath.Clean(path) {
-			fd = inheritedFD
+		cur, _, err := lstatID(path)
+		if err == nil && cur.String() == inheritedID && listeningUnixPath(inheritedFD) == filepath.Clean(path) {
+			fd, id = inheritedFD, cur
 		} else {
-			log.Warn("shellflip: the inherited control socket is bound elsewhere; binding a new one", "path", path)
+			log.Warn("shellflip: the control socket file was removed or replaced; binding a new one", "path", path)
 			unix.Close(inheritedFD)
 		}
 	}
 	if fd < 0 {
 		var err error
-		if fd, err = bindControl(path); err != nil {
+		if fd, id, err = bindControl(path); err != nil {
 			return nil, err
 		}
 	}
@@ -115,29 +135,12 @@ func listenControl(path string, inheritedFD int, log *slog.Logger) (*controlServ
 		unix.Close(fd)
 		return nil, fmt.Errorf("shellflip: control socket %s: %w", path, err)
 	}
-	s := &controlServer{
-		ln: ln.(*net.UnixListener), fd: fd, path: path, log: log,
+	return &controlServer{
+		ln: ln.(*net.UnixListener), fd: fd, id: id, path: path, log: log,
 		reqs:    make(chan *restartRequest),
 		slots:   make(chan struct{}, maxControlConns),
 		stopped: make(chan struct{}),
-		reading: map[*net.UnixConn]struct{}{},
-	}
-	return s, nil
-}
-
-// serveFrom starts accepting once gate is closed: when this process is the
-// service's main process. Until then the old process (if any) still serves
-// the socket: it answers everything that queued up during its restart with
-// that restart's outcome (see finish), so one request never causes two
-// restarts, and the two processes never both accept.
-func (s *controlServer) serveFrom(gate <-chan struct{}) {
-	go func() {
-		select {
-		case <-gate:
-			s.accept()
-		case <-s.stopped:
-		}
-	}()
+	}, nil
 }
 
 // listeningUnixPath returns the cleaned path a listening unix stream socket
@@ -157,33 +160,36 @@ func listeningUnixPath(fd int) string {
 	return filepath.Clean(ua.Name)
 }
 
-// bindControl creates the listening socket at path with mode 0600.
+// bindControl creates the listening socket at path, with mode 0600 whatever
+// the umask, and returns it with the socket file's identity.
 //
 // Only a socket that nobody listens on any more (connect is refused) is
-// removed from path first; a live socket, a regular file, a directory or a
-// symlink there is an error and is left alone. If anything appears at path
-// between that check and bind, bind fails with EADDRINUSE: nothing is ever
-// replaced.
+// taken away from path first (see clearStale); a live socket, a regular
+// file, a directory or a symlink there is an error and is left alone. If
+// anything appears at path before bind, bind fails with EADDRINUSE: nothing
+// is ever replaced.
 //
-// On Linux the socket file is 0600 from birth: bind(2) gives it the mode of
-// the socket's inode, which fchmod(2) sets beforehand, less the umask
-// (unix_bind_bsd in net/unix/af_unix.c). Elsewhere it is chmod'ed right
-// after bind, and until then has the umask's mode; SO_PEERCRED-style checks
-// (checkPeer) still refuse other uids in that window.
-func bindControl(path string) (int, error) {
+// On Linux the socket file is created with mode 0600 less the umask:
+// bind(2) gives it the mode of the socket's inode, which fchmod(2) sets
+// beforehand (unix_bind_bsd in net/unix/af_unix.c). Elsewhere it has the
+// umask's mode until the chmod that follows. Either way it is never wider
+// than 0600 after bind, and is made exactly 0600 before listen; a umask
+// such as 0277 would otherwise leave a socket its own user cannot connect
+// to. checkPeer refuses other uids in any case.
+func bindControl(path string) (int, fileID, error) {
 	if path == "" || path[0] == '@' {
-		return -1, fmt.Errorf("shellflip: control socket %q: want a filesystem path", path)
+		return -1, fileID{}, fmt.Errorf("shellflip: control socket %q: want a filesystem path", path)
 	}
-	if err := removeStaleSocket(path); err != nil {
-		return -1, err
+	if err := clearStale(path); err != nil {
+		return -1, fileID{}, err
 	}
 	fd, err := socketCloexec(unix.AF_UNIX, unix.SOCK_STREAM)
 	if err != nil {
-		return -1, err
+		return -1, fileID{}, err
 	}
-	fail := func(op string, err error) (int, error) {
+	fail := func(op string, err error) (int, fileID, error) {
 		unix.Close(fd)
-		return -1, fmt.Errorf("shellflip: control socket %s: %w", path, os.NewSyscallError(op, err))
+		return -1, fileID{}, fmt.Errorf("shellflip: control socket %s: %w", path, os.NewSyscallError(op, err))
 	}
 	if runtime.GOOS == "linux" {
 		if err := unix.Fchmod(fd, 0o600); err != nil {
@@ -193,32 +199,38 @@ func bindControl(path string) (int, error) {
 	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
 		return fail("bind", err)
 	}
-	if runtime.GOOS != "linux" {
-		if err := unix.Chmod(path, 0o600); err != nil {
-			unix.Unlink(path)
-			return fail("chmod", err)
-		}
+	id, mode, err := lstatID(path)
+	if err == nil && mode&0o7777 != 0o600 {
+		err = unix.Chmod(path, 0o600)
 	}
-	if err := unix.Listen(fd, unix.SOMAXCONN); err != nil {
+	if err == nil {
+		err = unix.Listen(fd, unix.SOMAXCONN)
+	}
+	if err != nil {
 		unix.Unlink(path)
-		return fail("listen", err)
+		return fail("bind", err)
 	}
-	return fd, nil
+	return fd, id, nil
 }
 
-// removeStaleSocket removes path if it is a unix socket that refuses
-// connections, and fails if anything else is there.
-func removeStaleSocket(path string) error {
-	var st unix.Stat_t
-	err := unix.Lstat(path, &st)
+// clearStale takes a stale socket (one that refuses connections) away from
+// path, and fails if anything else is there.
+//
+// Checking and then unlinking would race: a file renamed onto path between
+// the two would be deleted. So what is at path is first renamed aside, to a
+// name of our own, and deleted only if it is the very socket that was
+// checked (same device and inode); anything else is put back (without
+// replacing what may have appeared at path meanwhile) and reported.
+func clearStale(path string) error {
+	id, mode, err := lstatID(path)
 	if err == unix.ENOENT {
 		return nil
 	}
 	if err != nil {
 		return fmt.Errorf("shellflip: control socket %s: %w", path, os.NewSyscallError("lstat", err))
 	}
-	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
-		return fmt.Errorf("shellflip: control socket %s: a %s is in the way; refusing to remove it", path, fileType(uint32(st.Mode)))
+	if mode&unix.S_IFMT != unix.S_IFSOCK {
+		return fmt.Errorf("shellflip: control socket %s: a %s is in the way; refusing to remove it", path, fileType(mode))
 	}
 	c, err := net.DialTimeout("unix", path, time.Second)
 	if err == nil {
@@ -228,13 +240,31 @@ func removeStaleSocket(path string) error {
 	if !errors.Is(err, unix.ECONNREFUSED) {
 		return fmt.Errorf("shellflip: control socket %s: %w", path, err)
 	}
-	if err := unix.Unlink(path); err != nil && err != unix.ENOENT {
-		return fmt.Errorf("shellflip: control socket %s: %w", path, os.NewSyscallError("unlink", err))
+	testHookStaleChecked()
+	aside := filepath.Join(filepath.Dir(path), ".shellflip-stale-"+strconv.FormatUint(rand.Uint64(), 36))
+	if err := unix.Rename(path, aside); err != nil {
+		if err == unix.ENOENT {
+			return nil // gone already
+		}
+		return fmt.Errorf("shellflip: control socket %s: taking the stale socket away: %w", path, os.NewSyscallError("rename", err))
 	}
-	return nil
+	if got, _, err := lstatID(aside); err == nil && got == id {
+		unix.Unlink(aside)
+		return nil
+	}
+	if err := putBack(aside, path); err != nil {
+		return fmt.Errorf("shellflip: control socket %s: the file there changed during the takeover and could not be put back; it is now at %s: %w", path, aside, err)
+	}
+	return fmt.Errorf("shellflip: control socket %s: the file there changed during the takeover; left as it was", path)
 }
 
-func (s *controlServer) accept() {
+// testHookStaleChecked runs between clearStale's check and its rename;
+// tests put things at the path meanwhile.
+var testHookStaleChecked = func() {}
+
+// serve accepts connections until stopAccepting closes the listener.
+func (s *controlServer) serve() {
+	var limit logLimiter
 	for {
 		conn, err := s.ln.AcceptUnix()
 		if err != nil {
@@ -242,62 +272,77 @@ func (s *controlServer) accept() {
 				return
 			}
 			// EMFILE and friends: back off briefly rather than spin, as
-			// net/http's Server.Serve does.
-			s.log.Warn("shellflip: control socket accept", "err", err)
+			// net/http's Server.Serve does, and say so now and then.
+			if n := limit.note(time.Now()); n > 0 {
+				s.log.Warn("shellflip: control socket accept", "err", err, "times", n)
+			}
 			time.Sleep(50 * time.Millisecond)
 			continue
 		}
-		select {
-		case s.slots <- struct{}{}:
-		default:
-			// Too many clients at once; answer without reading, from a
-			// goroutine of its own so that accepting never waits on a client.
-			s.wg.Add(1)
-			go func() {
-				defer s.wg.Done()
-				(&restartRequest{conn: conn}).respond(s.log, 0, errors.New("too many concurrent restart requests"))
-			}()
-			continue
-		}
-		s.wg.Add(1)
+		s.handle(conn)
+	}
+}
+
+// logLimiter lets a repeated log line through once per logEvery.
+type logLimiter struct {
+	last  time.Time
+	count int
+}
+
+const logEvery = 10 * time.Second
+
+// note counts an occurrence at now, and returns how many to report if the
+// line may be logged now, or 0.
+func (l *logLimiter) note(now time.Time) int {
+	l.count++
+	if !l.last.IsZero() && now.Sub(l.last) < logEvery {
+		return 0
+	}
+	n := l.count
+	l.last, l.count = now, 0
+	return n
+}
+
+// handle serves conn on a goroutine of its own, so that accepting never
+// waits on a client, unless too many are served already: then it is
+// answered at once, without being read.
+func (s *controlServer) handle(conn *net.UnixConn) {
+	s.wg.Add(1)
+	select {
+	case s.slots <- struct{}{}:
 		go func() {
 			defer s.wg.Done()
 			defer func() { <-s.slots }()
-			s.serve(conn)
+			s.request(conn)
+		}()
+	default:
+		go func() {
+			defer s.wg.Done()
+			(&restartRequest{conn: conn}).respond(s.log, 0, errors.New("too many concurrent restart requests"))
 		}()
 	}
 }
 
-// serve reads one request from conn and hands it to the restart loop.
-func (s *controlServer) serve(conn *net.UnixConn) {
+// request reads one request from conn and hands it to the restart loop, or,
+// once the restart loop is done with the control socket, answers it with
+// the outcome of the restart that was in flight when conn was accepted.
+func (s *controlServer) request(conn *net.UnixConn) {
 	q := &restartRequest{conn: conn}
-	if err := checkPeer(conn); err != nil {
-		q.respond(s.log, 0, err)
-		return
-	}
-	if !s.startReading(conn) {
-		s.respondFinal(q)
+	if _, err := checkPeer(conn); err != nil {
+		q.respond(s.log, 0, fmt.Errorf("permission denied: %w", err))
 		return
 	}
 	conn.SetReadDeadline(time.Now().Add(requestTimeout))
 	var scratch [256]byte
 	payload, err := readFrame(conn, scratch[:])
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		err = fmt.Errorf("no request within %v", requestTimeout)
+	}
 	if err == nil {
 		var m message
 		if m, err = decodeMessage(payload); err == nil && m.kind != msgTryRestart {
 			err = errors.New("unexpected message: want a TryRestart request")
 		}
-	}
-	if !s.stopReading(conn) {
-		// finish cut the read short: the restart loop is gone.
-		if err != nil {
-			pid, ferr := s.final()
-			err = fmt.Errorf("no request received before this process stopped serving restarts (%s)", describeOutcome(pid, ferr))
-			q.respond(s.log, 0, fmt.Errorf("bad request: %w", err))
-			return
-		}
-		s.respondFinal(q)
-		return
 	}
 	if err != nil {
 		s.log.Warn("shellflip: bad restart request", "err", err)
@@ -308,122 +353,81 @@ func (s *controlServer) serve(conn *net.UnixConn) {
 	select {
 	case s.reqs <- q:
 	case <-s.stopped:
-		s.respondFinal(q)
+		s.mu.Lock()
+		pid, ferr := s.finalPID, s.finalErr
+		s.mu.Unlock()
+		q.respond(s.log, pid, ferr)
 	}
 }
 
-// startReading records that conn's request is being read, unless the
-// server has finished.
-func (s *controlServer) startReading(conn *net.UnixConn) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.finished {
-		return false
-	}
-	s.reading[conn] = struct{}{}
-	return true
-}
-
-// stopReading reports whether the read finished before the server did.
-func (s *controlServer) stopReading(conn *net.UnixConn) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	delete(s.reading, conn)
-	return !s.finished
-}
-
-// respondFinal answers q with the outcome of the last restart.
-func (s *controlServer) respondFinal(q *restartRequest) {
-	pid, err := s.final()
-	q.respond(s.log, pid, err)
-}
-
-// final returns the outcome that late clients get.
-func (s *controlServer) final() (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.finalPID, s.finalErr
-}
-
-func describeOutcome(pid int, err error) string {
-	if err != nil {
-		return err.Error()
-	}
-	return "replaced by pid " + strconv.Itoa(pid)
-}
-
-// checkPeer refuses clients whose uid is neither ours nor root's: the
-// socket's 0600 mode already keeps them out, unless the caller chose a path
-// whose directory lets them swap it, or changed the mode.
-func checkPeer(conn *net.UnixConn) error {
+// checkPeer returns the uid of the process at the other end of conn, and
+// an error if it is neither ours nor root's. The server checks its clients
+// with it (the socket's 0600 mode already keeps others out, unless the
+// caller chose a path whose directory lets them swap it, or changed the
+// mode), and RequestRestart checks the server.
+func checkPeer(conn *net.UnixConn) (int, error) {
 	rc, err := conn.SyscallConn()
 	if err != nil {
-		return err
+		return -1, err
 	}
 	uid, perr := -1, error(nil)
 	if err := rc.Control(func(fd uintptr) { uid, perr = peerUID(int(fd)) }); err != nil {
-		return err
+		return -1, err
 	}
 	if perr != nil {
-		return perr
+		return -1, perr
 	}
 	if uid != 0 && uid != os.Geteuid() {
-		return fmt.Errorf("permission denied: uid %d may not restart this service", uid)
+		return uid, fmt.Errorf("uid %d is neither this process's nor root", uid)
 	}
-	return nil
+	return uid, nil
 }
 
-// finish stops accepting, answers every client still to be answered with
-// pid and err, and waits until they were (each write is bounded by
-// requestTimeout). The listening socket stays open in the new process, if
-// any, so its path stays bound; nothing is unlinked.
-func (s *controlServer) finish(pid int, err error) {
+// stopAccepting ends this process's service of the control socket, at the
+// outcome of a restart: pid and err are what clients accepted meanwhile are
+// told. Connections still in the listening socket's backlog are left there,
+// for the new process (if any) to serve as new requests.
+func (s *controlServer) stopAccepting(pid int, err error) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	if s.finished {
-		s.mu.Unlock()
 		return
 	}
 	s.finished, s.finalPID, s.finalErr = true, pid, err
 	close(s.stopped)
-	for c := range s.reading {
-		// Wake the read without losing what the client already sent (a
-		// read deadline would): the read returns the buffered request,
-		// then end of file, and serve answers.
-		c.CloseRead()
-	}
-	s.mu.Unlock()
-	// Close waits for a pending Accept; what it accepted is served above.
+	// Close waits for a pending Accept; what it accepted is answered.
 	s.ln.Close()
-	s.drainBacklog()
-	s.wg.Wait()
-	unix.Close(s.fd)
 }
 
-// drainBacklog answers the connections still queued on the listening
-// socket with the final outcome, without reading their requests: they
-// arrived while this process served the socket, so this process answers
-// them, and the next process does not take them for requests of its own.
-func (s *controlServer) drainBacklog() {
-	// The listening socket's file description is non-blocking (the net
-	// package made it so), so accept4 reports EAGAIN once it is empty.
-	pid, ferr := s.final()
-	var buf [512]byte
-	frame := appendOutcome(buf[:0], pid, ferr)
-	for {
-		var nfd int
-		err := ignoringEINTR(func() (err error) {
-			nfd, err = acceptCloexec(s.fd)
-			return err
-		})
-		if err != nil {
-			return // EAGAIN: empty; anything else: nothing more to drain
+// finish stops accepting, if that was not done yet, waits until every
+// client accepted was read and answered (each is bounded by
+// requestTimeout), and closes this process's copy of the socket. Without a
+// successor (succeeded is false) nobody will serve the backlog, so it is
+// served here, with the final outcome, and the socket file is left stale.
+func (s *controlServer) finish(pid int, err error, succeeded bool) {
+	s.stopAccepting(pid, err)
+	if !succeeded {
+		// The listening socket is non-blocking (the net package made it
+		// so): accept4 reports EAGAIN once the backlog is empty.
+		for {
+			var nfd int
+			err := ignoringEINTR(func() (err error) {
+				nfd, err = acceptCloexec(s.fd)
+				return err
+			})
+			if err != nil {
+				break
+			}
+			f := os.NewFile(uintptr(nfd), s.path)
+			c, err := net.FileConn(f)
+			f.Close()
+			if err == nil {
+				s.handle(c.(*net.UnixConn))
+			}
 		}
-		// A new socket's send buffer holds a frame: the write does not
-		// block, and a client that went away costs an EPIPE, not a signal
-		// (the runtime ignores SIGPIPE for fds other than stdout/stderr).
-		unix.Write(nfd, frame)
-		unix.Close(nfd)
 	}
+	s.wg.Wait()
+	unix.Close(s.fd)
 }
 
 // RequestRestart asks the service listening on the control socket at
@@ -438,6 +442,11 @@ func RequestRestart(ctx context.Context, socketPath string) (int, error) {
 		return 0, err
 	}
 	defer c.Close()
+	// Believe only a server of our own uid or root: in a shared directory
+	// anyone may have taken the path.
+	if _, err := checkPeer(c.(*net.UnixConn)); err != nil {
+		return 0, fmt.Errorf("shellflip: the control socket %s is not the service's: %w", socketPath, err)
+	}
 	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 	var buf [64]byte
@@ -459,6 +468,9 @@ func RequestRestart(ctx context.Context, socketPath string) (int, error) {
 	}
 	switch m.kind {
 	case msgRestartComplete:
+		if m.pid <= 1 {
+			return 0, fmt.Errorf("shellflip: bad response: pid %d is not a new process", m.pid)
+		}
 		return int(m.pid), nil
 	case msgRestartFailed:
 		return 0, &restartFailedError{m.text}

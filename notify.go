@@ -8,9 +8,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -29,6 +31,7 @@ type inheritance struct {
 	readyFD   int   // -1 if not started by a restart
 	stateFD   int   // -1 if not started by a restart or already handed out
 	controlFD int   // -1 if none was passed
+	controlID string
 	listen    []inheritedFD
 }
 
@@ -48,6 +51,7 @@ var (
 func init() {
 	FixupListenPID()
 	startDir, _ = os.Getwd()
+	catchEarlySignals()
 	inherited = takeInheritance(os.LookupEnv, os.Unsetenv)
 	adoptInherited(inherited.listen)
 }
@@ -124,6 +128,8 @@ func takeInheritance(lookupEnv func(string) (string, bool), unsetenv func(string
 	inh.readyFD = own(envReadyFD, unix.S_IFSOCK)
 	inh.stateFD = own(envStateFD, unix.S_IFIFO)
 	inh.controlFD = own(envControlFD, unix.S_IFSOCK)
+	inh.controlID = getenv(envControlID) // checked against the path by listenControl
+	unsetenv(envControlID)
 	if (inh.readyFD < 0) != (inh.stateFD < 0) {
 		// One without the other is not something the old process sets up.
 		fail(fmt.Errorf("shellflip: $%s and $%s must be set together", envReadyFD, envStateFD))
@@ -355,6 +361,9 @@ var (
 	isMain atomic.Bool
 	// mainCh is closed when isMain becomes true.
 	mainCh = make(chan struct{})
+	// mainNeedsPIDFile is set, before mainCh is closed, if the old
+	// process did not name this one in the PID file (it died, or failed).
+	mainNeedsPIDFile bool
 )
 
 // Ready tells the world that this process has finished initialising: the old
@@ -415,6 +424,7 @@ func ready() error {
 		ignoringEINTRIO(func() (int, error) { return unix.Read(fd, b[:]) })
 		// Whether the old process confirmed (mainByte) or went away (EOF,
 		// error), there is no one else left to be the main process.
+		mainNeedsPIDFile = b[0] != mainByte
 		becomeMain()
 	}()
 	return nil
@@ -447,12 +457,34 @@ func ignoringEINTRIO(fn func() (int, error)) (int, error) {
 // inheritanceErr returns the first problem found with the inherited fds.
 func inheritanceErr() error { return inherited.err }
 
-// takeControlFD hands the inherited control socket to the caller, once.
-func takeControlFD() int {
+// takeControlFD hands the inherited control socket, and the identity of
+// its file, to the caller, once.
+func takeControlFD() (int, string) {
 	fd := inherited.controlFD
 	inherited.controlFD = -1
-	return fd
+	return fd, inherited.controlID
 }
+
+// earlySignals catches the restart signal in a process started by a
+// restart, from init until Start takes it over: a restart signal sent to
+// every process (pkill, systemctl kill) is meant for the old one, and
+// Go's default for SIGHUP would kill this one. What it catches is dropped.
+var earlySignals = make(chan os.Signal, 1)
+
+func catchEarlySignals() {
+	s, ok := os.LookupEnv(envSignal)
+	if !ok {
+		return
+	}
+	os.Unsetenv(envSignal)
+	if n, err := strconv.Atoi(s); err == nil && n > 0 && n < 65 && n != int(unix.SIGKILL) && n != int(unix.SIGSTOP) {
+		signal.Notify(earlySignals, syscall.Signal(n))
+	}
+}
+
+// stopEarlySignals ends catchEarlySignals' watch: Start calls it once it
+// catches the restart signal itself.
+func stopEarlySignals() { signal.Stop(earlySignals) }
 
 func closeFDNum(fd int) {
 	if fd >= 0 {

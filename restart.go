@@ -14,6 +14,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode"
+	"unicode/utf8"
 )
 
 // This file is the old process's side of a restart: the triggers, the
@@ -44,6 +46,8 @@ const (
 	envReadyFD   = "SHELLFLIP_READY_FD"   // socketpair end: readiness byte out, "you are main" byte in
 	envStateFD   = "SHELLFLIP_STATE_FD"   // pipe read end: state from the old process
 	envControlFD = "SHELLFLIP_CONTROL_FD" // the control socket's listening socket
+	envControlID = "SHELLFLIP_CONTROL_ID" // DEV:INO of the control socket's file, to tell whether the path still names it
+	envSignal    = "SHELLFLIP_SIGNAL"     // the restart signal's number: caught from init on, so that it cannot kill the new process
 
 	envListenPID     = "LISTEN_PID"
 	envListenFDs     = "LISTEN_FDS"
@@ -65,14 +69,29 @@ const (
 
 // Byte values on the readiness socket.
 const (
-	readyByte = 'R' // new process to old: I am ready
-	mainByte  = 'M' // old process to new: systemd now knows you as the main pid
+	readyByte            = 'R' // new process to old: I am ready
+	mainByte             = 'M' // old process to new: you are the main process now (systemd and the PID file know)
+	mainWritePIDFileByte = 'P' // the same, but writing the PID file failed: write it yourself
 )
 
-// restartFailedError carries the service's explanation verbatim.
+// restartFailedError carries the service's explanation, with characters
+// that are not printable escaped (as strconv.Quote escapes them): the text
+// comes from another process, and is printed to terminals and logs.
 type restartFailedError struct{ text string }
 
-func (e *restartFailedError) Error() string        { return e.text }
+func (e *restartFailedError) Error() string {
+	var b []byte
+	for _, r := range e.text {
+		if unicode.IsPrint(r) {
+			b = utf8.AppendRune(b, r)
+			continue
+		}
+		q := strconv.QuoteRuneToASCII(r)
+		b = append(b, q[1:len(q)-1]...)
+	}
+	return string(b)
+}
+
 func (e *restartFailedError) Is(target error) bool { return target == ErrRestartFailed }
 
 // DefaultReadyTimeout is how long a new process has to become ready when
@@ -235,15 +254,19 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 		return nil, errors.New("shellflip: Config.Args is empty")
 	}
 	for _, kv := range r.cfg.Env {
-		if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
+		k, _, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
 			return nil, fmt.Errorf("shellflip: Config.Env entry %q is not KEY=value", kv)
+		}
+		if reservedEnv(k) {
+			return nil, fmt.Errorf("shellflip: Config.Env may not set %s: the library sets it for the new process", k)
 		}
 	}
 
-	ctlFD := takeControlFD()
+	ctlFD, ctlID := takeControlFD()
 	if cfg.SocketPath != "" {
 		var err error
-		if r.ctl, err = listenControl(cfg.SocketPath, ctlFD, r.log); err != nil {
+		if r.ctl, err = listenControl(cfg.SocketPath, ctlFD, ctlID, r.log); err != nil {
 			return nil, err
 		}
 	} else if ctlFD >= 0 {
@@ -252,33 +275,50 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 
 	r.sig = make(chan os.Signal, 1) // signal.Notify needs a buffer
 	signal.Notify(r.sig, r.cfg.Signal)
+	stopEarlySignals()
 
-	// A fresh process names itself in the pid file before it is ready; a
+	// A fresh process names itself in the PID file before it is ready; a
 	// process started by a restart is named by the old one (handOver),
-	// before systemd learns of it and before the requester does.
+	// before systemd learns of it and before the requester does, or, if
+	// the old one died or failed to, names itself once it is main.
 	if cfg.PIDFile != "" && !StartedByRestart() {
 		if err := writePIDFile(cfg.PIDFile, os.Getpid()); err != nil {
-			r.log.Error("shellflip: writing the pid file", "path", cfg.PIDFile, "err", err)
+			signal.Stop(r.sig)
+			if r.ctl != nil {
+				r.ctl.finish(0, err, false)
+			}
+			return nil, fmt.Errorf("shellflip: writing the PID file: %w", err)
 		}
 	}
 	if err := Ready(); err != nil {
 		if !errors.Is(err, ErrOldProcessGone) {
 			signal.Stop(r.sig)
 			if r.ctl != nil {
-				r.ctl.finish(0, err)
+				r.ctl.finish(0, err, false)
 			}
 			return nil, err
 		}
 		r.log.Warn("shellflip: the old process went away before this one was ready; carrying on alone", "err", err)
-		if cfg.PIDFile != "" {
-			if err := writePIDFile(cfg.PIDFile, os.Getpid()); err != nil {
-				r.log.Error("shellflip: writing the pid file", "path", cfg.PIDFile, "err", err)
-			}
+	}
+	// Until the old process has made this one the main process, a restart
+	// signal is meant for the old one (a signal sent to every process, as
+	// pkill or systemctl kill send it): dropped, not acted on.
+	for waiting := true; waiting; {
+		select {
+		case <-MainChan():
+			waiting = false
+		case <-r.sig:
+			r.log.Warn("shellflip: restart signal ignored: this process is not the main process yet")
+		}
+	}
+	if cfg.PIDFile != "" && StartedByRestart() && mainNeedsPIDFile {
+		if err := writePIDFile(cfg.PIDFile, os.Getpid()); err != nil {
+			r.log.Error("shellflip: writing the PID file", "path", cfg.PIDFile, "err", err)
 		}
 	}
 
 	if r.ctl != nil {
-		r.ctl.serveFrom(MainChan())
+		go r.ctl.serve()
 	}
 	r.spawner = newSpawner()
 	r.ctx, r.cancel = context.WithCancel(ctx)
@@ -416,23 +456,25 @@ func (r *Restarter) handOver(p *Process, waiting []*restartRequest) {
 	if h := r.cfg.Lifecycle; h != nil && h.NewProcessReady != nil {
 		h.NewProcessReady(r.ctx, p.Pid)
 	}
+	mainAck := [1]byte{mainByte}
 	if r.cfg.PIDFile != "" {
 		if err := writePIDFile(r.cfg.PIDFile, p.Pid); err != nil {
-			r.log.Error("shellflip: writing the pid file", "path", r.cfg.PIDFile, "err", err)
+			r.log.Error("shellflip: writing the PID file; the new process will try", "path", r.cfg.PIDFile, "err", err)
+			mainAck[0] = mainWritePIDFileByte
 		}
 	}
 	if err := notifyMainPID(p.Pid); err != nil {
 		r.log.Error("shellflip: telling systemd about the new main process", "pid", p.Pid, "err", err)
 	}
+	if r.ctl != nil {
+		// Stop accepting before anyone learns the outcome: a client that
+		// asks again after its answer waits in the socket's backlog for
+		// the new process, and gets a restart of its own.
+		r.ctl.stopAccepting(p.Pid, nil)
+	}
 	for _, q := range waiting {
 		q.respond(r.log, p.Pid, nil)
 	}
-	if r.ctl != nil {
-		// Answer whatever else queued up, and stop serving the control
-		// socket, before the new process starts to.
-		r.ctl.finish(p.Pid, nil)
-	}
-	mainAck := [1]byte{mainByte}
 	if _, err := p.ready.Write(mainAck[:]); err != nil {
 		r.log.Warn("shellflip: telling the new process it is main", "pid", p.Pid, "err", err)
 	}
@@ -485,15 +527,17 @@ func writePIDFile(path string, pid int) error {
 	return err
 }
 
-// end records how the Restarter ended and releases its resources.
+// end records how the Restarter ended and releases its resources. The
+// restart signal stays caught, and from now on is dropped: Go's default for
+// SIGHUP is to exit, and a draining process must not die of a signal meant
+// for its successor (which a signal sent to every process reaches too).
 func (r *Restarter) end(p *Process, err error) {
-	signal.Stop(r.sig)
 	if r.ctl != nil {
 		pid := 0
 		if p != nil {
 			pid = p.Pid
 		}
-		r.ctl.finish(pid, err)
+		r.ctl.finish(pid, err, p != nil)
 	}
 	r.spawner.close()
 	r.proc, r.err = p, err
@@ -523,6 +567,9 @@ func (r *Restarter) restart(ctx context.Context) (_ *Process, err error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, r.cfg.ReadyTimeout, r.notReady)
 	defer cancel()
 
+	if os.Getpid() == 1 {
+		return nil, errors.New("this process is PID 1 of its pid namespace: when it exits after a restart, the kernel kills every process in the namespace, the new one too; run it under an init (tini, dumb-init, docker run --init) or from a parent that sets PR_SET_CHILD_SUBREAPER")
+	}
 	path, err := r.program()
 	if err != nil {
 		return nil, err
@@ -544,12 +591,12 @@ func (r *Restarter) restart(ctx context.Context) (_ *Process, err error) {
 	files, names, unlock := passFDs([]uintptr{0, 1, 2}, nil)
 	nListen := len(files) - 3
 	files = append(files, uintptr(readyC), uintptr(stateR))
-	ctlFD := -1
+	ctlFD, ctlID := -1, ""
 	if r.ctl != nil {
-		ctlFD = len(files)
+		ctlFD, ctlID = len(files), r.ctl.id.String()
 		files = append(files, uintptr(r.ctl.fd))
 	}
-	env := childEnv(os.Environ(), r.cfg.Env, names, 3+nListen, 4+nListen, ctlFD)
+	env := childEnv(os.Environ(), r.cfg.Env, names, 3+nListen, 4+nListen, ctlFD, ctlID, r.cfg.Signal)
 	pid, err := r.spawner.spawn(path, r.cfg.Args, env, startDir, files)
 	unlock()
 	closeFDNum(readyC)
@@ -570,9 +617,11 @@ func (r *Restarter) restart(ctx context.Context) (_ *Process, err error) {
 		return nil, err
 	}
 	failed := func(err error) (*Process, error) {
-		ready.Close()
+		// Kill and reap before closing the readiness socket: a new process
+		// that saw it close would take itself for the main process.
 		child.kill()
 		<-child.done
+		ready.Close()
 		status := child.status()
 		if status != "signal: killed" && (errors.Is(err, errReadyEOF) || errors.Is(err, syscall.EPIPE)) {
 			// It was not our SIGKILL that ended it: it exited, and the
@@ -659,8 +708,21 @@ func (r *Restarter) program() (string, error) {
 	if !filepath.IsAbs(path) {
 		path = filepath.Join(startDir, path)
 	}
-	if isExecutable(path) || r.cfg.Path != "" {
+	if r.cfg.Path != "" {
 		return path, nil
+	}
+	fi, err := os.Stat(path)
+	switch {
+	case err == nil && !fi.Mode().IsRegular():
+		return "", fmt.Errorf("%s is a %v, not a program", path, fi.Mode().Type())
+	case err == nil && fi.Mode().Perm()&0o111 == 0:
+		// A deploy that is not finished: restarting the running
+		// executable instead would report success and run the old code.
+		return "", fmt.Errorf("%s is not executable (mode %v)", path, fi.Mode().Perm())
+	case err == nil:
+		return path, nil
+	case !errors.Is(err, os.ErrNotExist):
+		return "", err
 	}
 	exe, err := runningExecutable()
 	if err != nil {
@@ -699,12 +761,12 @@ func isExecutable(path string) bool {
 // process's fds. LISTEN_PID is "auto": the new process's init sets its own
 // pid there (FixupListenPID). So is WATCHDOG_PID if systemd set it to this
 // process: the watchdog passes to the new main process with everything else.
-func childEnv(environ, extra, names []string, readyFD, stateFD, ctlFD int) []string {
+func childEnv(environ, extra, names []string, readyFD, stateFD, ctlFD int, ctlID string, sig os.Signal) []string {
 	ownWatchdog := envWatchdogPID + "=" + strconv.Itoa(os.Getpid())
 	drop := func(kv string) bool {
 		k, _, _ := strings.Cut(kv, "=")
 		switch k {
-		case envListenPID, envListenFDs, envListenFDNames, envReadyFD, envStateFD, envControlFD:
+		case envListenPID, envListenFDs, envListenFDNames, envReadyFD, envStateFD, envControlFD, envControlID, envSignal:
 			return true
 		}
 		for _, e := range extra {
@@ -732,9 +794,23 @@ func childEnv(environ, extra, names []string, readyFD, stateFD, ctlFD int) []str
 	}
 	env = append(env, envReadyFD+"="+strconv.Itoa(readyFD), envStateFD+"="+strconv.Itoa(stateFD))
 	if ctlFD >= 0 {
-		env = append(env, envControlFD+"="+strconv.Itoa(ctlFD))
+		env = append(env, envControlFD+"="+strconv.Itoa(ctlFD), envControlID+"="+ctlID)
+	}
+	if n, ok := sig.(syscall.Signal); ok {
+		env = append(env, envSignal+"="+strconv.Itoa(int(n)))
 	}
 	return env
+}
+
+// reservedEnv reports whether the library sets the variable k for the new
+// process, so that Config.Env may not.
+func reservedEnv(k string) bool {
+	switch k {
+	case envListenPID, envListenFDs, envListenFDNames, envWatchdogPID,
+		envReadyFD, envStateFD, envControlFD, envControlID, envSignal:
+		return true
+	}
+	return false
 }
 
 // spawner forks from one goroutine locked to its own OS thread, the

@@ -3,17 +3,21 @@
 package shellflip
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"math/bits"
+	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -283,9 +287,9 @@ func TestChildEnv(t *testing.T) {
 	env := childEnv(
 		[]string{"PATH=/bin", "LISTEN_FDS=9", "LISTEN_PID=1", "LISTEN_FDNAMES=x", "SHELLFLIP_READY_FD=4", "KEEP=1", "OVER=old"},
 		[]string{"OVER=new", "EXTRA=1"},
-		[]string{"a", "b"}, 5, 6, 7)
+		[]string{"a", "b"}, 5, 6, 7, "1:2", syscall.SIGHUP)
 	want := []string{"PATH=/bin", "KEEP=1", "OVER=new", "EXTRA=1", "LISTEN_PID=auto", "LISTEN_FDS=2", "LISTEN_FDNAMES=a:b",
-		"SHELLFLIP_READY_FD=5", "SHELLFLIP_STATE_FD=6", "SHELLFLIP_CONTROL_FD=7"}
+		"SHELLFLIP_READY_FD=5", "SHELLFLIP_STATE_FD=6", "SHELLFLIP_CONTROL_FD=7", "SHELLFLIP_CONTROL_ID=1:2", "SHELLFLIP_SIGNAL=1"}
 	if !slices.Equal(env, want) {
 		t.Errorf("childEnv:\n got %q\nwant %q", env, want)
 	}
@@ -422,5 +426,235 @@ func TestAllocsRestart(t *testing.T) {
 		registered, allocs, after.TotalAlloc-before.TotalAlloc)
 	if allocs > budget {
 		t.Errorf("old side of a restart with %d fds registered: %v allocations, budget %v", registered, allocs, budget)
+	}
+}
+
+// TestRestartRefusedAsPID1: as PID 1 of its pid namespace (a container's
+// entrypoint), the old process's exit would take the namespace down, the new
+// process with it. The restart is refused with a reason, and the process
+// keeps serving.
+func TestRestartRefusedAsPID1(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create a pid namespace (CLONE_NEWPID)")
+	}
+	c := newTestCluster(t)
+	r0 := c.startCmd(os.Args[0], "server", func(cmd *exec.Cmd) {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID}
+	}, envTestListen+"=tcp=127.0.0.1:0")
+	if r0["pid"] != "1" {
+		t.Fatalf("the server reports pid %s, want 1 in its own pid namespace", r0["pid"])
+	}
+	for range 2 {
+		err := c.requestErr()
+		if !errors.Is(err, ErrRestartFailed) || !strings.Contains(err.Error(), "PID 1") || !strings.Contains(err.Error(), "PR_SET_CHILD_SUBREAPER") {
+			t.Fatalf("restart as PID 1: %v, want a refusal that says why and what to do", err)
+		}
+	}
+	_, addr, _ := strings.Cut(r0["addrs"], "=")
+	if hello := dialHello(t, addr); hello["pid"] != "1" {
+		t.Errorf("after the refusal the listener is served by %v, want pid 1", hello)
+	}
+}
+
+// dialHello connects to a test server's listener and returns its greeting.
+func dialHello(t *testing.T, addr string) map[string]string {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, testDeadline)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(testDeadline))
+	line, err := bufio.NewReader(conn).ReadString('\n')
+	if err != nil {
+		t.Fatalf("reading the greeting: %v", err)
+	}
+	return parseReport("hello " + strings.TrimSpace(line))
+}
+
+// TestRestartSignalBeforeMain: a restart signal sent to every process
+// (pkill -USR1) while a restart hands over reaches the new process before
+// it is the main process. It must neither kill it (before Start) nor start a
+// nested restart (after Start): it is dropped with a log line.
+func TestRestartSignalBeforeMain(t *testing.T) {
+	c := newTestCluster(t)
+	hold := makeFIFO(t, c.dir, "hold")
+	handOff := makeFIFO(t, c.dir, "handoff")
+	r0 := c.start("server", envTestHoldFIFO+"="+hold, envTestHoldHandOff+"="+handOff)
+	ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
+	defer cancel()
+	answer := make(chan error, 1)
+	go func() {
+		_, err := RequestRestart(ctx, c.socket)
+		answer <- err
+	}()
+	// Before Start: the new process is held during its initialisation.
+	st := c.reports.next("started")
+	np, _ := strconv.Atoi(st["pid"])
+	c.track(np)
+	signalAll := func() {
+		for _, pid := range []string{r0["pid"], st["pid"]} {
+			p, _ := strconv.Atoi(pid)
+			if err := unix.Kill(p, unix.SIGUSR1); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	signalAll()
+	releaseFIFO(t, hold)
+	// After Start, before it is main: the old process is held in
+	// NewProcessReady, after the readiness byte.
+	c.reports.next("hookready")
+	signalAll()
+	if l := c.reports.next("log"); l["pid"] != st["pid"] || !strings.Contains(l["msg"], "not the main process") {
+		t.Fatalf("the new process logged %v, want that it dropped the signal because it is not main yet", l)
+	}
+	releaseFIFO(t, handOff)
+	if err := <-answer; err != nil {
+		t.Fatalf("the restart: %v", err)
+	}
+	c.reports.next("replaced")
+	// One restart, not two: the next generation is 2, started by this
+	// request.
+	r1 := c.reports.next("ready")
+	if r1["pid"] != st["pid"] {
+		t.Fatalf("ready report %v, want pid %s", r1, st["pid"])
+	}
+	c.reports.nextFrom("main", r1["pid"])
+	// The next restart goes through the same holds, in generation 2 and in
+	// generation 1's NewProcessReady.
+	go func() {
+		for _, fifo := range []string{hold, handOff} {
+			if f, err := os.OpenFile(fifo, os.O_WRONLY, 0); err == nil {
+				f.WriteString("go\n")
+				f.Close()
+			}
+		}
+	}()
+	if r2 := c.restart(r1["pid"]); r2["gen"] != "2" {
+		t.Errorf("the next restart made generation %s, want 2", r2["gen"])
+	}
+}
+
+// TestRestartDrainingIgnoresSignal: once its Restarter has ended, a
+// draining old process ignores the restart signal instead of dying of it
+// (Go's default for SIGHUP and SIGUSR1 is to exit).
+func TestRestartDrainingIgnoresSignal(t *testing.T) {
+	for _, sig := range []string{"USR1", "HUP"} {
+		t.Run(sig, func(t *testing.T) {
+			c := newTestCluster(t)
+			linger := makeFIFO(t, c.dir, "linger")
+			r0 := c.start("server", envTestLinger+"="+linger, envTestSignal+"="+sig)
+			c.restart(r0["pid"])
+			c.reports.next("draining")
+			pid, _ := strconv.Atoi(r0["pid"])
+			if err := unix.Kill(pid, unix.SignalNum("SIG"+sig)); err != nil {
+				t.Fatal(err)
+			}
+			releaseFIFO(t, linger)
+			<-c.exited
+			if c.status != "exit status 0" {
+				t.Errorf("the draining process ended with %q, want exit status 0", c.status)
+			}
+		})
+	}
+}
+
+// TestRestartPIDFileAfterOldDies: the old process dies after the readiness
+// byte and before it hands over; the new process becomes main by itself,
+// and the PID file names it.
+func TestRestartPIDFileAfterOldDies(t *testing.T) {
+	c := newTestCluster(t)
+	pidFile := filepath.Join(c.dir, "pid")
+	r0 := c.start("server", envTestPIDFile+"="+pidFile, envTestDieHandOff+"=1")
+	if got := readPIDFile(t, pidFile); got != r0["pid"] {
+		t.Fatalf("PID file says %s, want %s", got, r0["pid"])
+	}
+	pid, _ := strconv.Atoi(r0["pid"])
+	unix.Kill(pid, unix.SIGUSR1)
+	r1 := c.reports.next("ready")
+	np, _ := strconv.Atoi(r1["pid"])
+	c.track(np)
+	<-c.exited
+	c.reports.nextFrom("main", r1["pid"])
+	if got := readPIDFile(t, pidFile); got != r1["pid"] {
+		t.Errorf("PID file says %s after the old process died, want the new process, %s", got, r1["pid"])
+	}
+}
+
+// TestRestartFailedNeverMain: a new process whose restart failed is killed
+// and reaped before its readiness socket closes, so it never takes itself
+// for the main process (it would write the PID file, among other things).
+func TestRestartFailedNeverMain(t *testing.T) {
+	c := newTestCluster(t)
+	pidFile := filepath.Join(c.dir, "pid")
+	knob := filepath.Join(c.dir, "knob")
+	os.WriteFile(knob, nil, 0o600)
+	r0 := c.start("server", envTestPIDFile+"="+pidFile, envTestStateFail+"="+knob)
+	err := c.requestErr()
+	if !strings.Contains(err.Error(), "state refused by test knob") {
+		t.Fatalf("RequestRestart: %v", err)
+	}
+	var bad int
+	fmt.Sscanf(err.Error(), "new process %d:", &bad)
+	waitGone(t, bad)
+	if got := readPIDFile(t, pidFile); got != r0["pid"] {
+		t.Errorf("PID file says %s after a failed restart, want %s", got, r0["pid"])
+	}
+	c.restart(r0["pid"])
+	for _, l := range c.reports.drain() {
+		if strings.HasPrefix(l, "main pid="+strconv.Itoa(bad)+" ") || l == "main pid="+strconv.Itoa(bad) {
+			t.Errorf("the failed process %d took itself for main", bad)
+		}
+	}
+}
+
+func readPIDFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// TestRestartProgramNotExecutable: a program file that exists but cannot be
+// executed (a half-done deploy) fails the restart; it does not fall back to
+// the running executable, which would restart the old code and report
+// success.
+func TestRestartProgramNotExecutable(t *testing.T) {
+	c := newTestCluster(t)
+	bin := filepath.Join(c.dir, "prog.test")
+	if err := copyExecutable(os.Args[0], bin); err != nil {
+		t.Fatal(err)
+	}
+	r0 := c.startBin(bin, "server")
+	// A deploy renames a new file into place, but its mode is not set yet.
+	deploy := bin + ".new"
+	if err := copyExecutable(os.Args[0], deploy); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(deploy, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(deploy, bin); err != nil {
+		t.Fatal(err)
+	}
+	err := c.requestErr()
+	if !errors.Is(err, ErrRestartFailed) || !strings.Contains(err.Error(), "not executable") {
+		t.Fatalf("restart with a non-executable program: %v, want a failure that says so", err)
+	}
+	os.Chmod(bin, 0o755)
+	c.restart(r0["pid"])
+}
+
+// TestRestartEnvReserved: Config.Env may not set the variables that the
+// library writes for the new process.
+func TestRestartEnvReserved(t *testing.T) {
+	for _, kv := range []string{"LISTEN_FDS=3", "LISTEN_PID=1", "LISTEN_FDNAMES=x", "SHELLFLIP_READY_FD=9", "WATCHDOG_PID=1", "NOEQUALS", "=x"} {
+		_, err := Start(context.Background(), Config{Env: []string{"OK=1", kv}})
+		if err == nil || !strings.Contains(err.Error(), "Config.Env") {
+			t.Errorf("Start with Env %q: %v, want an error naming Config.Env", kv, err)
+		}
 	}
 }

@@ -278,6 +278,8 @@ func restarterTestState(t *testing.T, bin string) {
 				if n != 1 || b[0] != readyByte {
 					t.Fatalf("readiness socket: read %q, %v; want %q", b[:n], rerr, readyByte)
 				}
+				// As the old process would: confirm that it is main.
+				readyOld.Write([]byte{mainByte})
 				srv.expectInstance(tc.gen, "")
 				return
 			}

@@ -182,3 +182,17 @@ func peerUID(fd int) (int, error) {
 	}
 	return int(cred.Uid), nil
 }
+
+// putBack renames from to to, unless something is at to: renameat2(2) with
+// RENAME_NOREPLACE (Linux 3.15; some filesystems refuse the flag, and then
+// link(2) and unlink(2) do the same for anything but a directory).
+func putBack(from, to string) error {
+	err := unix.Renameat2(unix.AT_FDCWD, from, unix.AT_FDCWD, to, unix.RENAME_NOREPLACE)
+	if err != unix.EINVAL {
+		return err
+	}
+	if err := unix.Link(from, to); err != nil {
+		return err
+	}
+	return unix.Unlink(from)
+}

@@ -145,3 +145,12 @@ func peerUID(fd int) (int, error) {
 	}
 	return int(cred.Uid), nil
 }
+
+// putBack: see spawn_linux.go; there is no renameat2 here, so link(2) and
+// unlink(2) (which cannot move a directory).
+func putBack(from, to string) error {
+	if err := unix.Link(from, to); err != nil {
+		return err
+	}
+	return unix.Unlink(from)
+}

@@ -112,9 +112,8 @@ func init() {
 // systemdServiceRole is the service. Every generation reports, in order:
 //
 //	started pid= restarted= names=   (names: the registry before Listen)
-//	early pid= err=                  (restarted only: a Send before Ready)
-//	notmain pid= err=                (restarted only: a Send after Ready)
-//	ready pid= gen= inherited= ino=  (Start returned)
+//	early pid= err=                  (restarted only: a Send before Start)
+//	ready pid= gen= inherited= ino=  (Start returned: main)
 //	main pid= err=                   (IsMain: STATUS=main pid=N, then a barrier)
 //	replaced pid= new=               (a restart succeeded; it stops accepting and exits)
 //
@@ -195,9 +194,6 @@ func systemdServiceRole() int {
 	if err != nil {
 		report("error pid=%d start: %v", pid, err)
 		return 1
-	}
-	if StartedByRestart() {
-		report("notmain pid=%d err=%v", pid, n.Send(SdStatus("not main yet")))
 	}
 	go func() {
 		<-MainChan()
@@ -748,10 +744,6 @@ func (ns *systemdNS) followRestart(old, pid string) {
 	if early := r.next("early"); !strings.Contains(early["err"], ErrNotMain.Error()) {
 		ns.t.Errorf("a new process's Send before Ready returned %q, want ErrNotMain", early["err"])
 	}
-	// Whether the Send after Ready was refused depends on how soon the old
-	// process gets systemd's answer to its barrier; either way systemd must
-	// not complain about it (checked on the console by the callers).
-	r.next("notmain")
 	if ready := r.next("ready"); ready["pid"] != pid {
 		ns.t.Fatalf("RequestRestart returned %s, but %s became ready", pid, ready["pid"])
 	}
@@ -1221,19 +1213,16 @@ func systemdHandOver(t *testing.T, c *testCluster, rec *systemdNotifyRecorder, o
 			unix.Close(fd)
 		}
 	}()
-	// The new process is ready, and not main: its Send is refused.
-	if nm := c.reports.next("notmain"); nm["pid"] != strconv.Itoa(pid) || !strings.Contains(nm["err"], ErrNotMain.Error()) {
-		t.Errorf("the new process's Send after Ready, before the barrier was released: %v, want ErrNotMain", nm)
-	}
-	if ready := c.reports.next("ready"); ready["pid"] != strconv.Itoa(pid) {
-		t.Fatalf("ready report %v, want pid=%d", ready, pid)
-	}
 	rec.expectNone(t, "while the barrier was held")
 	if release != nil {
 		release()
 	}
 	unix.Close(fd)
 	closed = true
+	// Start returns in the new process once the old one made it main.
+	if ready := c.reports.next("ready"); ready["pid"] != strconv.Itoa(pid) {
+		t.Fatalf("ready report %v, want pid=%d", ready, pid)
+	}
 	if repl := c.reports.next("replaced"); repl["pid"] != strconv.Itoa(old) || repl["new"] != strconv.Itoa(pid) {
 		t.Fatalf("old process reported %v, want pid=%d new=%d", repl, old, pid)
 	}
@@ -1280,7 +1269,7 @@ func TestSystemdNotifyReloadDatagrams(t *testing.T) {
 // TestSystemdHandOverWaitsForBarrier: the old process sends MAINPID and
 // READY=1, then a barrier, and answers the requester only once systemd has
 // released the barrier, that is, has processed MAINPID; until then the new
-// process, ready but not main, has its own Send refused with ErrNotMain.
+// process, ready but not main, sends nothing.
 func TestSystemdHandOverWaitsForBarrier(t *testing.T) {
 	c := newTestCluster(t)
 	rec := systemdListenNotify(t, c.dir)

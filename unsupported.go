@@ -22,10 +22,10 @@ var defaultSignal os.Signal = os.Interrupt
 
 var startDir string
 
-func inheritanceErr() error { return ErrNotSupported }
-func takeControlFD() int    { return -1 }
-func closeFDNum(int)        {}
-func sealFDs()              {}
+func inheritanceErr() error        { return ErrNotSupported }
+func takeControlFD() (int, string) { return -1, "" }
+func closeFDNum(int)               {}
+func sealFDs()                     {}
 func notifyMainPID(int) error {
 	return ErrNotSupported
 }
@@ -59,14 +59,21 @@ func (q *restartRequest) respond(_ *slog.Logger, pid int, err error) {
 
 type controlServer struct {
 	fd   int
+	id   noID
 	reqs chan *restartRequest
 }
 
-func listenControl(string, int, *slog.Logger) (*controlServer, error) {
+type noID struct{}
+
+func (noID) String() string { return "" }
+
+func listenControl(string, int, string, *slog.Logger) (*controlServer, error) {
 	return nil, ErrNotSupported
 }
-func (*controlServer) finish(int, error)         {}
-func (*controlServer) serveFrom(<-chan struct{}) {}
+func (*controlServer) finish(int, error, bool)  {}
+func (*controlServer) stopAccepting(int, error) {}
+func (*controlServer) serve()                   {}
+func stopEarlySignals()                         {}
 
 // FixupListenPID does nothing on this platform.
 func FixupListenPID() {}

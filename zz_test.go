@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -17,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -49,6 +51,12 @@ const (
 	envTestStateSize   = "SHELLFLIP_TEST_STATE_SIZE"   // bytes of filler state after the generation line
 	envTestSelfRestart = "SHELLFLIP_TEST_SELF_RESTART" // generation 0 calls Restarter.Restart
 	envTestWatchdog    = "SHELLFLIP_TEST_WATCHDOG"     // generation 0 sets WATCHDOG_USEC and WATCHDOG_PID as systemd would
+	envTestPIDFile     = "SHELLFLIP_TEST_PIDFILE"      // Config.PIDFile
+	envTestHoldHandOff = "SHELLFLIP_TEST_HOLD_HANDOFF" // an old process's NewProcessReady waits for a line on this fifo
+	envTestDieHandOff  = "SHELLFLIP_TEST_DIE_HANDOFF"  // an old process's NewProcessReady exits 9: the old process dies mid-handover
+	envTestLinger      = "SHELLFLIP_TEST_LINGER"       // a replaced process waits for a line on this fifo before it exits
+	envTestSignal      = "SHELLFLIP_TEST_SIGNAL"       // "HUP": Config.Signal is SIGHUP
+	envTestUmask       = "SHELLFLIP_TEST_UMASK"        // octal umask set at start
 )
 
 // testDeadline bounds every wait in these tests; a healthy run is far
@@ -65,9 +73,10 @@ func TestMain(m *testing.M) {
 // testRoles maps $SHELLFLIP_TEST_ROLE values to what the re-executed test
 // binary does; test files add their own roles in init functions.
 var testRoles = map[string]func() int{
-	"server": testServer,
-	"fds":    testReportFDs,
-	"client": testClient,
+	"server":     testServer,
+	"fds":        testReportFDs,
+	"client":     testClient,
+	"fakeserver": testFakeServer,
 }
 
 func runTestRole(role string) int {
@@ -106,6 +115,10 @@ func testServer() int {
 	gen := 0
 	pid := os.Getpid()
 	report("started pid=%d", pid)
+	if m := os.Getenv(envTestUmask); m != "" {
+		u, _ := strconv.ParseUint(m, 8, 32)
+		syscall.Umask(int(u))
+	}
 	if os.Getenv(envTestWatchdog) != "" && !StartedByRestart() {
 		os.Setenv("WATCHDOG_USEC", "3000000")
 		os.Setenv("WATCHDOG_PID", strconv.Itoa(pid))
@@ -167,12 +180,8 @@ func testServer() int {
 		}
 		addrs = append(addrs, a.Network()+"="+a.String())
 	}
-	if fifo := os.Getenv(envTestHoldFIFO); fifo != "" && StartedByRestart() {
-		f, err := os.Open(fifo)
-		if err == nil {
-			bufio.NewReader(f).ReadString('\n')
-			f.Close()
-		}
+	if StartedByRestart() {
+		waitFIFO(os.Getenv(envTestHoldFIFO))
 	}
 	if StartedByRestart() && takeKnob(envTestFailFile) {
 		switch os.Getenv(envTestFailMode) {
@@ -190,9 +199,20 @@ func testServer() int {
 	}
 	timeout, _ := time.ParseDuration(os.Getenv(envTestTimeout))
 	stateSize, _ := strconv.Atoi(os.Getenv(envTestStateSize))
+	var sig os.Signal
+	if os.Getenv(envTestSignal) == "HUP" {
+		sig = syscall.SIGHUP
+	}
+	go func() {
+		<-MainChan()
+		report("main pid=%d", pid)
+	}()
 	r, err := Start(context.Background(), Config{
 		SocketPath:   os.Getenv(envTestSocket),
 		ReadyTimeout: timeout,
+		PIDFile:      os.Getenv(envTestPIDFile),
+		Signal:       sig,
+		Logger:       slog.New(reportLogs{}),
 		Lifecycle: &Lifecycle{
 			SendState: func(ctx context.Context, w io.Writer) error {
 				if takeKnob(envTestStateFail) {
@@ -209,11 +229,15 @@ func testServer() int {
 			},
 			NewProcessReady: func(_ context.Context, newPid int) {
 				report("hookready pid=%d new=%d", pid, newPid)
+				if os.Getenv(envTestDieHandOff) != "" {
+					os.Exit(9)
+				}
+				waitFIFO(os.Getenv(envTestHoldHandOff))
 			},
 		},
 	})
 	if err != nil {
-		report("error pid=%d start: %v", pid, err)
+		report("error pid=%d err=start: %v", pid, err)
 		return 1
 	}
 	wd, wdOn, wdErr := SdWatchdogInterval()
@@ -243,7 +267,73 @@ func testServer() int {
 		return 1
 	}
 	report("replaced pid=%d new=%d", pid, p.Pid)
+	if fifo := os.Getenv(envTestLinger); fifo != "" {
+		report("draining pid=%d", pid)
+		waitFIFO(fifo)
+	}
 	return 0
+}
+
+// waitFIFO waits for a line on the fifo at path, if path is set.
+func waitFIFO(path string) {
+	if path == "" {
+		return
+	}
+	if f, err := os.Open(path); err == nil {
+		bufio.NewReader(f).ReadString('\n')
+		f.Close()
+	}
+}
+
+// releaseFIFO writes the line that a process in waitFIFO waits for; it
+// blocks until that process has opened the fifo.
+func releaseFIFO(t *testing.T, path string) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() {
+		f, err := os.OpenFile(path, os.O_WRONLY, 0)
+		if err == nil {
+			_, err = f.WriteString("go\n")
+			f.Close()
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(testDeadline):
+		t.Fatalf("nobody opened the fifo %s in %v", path, testDeadline)
+	}
+}
+
+// makeFIFO creates a fifo in dir and returns its path.
+func makeFIFO(t *testing.T, dir, name string) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	if err := unix.Mkfifo(p, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// reportLogs sends the library's warnings and errors to the test as "log"
+// reports: "log pid=PID level=LEVEL msg=MESSAGE k=v...".
+type reportLogs struct{}
+
+func (reportLogs) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelWarn }
+func (reportLogs) WithAttrs([]slog.Attr) slog.Handler           { return reportLogs{} }
+func (reportLogs) WithGroup(string) slog.Handler                { return reportLogs{} }
+func (reportLogs) Handle(_ context.Context, r slog.Record) error {
+	var b strings.Builder
+	fmt.Fprintf(&b, "log pid=%d level=%s msg=%s", os.Getpid(), r.Level, r.Message)
+	r.Attrs(func(a slog.Attr) bool {
+		fmt.Fprintf(&b, " %s=%v", a.Key, a.Value)
+		return true
+	})
+	report("%s", b.String())
+	return nil
 }
 
 // serveHello greets every connection with the pid and generation.
@@ -350,7 +440,7 @@ func (r *testReports) next(prefix string) map[string]string {
 	timeout := time.After(testDeadline)
 	for {
 		for i, line := range r.seen {
-			if strings.HasPrefix(line, prefix+" ") {
+			if line == prefix || strings.HasPrefix(line, prefix+" ") {
 				r.seen = slices.Delete(r.seen, i, i+1)
 				return parseReport(line)
 			}
@@ -368,6 +458,12 @@ func (r *testReports) next(prefix string) map[string]string {
 			r.t.Fatalf("waiting for a %q report: none in %v (unclaimed reports: %q)", prefix, testDeadline, r.seen)
 		}
 	}
+}
+
+// nextFrom is next for the first report of that kind from pid.
+func (r *testReports) nextFrom(prefix, pid string) map[string]string {
+	r.t.Helper()
+	return r.next(prefix + " pid=" + pid)
 }
 
 // drain returns the reports that arrived and were not claimed, for failure
@@ -395,7 +491,7 @@ func parseReport(line string) map[string]string {
 		var field string
 		field, rest, _ = strings.Cut(rest, " ")
 		k, v, _ := strings.Cut(field, "=")
-		if k == "err" { // the error text runs to the end of the line
+		if k == "err" || k == "msg" { // the text runs to the end of the line
 			if rest != "" {
 				v += " " + rest
 			}
@@ -413,6 +509,7 @@ type testCluster struct {
 	socket  string
 	reports *testReports
 	exited  chan struct{} // closed when generation 0 has exited and was reaped
+	status  string        // how generation 0 ended, once exited is closed
 	mu      sync.Mutex
 	pids    []int
 }
@@ -435,6 +532,14 @@ func (c *testCluster) start(role string, env ...string) map[string]string {
 // startBin is start with the test binary at bin.
 func (c *testCluster) startBin(bin, role string, env ...string) map[string]string {
 	c.t.Helper()
+	return c.startCmd(bin, role, nil, env...)
+}
+
+// startCmd is startBin with a chance to adjust the command first. If adjust
+// is set, the ready report's pid is not checked against the started one
+// (adjust may put it in another pid namespace).
+func (c *testCluster) startCmd(bin, role string, adjust func(*exec.Cmd), env ...string) map[string]string {
+	c.t.Helper()
 	cmd := exec.Command(bin, "-test.run=^$")
 	cmd.Env = append(os.Environ(),
 		// A race-enabled binary otherwise sleeps a second at exit.
@@ -444,6 +549,9 @@ func (c *testCluster) startBin(bin, role string, env ...string) map[string]strin
 		envTestSocket+"="+c.socket)
 	cmd.Env = append(cmd.Env, env...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if adjust != nil {
+		adjust(cmd)
+	}
 	if err := cmd.Start(); err != nil {
 		c.t.Fatal(err)
 	}
@@ -451,12 +559,13 @@ func (c *testCluster) startBin(bin, role string, env ...string) map[string]strin
 	// generations are its children, reaped by it, or reparented.
 	go func() {
 		cmd.Wait()
+		c.status = cmd.ProcessState.String()
 		close(c.exited)
 	}()
 	c.track(cmd.Process.Pid)
 	c.reports.next("started")
 	rep := c.reports.next("ready")
-	if rep["pid"] != strconv.Itoa(cmd.Process.Pid) {
+	if adjust == nil && rep["pid"] != strconv.Itoa(cmd.Process.Pid) {
 		c.t.Fatalf("ready report from pid %s, started %d", rep["pid"], cmd.Process.Pid)
 	}
 	return rep
@@ -590,7 +699,30 @@ func countFDs(t *testing.T) int {
 	return len(ents)
 }
 
-// TestRequestRestartNoServer: a missing socket is a plain dial error, not
+// nobodyBinary prepares c for a process of uid 65534 (nobody): c's
+// directory, the path to it and the report socket become reachable, and
+// the test binary is copied out of the go command's private build
+// directory. It returns the copy's path.
+func (c *testCluster) nobodyBinary() string {
+	c.t.Helper()
+	if os.Geteuid() != 0 {
+		c.t.Skip("needs root to run a process as another uid; CI runs as root")
+	}
+	os.Chmod(c.reports.path, 0o777)
+	for d := c.dir; d != "/" && d != os.TempDir(); d = filepath.Dir(d) {
+		os.Chmod(d, 0o755)
+	}
+	bin := filepath.Join(c.dir, "nobody.test")
+	if err := copyExecutable(os.Args[0], bin); err != nil {
+		c.t.Fatal(err)
+	}
+	return bin
+}
+
+// asNobody makes cmd run as uid and gid 65534.
+func asNobody(cmd *exec.Cmd) {
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+}
 
 func copyExecutable(src, dst string) error {
 	b, err := os.ReadFile(src)
