@@ -361,6 +361,9 @@ var (
 	isMain atomic.Bool
 	// mainCh is closed when isMain becomes true.
 	mainCh = make(chan struct{})
+	// rejected is closed if the old process gave up on this one after it
+	// was ready (its restart failed meanwhile): it is not to be main.
+	rejected = make(chan struct{})
 	// mainNeedsPIDFile is set, before mainCh is closed, if the old
 	// process did not name this one in the PID file (it died, or failed).
 	mainNeedsPIDFile bool
@@ -407,7 +410,14 @@ func ready() error {
 	b := [1]byte{readyByte}
 	_, err := ignoringEINTRIO(func() (int, error) { return unix.Write(fd, b[:]) })
 	if err != nil {
+		// The old process closed its end: it died, or it gave up on this
+		// process and said so first (rejectedByte, still readable here).
+		n, _ := ignoringEINTRIO(func() (int, error) { return unix.Read(fd, b[:]) })
 		unix.Close(fd)
+		if n == 1 && b[0] == rejectedByte {
+			close(rejected)
+			return errRejected
+		}
 		becomeMain()
 		if err == unix.EPIPE || err == unix.ECONNRESET {
 			return fmt.Errorf("%w: telling it that this process is ready: %v", ErrOldProcessGone, err)
@@ -422,6 +432,10 @@ func ready() error {
 		defer unix.Close(fd)
 		var b [1]byte
 		ignoringEINTRIO(func() (int, error) { return unix.Read(fd, b[:]) })
+		if b[0] == rejectedByte {
+			close(rejected)
+			return
+		}
 		// Whether the old process confirmed (mainByte) or went away (EOF,
 		// error), there is no one else left to be the main process.
 		mainNeedsPIDFile = b[0] != mainByte
@@ -429,6 +443,8 @@ func ready() error {
 	}()
 	return nil
 }
+
+var errRejected = errors.New("shellflip: the old process rejected this process: the restart failed")
 
 func becomeMain() {
 	if isMain.CompareAndSwap(false, true) {

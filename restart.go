@@ -72,6 +72,7 @@ const (
 	readyByte            = 'R' // new process to old: I am ready
 	mainByte             = 'M' // old process to new: you are the main process now (systemd and the PID file know)
 	mainWritePIDFileByte = 'P' // the same, but writing the PID file failed: write it yourself
+	rejectedByte         = 'X' // old process to new: the restart failed; you are not wanted
 )
 
 // restartFailedError carries the service's explanation, with characters
@@ -307,6 +308,12 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 		select {
 		case <-MainChan():
 			waiting = false
+		case <-rejected:
+			signal.Stop(r.sig)
+			if r.ctl != nil {
+				r.ctl.finish(0, errRejected, false)
+			}
+			return nil, errRejected
 		case <-r.sig:
 			r.log.Warn("shellflip: restart signal ignored: this process is not the main process yet")
 		}
@@ -445,17 +452,15 @@ func (r *Restarter) run(ctx context.Context) {
 	}
 }
 
-// handOver makes the new process the service's main process: this process
-// stops accepting (NewProcessReady); the pid file and then systemd learn the
-// new pid (with READY=1 in the same datagram, so that NotifyAccess=main
-// suffices, and a barrier to know systemd processed it); the requesters
-// learn it, and so does every client still queued on the control socket;
-// last, the new process learns that it is main, and starts serving the
-// control socket and talking to systemd.
+// handOver makes the new process the service's main process. This process
+// keeps serving until the last moment, so that nothing waits on the
+// handover: the PID file and then systemd learn the new pid (with READY=1
+// in the same datagram, so that NotifyAccess=main suffices, and a barrier
+// to know systemd processed it); then this process stops accepting
+// (NewProcessReady, and the control socket); the requesters learn the new
+// pid; last, the new process learns that it is main, and its Start
+// returns.
 func (r *Restarter) handOver(p *Process, waiting []*restartRequest) {
-	if h := r.cfg.Lifecycle; h != nil && h.NewProcessReady != nil {
-		h.NewProcessReady(r.ctx, p.Pid)
-	}
 	mainAck := [1]byte{mainByte}
 	if r.cfg.PIDFile != "" {
 		if err := writePIDFile(r.cfg.PIDFile, p.Pid); err != nil {
@@ -464,7 +469,10 @@ func (r *Restarter) handOver(p *Process, waiting []*restartRequest) {
 		}
 	}
 	if err := notifyMainPID(p.Pid); err != nil {
-		r.log.Error("shellflip: telling systemd about the new main process", "pid", p.Pid, "err", err)
+		r.log.Error("shellflip: telling systemd about the new main process", "new_pid", p.Pid, "err", err)
+	}
+	if h := r.cfg.Lifecycle; h != nil && h.NewProcessReady != nil {
+		h.NewProcessReady(r.ctx, p.Pid)
 	}
 	if r.ctl != nil {
 		// Stop accepting before anyone learns the outcome: a client that
@@ -476,10 +484,10 @@ func (r *Restarter) handOver(p *Process, waiting []*restartRequest) {
 		q.respond(r.log, p.Pid, nil)
 	}
 	if _, err := p.ready.Write(mainAck[:]); err != nil {
-		r.log.Warn("shellflip: telling the new process it is main", "pid", p.Pid, "err", err)
+		r.log.Warn("shellflip: telling the new process it is main", "new_pid", p.Pid, "err", err)
 	}
 	p.ready.Close()
-	r.log.Info("shellflip: restart complete", "pid", p.Pid)
+	r.log.Info("shellflip: restart complete", "new_pid", p.Pid)
 }
 
 // notify sends fields to systemd, if this process is managed by it, and
@@ -617,8 +625,14 @@ func (r *Restarter) restart(ctx context.Context) (_ *Process, err error) {
 		return nil, err
 	}
 	failed := func(err error) (*Process, error) {
-		// Kill and reap before closing the readiness socket: a new process
-		// that saw it close would take itself for the main process.
+		// Say so first: if what was started is a wrapper that runs the
+		// real program as its child, the kill reaches only the wrapper,
+		// and the program must learn that it was rejected, not take the
+		// closed socket for the old process's death. Then kill and reap
+		// before closing the socket, so that the new process never sees
+		// it close while it lives.
+		ready.SetWriteDeadline(time.Now().Add(time.Second))
+		ready.Write([]byte{rejectedByte})
 		child.kill()
 		<-child.done
 		ready.Close()

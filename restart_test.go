@@ -523,14 +523,7 @@ func TestRestartSignalBeforeMain(t *testing.T) {
 	c.reports.nextFrom("main", r1["pid"])
 	// The next restart goes through the same holds, in generation 2 and in
 	// generation 1's NewProcessReady.
-	go func() {
-		for _, fifo := range []string{hold, handOff} {
-			if f, err := os.OpenFile(fifo, os.O_WRONLY, 0); err == nil {
-				f.WriteString("go\n")
-				f.Close()
-			}
-		}
-	}()
+	go releaseLater(hold, handOff)
 	if r2 := c.restart(r1["pid"]); r2["gen"] != "2" {
 		t.Errorf("the next restart made generation %s, want 2", r2["gen"])
 	}
@@ -655,6 +648,60 @@ func TestRestartEnvReserved(t *testing.T) {
 		_, err := Start(context.Background(), Config{Env: []string{"OK=1", kv}})
 		if err == nil || !strings.Contains(err.Error(), "Config.Env") {
 			t.Errorf("Start with Env %q: %v, want an error naming Config.Env", kv, err)
+		}
+	}
+}
+
+// TestRestartRejectedBehindWrapper: the program at the path is a wrapper
+// that runs the real server as its child. When the restart fails (here: the
+// ready timeout), the old process's SIGKILL reaches only the wrapper; the
+// server, orphaned, must learn that it was rejected instead of taking the
+// closed readiness socket for the old process's death and serving beside
+// it.
+func TestRestartRejectedBehindWrapper(t *testing.T) {
+	c := newTestCluster(t)
+	hold := makeFIFO(t, c.dir, "hold")
+	wrapper := filepath.Join(c.dir, "wrapper.sh")
+	script := "#!/bin/sh\n" + strconv.Quote(os.Args[0]) + " \"$@\"\n" // no exec: the server is the shell's child
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r0 := c.start("server", envTestPath+"="+wrapper, envTestHoldFIFO+"="+hold, envTestTimeout+"=3s")
+	err := c.requestErr()
+	if !strings.Contains(err.Error(), "not ready within 3s") {
+		t.Fatalf("RequestRestart: %v, want the ready timeout", err)
+	}
+	st := c.reports.next("started")
+	orphan, _ := strconv.Atoi(st["pid"])
+	c.track(orphan)
+	releaseFIFO(t, hold)
+	if e := c.reports.nextFrom("error", st["pid"]); !strings.Contains(e["err"], "rejected") {
+		t.Errorf("the orphaned server reported %v, want that it was rejected", e)
+	}
+	waitExited(t, orphan) // reaped by whoever adopted it
+	// The old process still serves: the next restart, through the wrapper
+	// again, succeeds.
+	go releaseLater(hold)
+	ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
+	defer cancel()
+	pid, err := RequestRestart(ctx, c.socket)
+	if err != nil {
+		t.Fatalf("the restart after: %v", err)
+	}
+	c.track(pid)
+	ready := c.reports.next("ready")
+	np, _ := strconv.Atoi(ready["pid"])
+	c.track(np)
+	c.reports.nextFrom("replaced", r0["pid"])
+}
+
+// releaseLater writes a line to each fifo in turn, once a process opens it
+// for reading; for fifos that a later step of the test reaches.
+func releaseLater(fifos ...string) {
+	for _, fifo := range fifos {
+		if f, err := os.OpenFile(fifo, os.O_WRONLY, 0); err == nil {
+			f.WriteString("go\n")
+			f.Close()
 		}
 	}
 }

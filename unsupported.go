@@ -73,7 +73,14 @@ func listenControl(string, int, string, *slog.Logger) (*controlServer, error) {
 func (*controlServer) finish(int, error, bool)  {}
 func (*controlServer) stopAccepting(int, error) {}
 func (*controlServer) serve()                   {}
-func stopEarlySignals()                         {}
+
+var (
+	rejected         chan struct{}
+	mainNeedsPIDFile bool
+	errRejected      = ErrNotSupported
+)
+
+func stopEarlySignals() {}
 
 // FixupListenPID does nothing on this platform.
 func FixupListenPID() {}

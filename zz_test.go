@@ -57,6 +57,7 @@ const (
 	envTestLinger      = "SHELLFLIP_TEST_LINGER"       // a replaced process waits for a line on this fifo before it exits
 	envTestSignal      = "SHELLFLIP_TEST_SIGNAL"       // "HUP": Config.Signal is SIGHUP
 	envTestUmask       = "SHELLFLIP_TEST_UMASK"        // octal umask set at start
+	envTestPath        = "SHELLFLIP_TEST_PATH"         // Config.Path
 )
 
 // testDeadline bounds every wait in these tests; a healthy run is far
@@ -211,6 +212,7 @@ func testServer() int {
 		SocketPath:   os.Getenv(envTestSocket),
 		ReadyTimeout: timeout,
 		PIDFile:      os.Getenv(envTestPIDFile),
+		Path:         os.Getenv(envTestPath),
 		Signal:       sig,
 		Logger:       slog.New(reportLogs{}),
 		Lifecycle: &Lifecycle{
@@ -450,7 +452,7 @@ func (r *testReports) next(prefix string) map[string]string {
 			if !ok {
 				r.t.Fatalf("waiting for a %q report: the report socket is closed (unclaimed reports: %q)", prefix, r.seen)
 			}
-			if strings.HasPrefix(line, "error ") && prefix != "error" {
+			if strings.HasPrefix(line, "error ") && !strings.HasPrefix(prefix, "error") {
 				r.t.Fatalf("a test process failed: %s", line)
 			}
 			r.seen = append(r.seen, line)
@@ -633,11 +635,25 @@ func (c *testCluster) requestErr() error {
 // waitGone waits until pid no longer exists: it was reaped, not a zombie.
 func waitGone(t *testing.T, pid int) {
 	t.Helper()
+	if !waitExited(t, pid) {
+		return
+	}
+	// Exited; the old process reaps it before it answers, so by the time a
+	// test calls this after an answer, there is no zombie either.
+	if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
+		t.Fatalf("pid %d exited but was not reaped: %s", pid, st)
+	}
+}
+
+// waitExited waits until pid has exited (it may be a zombie), and reports
+// whether it existed when called.
+func waitExited(t *testing.T, pid int) bool {
+	t.Helper()
 	// A pidfd becomes readable when the process exits; kill(pid, 0) then
 	// tells a reaped process (ESRCH) from a zombie.
 	pfd, err := unix.PidfdOpen(pid, 0)
 	if err == unix.ESRCH {
-		return
+		return false
 	}
 	if err != nil {
 		t.Fatalf("pidfd_open(%d): %v", pid, err)
@@ -647,11 +663,7 @@ func waitGone(t *testing.T, pid int) {
 	if n, err := unix.Poll(fds, int(testDeadline/time.Millisecond)); err != nil || n == 0 {
 		t.Fatalf("pid %d still running after %v", pid, testDeadline)
 	}
-	// Exited; the old process reaps it before it answers, so by the time a
-	// test calls this after an answer, there is no zombie either.
-	if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
-		t.Fatalf("pid %d exited but was not reaped: %s", pid, st)
-	}
+	return true
 }
 
 // buildExample builds ./examples/name into a temporary directory, with the
