@@ -28,11 +28,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// A real systemd 252 in private namespaces: reloads, fd store, notify-reload.
+// A real systemd, 252 and 254, in private namespaces: reloads, fd store,
+// notify-reload (the datagrams).
 
-// Tests of the library under a real systemd 252, and of the datagrams it
-// sends to a notify socket owned by the test where systemd 252 cannot be
-// the judge (Type=notify-reload came in 253).
+// Tests of the library under a real systemd, each under every version the
+// suite has that can do what it tests (systemdEach): the machine's own, 252
+// on Debian bookworm, and 254 from bookworm-backports, unpacked into a folder
+// (testdata/systemd/fetch254.sh; never installed) and run with its own
+// libsystemd-shared and its own systemctl. A test that finds neither skips
+// and says what is missing; .ci/run fetches 254 and installs 252. And tests
+// of the datagrams the library sends to a notify socket owned by the test,
+// for the details that systemd does not show.
 //
 // systemd runs as PID 1 of private pid, mount, cgroup, net, uts and ipc
 // namespaces (unshare(1), then testdata/systemd/boot.sh), in a cgroup2
@@ -44,7 +50,7 @@ import (
 // down by the test: systemd is killed with SIGKILL (which takes the whole
 // pid namespace with it), and the cgroup is removed depth first.
 //
-// What systemd 252 did here that is worth knowing:
+// What systemd 252 did here that is worth knowing (254 did the same):
 //
 //   - A regular file bind-mounted over /dev/console gets no log at all:
 //     PID 1 opens the console with open_terminal(), which refuses a
@@ -183,10 +189,12 @@ func systemdServiceRole() int {
 		Logger:     systemdLogger(),
 		SocketPath: os.Getenv(envTestSocket),
 		PIDFile:    os.Getenv(envSystemdPIDFile),
-		Lifecycle: &Lifecycle{SendState: func(ctx context.Context, w io.Writer) error {
-			_, err := fmt.Fprintf(w, "%d\n", gen)
-			return err
-		}},
+		Lifecycle: &Lifecycle{
+			SendState: func(ctx context.Context, w io.Writer) error {
+				_, err := fmt.Fprintf(w, "%d\n", gen)
+				return err
+			},
+		},
 	}
 	if os.Getenv(envSystemdNotifyReload) != "" {
 		cfg.NotifyReload, cfg.Signal = true, syscall.SIGHUP
@@ -289,25 +297,165 @@ func systemdInode(c syscall.Conn) (uint64, error) {
 // one test unit.
 type systemdNS struct {
 	t       *testing.T
+	sd      *systemdVersion
 	dir     string // shared with the namespace: units, binaries, sockets, logs
 	pid     int    // the namespaced systemd, as this process sees it
 	console *systemdConsole
 	reports *testReports
 }
 
-// systemdSkip skips the test unless this machine can boot a private systemd.
+// systemdSkip skips the test unless this machine can boot a private
+// systemd: which systemds it has is systemdEach's question.
 func systemdSkip(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("booting systemd in private namespaces needs root; CI runs as root")
 	}
-	for _, tool := range []string{"unshare", "nsenter", "systemctl", "ip", "mount"} {
+	for _, tool := range []string{"unshare", "nsenter", "ip", "mount"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Skipf("%s not found: %v", tool, err)
 		}
 	}
-	if _, err := os.Stat("/lib/systemd/systemd"); err != nil {
-		t.Skipf("systemd is not installed: %v", err)
+}
+
+// Where testdata/systemd/fetch254.sh unpacks systemd 254 from Debian's
+// bookworm-backports: $SHELLFLIP_TEST_SYSTEMD254, or the default. A test
+// that finds it missing fetches it there itself, and skips if it cannot;
+// but if the variable is set, as .ci/run sets it, a systemd 254 that cannot
+// be had there fails the tests that need it.
+const (
+	envSystemd254     = "SHELLFLIP_TEST_SYSTEMD254"
+	systemd254Default = "/var/cache/shellflip-systemd254"
+)
+
+// systemdVersion is a systemd the tests boot as PID 1 of their namespaces:
+// the machine's own (252 on Debian bookworm), or 254 unpacked into a folder,
+// never installed over the machine's, and run with its own libsystemd-shared
+// and its own systemctl.
+type systemdVersion struct {
+	name      string // the subtests': the major version, or what was looked for
+	major     int
+	systemd   string // the manager
+	systemctl string
+	libDir    string // LD_LIBRARY_PATH for both; "" for the machine's own
+	missing   string // why it cannot be booted here; "" if it can
+	required  bool   // missing fails the tests rather than skip them
+}
+
+// systemdVersions returns the systemds the suite runs under, looked for (and
+// systemd 254 fetched) once per test binary.
+var systemdVersions = sync.OnceValue(func() []*systemdVersion {
+	return []*systemdVersion{systemdFindHost(), systemdFind254()}
+})
+
+func systemdFindHost() *systemdVersion {
+	v := &systemdVersion{name: "host", systemd: "/lib/systemd/systemd"}
+	ctl, err := exec.LookPath("systemctl")
+	if err != nil {
+		v.missing = fmt.Sprintf("the machine's systemd: %v", err)
+		return v
+	}
+	v.systemctl = ctl
+	v.identify()
+	return v
+}
+
+func systemdFind254() *systemdVersion {
+	dir := os.Getenv(envSystemd254)
+	required := dir != ""
+	if dir == "" {
+		dir = systemd254Default
+	}
+	v := &systemdVersion{name: "254", major: 254, required: required,
+		systemd:   filepath.Join(dir, "lib/systemd/systemd"),
+		systemctl: filepath.Join(dir, "bin/systemctl")}
+	if _, err := os.Stat(v.systemd); err != nil {
+		// The script takes a lock, so that test binaries running at once
+		// fetch once, and renames the folder into place when it is whole.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		out, err := exec.CommandContext(ctx, "/bin/sh", "testdata/systemd/fetch254.sh", dir).CombinedOutput()
+		if err != nil {
+			v.missing = fmt.Sprintf("systemd 254 is not in %s ($%s), and testdata/systemd/fetch254.sh could not fetch it (%v):\n%s",
+				dir, envSystemd254, err, out)
+			return v
+		}
+	}
+	libs, _ := filepath.Glob(filepath.Join(dir, "usr/lib/*/systemd/libsystemd-shared-*.so"))
+	if len(libs) != 1 {
+		v.missing = fmt.Sprintf("%s has %d libsystemd-shared-*.so under usr/lib/*/systemd, want one; remove the folder to fetch it again", dir, len(libs))
+		return v
+	}
+	v.libDir = filepath.Dir(libs[0])
+	v.identify()
+	if v.missing == "" && v.major != 254 {
+		v.missing = fmt.Sprintf("%s is systemd %d, not 254", dir, v.major)
+	}
+	return v
+}
+
+var systemdVersionRE = regexp.MustCompile(`^systemd ([0-9]+) `)
+
+// identify runs the manager with --version and names v after its major
+// version.
+func (v *systemdVersion) identify() {
+	cmd := exec.Command(v.systemd, "--version")
+	if v.libDir != "" {
+		cmd.Env = append(os.Environ(), "LD_LIBRARY_PATH="+v.libDir)
+	}
+	out, err := cmd.Output()
+	m := systemdVersionRE.FindSubmatch(out)
+	if err != nil || m == nil {
+		first, _, _ := strings.Cut(string(out), "\n")
+		v.missing = fmt.Sprintf("%s --version: %v %q", v.systemd, err, first)
+		return
+	}
+	v.major, _ = strconv.Atoi(string(m[1]))
+	v.name = string(m[1])
+}
+
+// systemdFor returns the systemds of the suite whose major version is at
+// least min, or skips t if this machine can boot none of them, saying why.
+func systemdFor(t *testing.T, min int) []*systemdVersion {
+	t.Helper()
+	systemdSkip(t)
+	var vs []*systemdVersion
+	var missing []string
+	for _, v := range systemdVersions() {
+		if v.major != 0 && v.major < min {
+			continue
+		}
+		vs = append(vs, v)
+		if v.missing != "" {
+			v.need(t)
+			missing = append(missing, v.missing)
+		}
+	}
+	if len(missing) == len(vs) {
+		t.Skipf("no systemd %d or later to boot:\n%s", min, strings.Join(missing, "\n"))
+	}
+	return vs
+}
+
+// need fails t if v is missing and required.
+func (v *systemdVersion) need(t *testing.T) {
+	t.Helper()
+	if v.missing != "" && v.required {
+		t.Fatalf("$%s is set, but: %s", envSystemd254, v.missing)
+	}
+}
+
+// systemdEach runs f as a subtest, named by the version, under each systemd
+// that systemdFor returns. A version this machine lacks skips and says why.
+func systemdEach(t *testing.T, min int, f func(t *testing.T, v *systemdVersion)) {
+	t.Helper()
+	for _, v := range systemdFor(t, min) {
+		t.Run(v.name, func(t *testing.T) {
+			if v.missing != "" {
+				t.Skip(v.missing)
+			}
+			f(t, v)
+		})
 	}
 }
 
@@ -325,11 +473,12 @@ func systemdTempDir(t *testing.T) string {
 	return dir
 }
 
-// systemdBoot boots systemd with the test unit, whose [Service] section
-// gets the extra lines ("{dir}" in them stands for the test's directory),
-// and waits until systemd has finished starting up; the unit itself is not
-// started. Everything it creates goes away at cleanup, on every path.
-func systemdBoot(t *testing.T, extra ...string) *systemdNS {
+// systemdBoot boots systemd version v with the test unit, whose [Service]
+// section gets the extra lines ("{dir}" in them stands for the test's
+// directory), and waits until systemd has finished starting up; the unit
+// itself is not started. Everything it creates goes away at cleanup, on
+// every path.
+func systemdBoot(t *testing.T, v *systemdVersion, extra ...string) *systemdNS {
 	t.Helper()
 	systemdSkip(t)
 	script, err := filepath.Abs("testdata/systemd/boot.sh")
@@ -344,7 +493,7 @@ func systemdBoot(t *testing.T, extra ...string) *systemdNS {
 			t.Fatal(err)
 		}
 	}
-	ns := &systemdNS{t: t, dir: dir, reports: newTestReports(t, dir)}
+	ns := &systemdNS{t: t, sd: v, dir: dir, reports: newTestReports(t, dir)}
 	ns.writeUnits(extra)
 
 	cg, cgfd := systemdCgroup(t)
@@ -356,7 +505,7 @@ func systemdBoot(t *testing.T, extra ...string) *systemdNS {
 	}
 	defer log.Close()
 	cmd := exec.Command("unshare", "--cgroup", "--pid", "--fork", "--mount", "--uts", "--ipc", "--net",
-		"--mount-proc", "--kill-child", "--", "/bin/sh", script, dir, ns.console.slavePath, systemdTarget)
+		"--mount-proc", "--kill-child", "--", "/bin/sh", script, dir, ns.console.slavePath, systemdTarget, v.systemd, v.libDir)
 	cmd.Stdout, cmd.Stderr = log, log
 	// clone3(CLONE_INTO_CGROUP): unshare starts in the sub-cgroup, which
 	// its --cgroup namespace then makes the root of systemd's tree.
@@ -634,13 +783,42 @@ func (c *systemdConsole) lines(s string) []string {
 	return out
 }
 
+// rootPath is the path of path in the namespace's mounts: under the
+// namespaced systemd's root, /run is the namespace's private tmpfs and
+// /proc the pid namespace's own.
+func (ns *systemdNS) rootPath(path string) string {
+	return fmt.Sprintf("/proc/%d/root%s", ns.pid, path)
+}
+
+// addUnits installs units (and drop-ins: "name.d/file.conf"), by path
+// under /run/systemd/system, and makes systemd read them. boot.sh copied
+// the units that were there at boot into the namespace's private /run;
+// these go there too, through systemd's root.
+func (ns *systemdNS) addUnits(units map[string]string) {
+	ns.t.Helper()
+	run := ns.rootPath("/run/systemd/system")
+	for name, text := range units {
+		path := filepath.Join(run, name)
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			ns.t.Fatal(err)
+		}
+		if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+			ns.t.Fatal(err)
+		}
+	}
+	ns.mustSystemctl("daemon-reload")
+}
+
 // systemctl runs systemctl in the namespaces and returns its output.
 func (ns *systemdNS) systemctl(args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
 	defer cancel()
-	argv := append([]string{"-t", strconv.Itoa(ns.pid), "-m", "-p", "-u", "-i", "-n", "--",
-		"systemctl", "--no-pager", "--no-ask-password"}, args...)
-	cmd := exec.CommandContext(ctx, "nsenter", argv...)
+	argv := []string{"-t", strconv.Itoa(ns.pid), "-m", "-p", "-u", "-i", "-n", "--"}
+	if ns.sd.libDir != "" {
+		argv = append(argv, "env", "LD_LIBRARY_PATH="+ns.sd.libDir)
+	}
+	argv = append(argv, ns.sd.systemctl, "--no-pager", "--no-ask-password")
+	cmd := exec.CommandContext(ctx, "nsenter", append(argv, args...)...)
 	cmd.Env = append(os.Environ(), "SYSTEMD_COLORS=0")
 	out, err := cmd.CombinedOutput()
 	return strings.TrimSpace(string(out)), err
@@ -834,7 +1012,11 @@ func systemdInstall(t *testing.T, src, dst string) {
 // purpose at the end, is logged: the console does show such warnings. And
 // systemd notices when the last new process, not its child, is killed.
 func TestSystemdReloadFollowsMainPID(t *testing.T) {
-	ns := systemdBoot(t)
+	systemdEach(t, 0, systemdTestReloadFollowsMainPID)
+}
+
+func systemdTestReloadFollowsMainPID(t *testing.T, v *systemdVersion) {
+	ns := systemdBoot(t, v)
 	if got := ns.show("NotifyAccess"); got != "main" {
 		t.Errorf("NotifyAccess=%s, want systemd's default for Type=notify, main", got)
 	}
@@ -883,7 +1065,11 @@ func TestSystemdReloadFollowsMainPID(t *testing.T) {
 // the old process stays the main process and keeps serving, and a reload
 // after the good binary is back succeeds.
 func TestSystemdReloadWithBrokenBinary(t *testing.T) {
-	ns := systemdBoot(t)
+	systemdEach(t, 0, systemdTestReloadWithBrokenBinary)
+}
+
+func systemdTestReloadWithBrokenBinary(t *testing.T, v *systemdVersion) {
+	ns := systemdBoot(t, v)
 	old := ns.start()
 	svc := filepath.Join(ns.dir, "svc")
 	systemdInstall(t, "/bin/false", svc)
@@ -926,7 +1112,11 @@ func TestSystemdReloadWithBrokenBinary(t *testing.T) {
 // first process never accepts, and a connection queued in the backlog
 // before the restart is accepted by the second.
 func TestSystemdFDStoreSurvivesRestart(t *testing.T) {
-	ns := systemdBoot(t,
+	systemdEach(t, 0, systemdTestFDStoreSurvivesRestart)
+}
+
+func systemdTestFDStoreSurvivesRestart(t *testing.T, v *systemdVersion) {
+	ns := systemdBoot(t, v,
 		"FileDescriptorStoreMax=16",
 		"Environment="+envSystemdStore+"=1 "+envSystemdAccept+"=inherited")
 	name := ListenerName("unix", filepath.Join(ns.dir, "hello.sock"))
@@ -979,8 +1169,10 @@ func TestSystemdFDStoreSurvivesRestart(t *testing.T) {
 // file after every successful ExecReload= and takes the pid in it as the
 // main pid; the file must name the new process by then, or systemd would go
 // back to the old one, which is about to exit.
-func TestSystemdPIDFileReload(t *testing.T) {
-	ns := systemdBoot(t, "PIDFile={dir}/svc.pid", "Environment="+envSystemdPIDFile+"={dir}/svc.pid")
+func TestSystemdPIDFileReload(t *testing.T) { systemdEach(t, 0, systemdTestPIDFileReload) }
+
+func systemdTestPIDFileReload(t *testing.T, v *systemdVersion) {
+	ns := systemdBoot(t, v, "PIDFile={dir}/svc.pid", "Environment="+envSystemdPIDFile+"={dir}/svc.pid")
 	pidFile := filepath.Join(ns.dir, "svc.pid")
 	pid := ns.start()
 	if got := systemdReadPIDFile(t, pidFile); got != pid {
@@ -1401,8 +1593,8 @@ func TestSystemdPIDFile(t *testing.T) {
 
 // examples/httpd and its shipped units under a real systemd.
 
-// examples/httpd under a real systemd 252 (see zz_systemd_test.go for how it
-// is booted), installed with the example's own unit files. The units are
+// examples/httpd under each real systemd (see the top of this file for how
+// it is booted), installed with the example's own unit files. The units are
 // read from examples/httpd and changed only where this machine differs from
 // a real install, each change an explicit substitution that fails the test
 // if its text is no longer in the shipped file:
@@ -1442,12 +1634,14 @@ var sdhttpdRestartRE = regexp.MustCompile(`(?m)^Restart succeeded, child pid is 
 // TestSystemdHTTPD: examples/httpd as a Type=notify service with the default
 // NotifyAccess (main), under its own unit files.
 func TestSystemdHTTPD(t *testing.T) {
-	systemdSkip(t)
+	systemdFor(t, 0)
 	bin := buildExample(t, "httpd")
-	t.Run("SocketUnit", func(t *testing.T) { sdhttpdTestSocketUnit(t, bin) })
-	t.Run("FDStore", func(t *testing.T) { sdhttpdTestFDStore(t, bin) })
-	t.Run("StopAfterReload", func(t *testing.T) { sdhttpdTestStopAfterReload(t, bin) })
-	t.Run("StoreFDsAfterReload", func(t *testing.T) { sdhttpdTestStoreFDsAfterReload(t, bin) })
+	systemdEach(t, 0, func(t *testing.T, v *systemdVersion) {
+		t.Run("SocketUnit", func(t *testing.T) { sdhttpdTestSocketUnit(t, v, bin) })
+		t.Run("FDStore", func(t *testing.T) { sdhttpdTestFDStore(t, v, bin) })
+		t.Run("StopAfterReload", func(t *testing.T) { sdhttpdTestStopAfterReload(t, v, bin) })
+		t.Run("StoreFDsAfterReload", func(t *testing.T) { sdhttpdTestStoreFDsAfterReload(t, v, bin) })
+	})
 }
 
 // sdhttpdTestSocketUnit: with httpd.socket, a connection starts the
@@ -1456,8 +1650,8 @@ func TestSystemdHTTPD(t *testing.T) {
 // about a datagram from another pid; a reload into a binary that fails is
 // reported as failed and changes nothing; the next good one succeeds; and
 // `systemctl restart` starts a process that serves on the same socket.
-func sdhttpdTestSocketUnit(t *testing.T, bin string) {
-	h := sdhttpdBoot(t, bin, true)
+func sdhttpdTestSocketUnit(t *testing.T, v *systemdVersion, bin string) {
+	h := sdhttpdBoot(t, v, bin, sdhttpdUnits{socket: true})
 	h.ns.mustSystemctl("start", "httpd.socket")
 	if got := h.state("httpd.service"); got != "inactive/dead" {
 		t.Fatalf("httpd.service is %s before the first connection, want inactive/dead", got)
@@ -1530,8 +1724,8 @@ func sdhttpdTestSocketUnit(t *testing.T, bin string) {
 // store in between: a connection made while no httpd process exists is
 // queued, and the new process, given the socket back under "http", answers
 // it without binding anything.
-func sdhttpdTestFDStore(t *testing.T, bin string) {
-	h := sdhttpdBoot(t, bin, false)
+func sdhttpdTestFDStore(t *testing.T, v *systemdVersion, bin string) {
+	h := sdhttpdBoot(t, v, bin, sdhttpdUnits{})
 	h.release()
 	h.ns.mustSystemctl("start", "httpd.service")
 	// httpd stores its socket after READY=1, so start may return first.
@@ -1602,8 +1796,8 @@ func sdhttpdTestFDStore(t *testing.T, bin string) {
 // restart`, the STOPPING=1 that httpd sends on SIGTERM can then be read
 // after the next process is the main one: "Got notification message from
 // PID N, but reception only permitted for main PID M" (seen under load).
-func sdhttpdTestStopAfterReload(t *testing.T, bin string) {
-	h := sdhttpdBoot(t, bin, true)
+func sdhttpdTestStopAfterReload(t *testing.T, v *systemdVersion, bin string) {
+	h := sdhttpdBoot(t, v, bin, sdhttpdUnits{socket: true})
 	h.ns.mustSystemctl("start", "httpd.socket")
 	pid := h.checkMain(0)
 	h.stopWithRequestInFlight(pid, "before any reload")
@@ -1661,8 +1855,8 @@ func (h *sdhttpd) stopWithRequestInFlight(pid, when string) {
 // log. (systemd still has the first generation's copy, the same socket,
 // so a restart still finds it.) Three reloads, because a new process that
 // loses the race to the handover stores its socket without a word.
-func sdhttpdTestStoreFDsAfterReload(t *testing.T, bin string) {
-	h := sdhttpdBoot(t, bin, true)
+func sdhttpdTestStoreFDsAfterReload(t *testing.T, v *systemdVersion, bin string) {
+	h := sdhttpdBoot(t, v, bin, sdhttpdUnits{socket: true})
 	h.ns.mustSystemctl("start", "httpd.socket")
 	pid := h.checkMain(0)
 	restarts := 0
@@ -1690,11 +1884,17 @@ type sdhttpd struct {
 	client *http.Client
 }
 
-// sdhttpdBoot boots systemd and installs httpd.service, with httpd.socket
-// if socket is set, from the files in examples/httpd. Neither is started.
-func sdhttpdBoot(t *testing.T, bin string, socket bool) *sdhttpd {
+// sdhttpdUnits says how the test installs the example's units.
+type sdhttpdUnits struct {
+	socket bool // with httpd.socket
+}
+
+// sdhttpdBoot boots systemd version v and installs httpd.service, with
+// httpd.socket if u.socket is set, from the files in examples/httpd. Neither
+// is started.
+func sdhttpdBoot(t *testing.T, v *systemdVersion, bin string, u sdhttpdUnits) *sdhttpd {
 	t.Helper()
-	ns := systemdBoot(t)
+	ns := systemdBoot(t, v)
 	h := &sdhttpd{t: t, ns: ns, bin: bin, svc: filepath.Join(ns.dir, "httpd")}
 	reloader := filepath.Join(ns.dir, "httpd-reload")
 	for _, dst := range []string{h.svc, reloader} {
@@ -1716,7 +1916,7 @@ func sdhttpdBoot(t *testing.T, bin string, socket bool) *sdhttpd {
 		"Environment=\"GORACE=" + strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0") + "\"",
 	}
 	units := map[string]string{"httpd.service": service}
-	if socket {
+	if u.socket {
 		sock := sdhttpdReadUnit(t, "httpd.socket")
 		if !strings.Contains(sock, "\nListenStream="+sdhttpdAddr+"\n") {
 			t.Fatalf("httpd.socket does not listen on %s, where the test connects:\n%s", sdhttpdAddr, sock)
@@ -1747,20 +1947,7 @@ func sdhttpdBoot(t *testing.T, bin string, socket bool) *sdhttpd {
 		}
 	}
 
-	// boot.sh copied the units that were there at boot into the
-	// namespace's private /run; these go there too, through systemd's
-	// root, and a daemon-reload makes systemd read them.
-	run := h.rootPath("/run/systemd/system")
-	for name, text := range units {
-		path := filepath.Join(run, name)
-		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	ns.mustSystemctl("daemon-reload")
+	ns.addUnits(units)
 
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -2032,17 +2219,10 @@ func (h *sdhttpd) log() string {
 	return string(b)
 }
 
-// rootPath is the path of path in the namespace's mounts: under the
-// namespaced systemd's root, /run is the namespace's private tmpfs and
-// /proc the pid namespace's own.
-func (h *sdhttpd) rootPath(path string) string {
-	return fmt.Sprintf("/proc/%d/root%s", h.ns.pid, path)
-}
-
 // procPath is the path of /proc/PID/NAME in the namespace, pid as the
 // namespace knows it (MainPID=, the pid in httpd's answer).
 func (h *sdhttpd) procPath(pid, name string) string {
-	return h.rootPath("/proc/" + pid + "/" + name)
+	return h.ns.rootPath("/proc/" + pid + "/" + name)
 }
 
 // listener returns the inode of the socket listening on sdhttpdAddr in the
@@ -2117,7 +2297,7 @@ func (h *sdhttpd) checkNoWarnings() {
 	const ignored = "Received notify message without valid credentials"
 	c := h.ns.console
 	before := strings.Count(c.text(), ignored)
-	n, err := NewSdNotifier(h.rootPath("/run/systemd/notify"))
+	n, err := NewSdNotifier(h.ns.rootPath("/run/systemd/notify"))
 	if err != nil {
 		h.t.Fatal(err)
 	}
