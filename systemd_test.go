@@ -29,7 +29,7 @@ import (
 )
 
 // A real systemd, 252 and 254, in private namespaces: reloads, fd store,
-// notify-reload (the datagrams).
+// notify-reload.
 
 // Tests of the library under a real systemd, each under every version the
 // suite has that can do what it tests (systemdEach): the machine's own, 252
@@ -90,6 +90,16 @@ import (
 //     on exit (GORACE atexit_sleep_ms defaults to 1000), so every reload
 //     would wait 1 s for the reload client; the unit sets
 //     atexit_sleep_ms=0.
+//
+// What systemd 254 does beyond that:
+//
+//   - Type=notify-reload: `systemctl reload` sends ReloadSignal= (SIGHUP)
+//     to the main process and waits for RELOADING=1 with a MONOTONIC_USEC=
+//     not before the signal, then READY=1; MAINPID= is accepted in the
+//     reload states. If the unit also has ExecReload=, systemd runs it as
+//     well as sending the signal (service_enter_reload).
+//   - It counts a Type=notify-reload reload a success once READY=1 ends
+//     it, whatever happened; only STATUS= can say that the restart failed.
 
 // Knobs of the systemd roles, in the environment of the service.
 const (
@@ -1432,9 +1442,10 @@ func systemdHandOver(t *testing.T, c *testCluster, rec *systemdNotifyRecorder, o
 	rec.announced(t, c.reports, pid)
 }
 
-// TestSystemdNotifyReloadDatagrams: systemd 252 has no Type=notify-reload,
-// so the datagrams a Type=notify-reload unit would see are checked against
-// a notify socket of the test's. On the reload signal: RELOADING=1 with
+// TestSystemdNotifyReloadDatagrams: the datagrams a Type=notify-reload unit
+// sees, checked against a notify socket of the test's, which shows their
+// exact text and order where systemd (254, in TestSystemdHTTPD) only shows
+// the outcome; and it needs no systemd at all. On the reload signal: RELOADING=1 with
 // MONOTONIC_USEC, then from the old process MAINPID=new and READY=1 in one
 // datagram, then a barrier, and nothing from the new process before the
 // barrier is released. A restart that fails ends the reload with READY=1
@@ -1605,7 +1616,9 @@ func TestSystemdPIDFile(t *testing.T) {
 //     copy of the same binary, so that a broken deploy of the server's
 //     binary leaves the reload client intact and it is the library that
 //     finds the new process failing. Without httpd.socket, the test also
-//     drops the two lines that tie the service to it.
+//     drops the two lines that tie the service to it. As Type=notify-reload
+//     (systemd 253 and later): Type=notify-reload, -notify-reload added to
+//     ExecStart=, and no ExecReload=, as the README's unit has it.
 //   - httpd.socket: nothing. Its ListenStream=127.0.0.1:8080 is free in
 //     the private net namespace, and the test connects there.
 //
@@ -1617,9 +1630,10 @@ func TestSystemdPIDFile(t *testing.T) {
 // appended to a file the test reads; GORACE=atexit_sleep_ms=0, because the
 // example is built with the race detector when this test binary is, and a
 // race-enabled reload client would otherwise sleep a second before it
-// exits; and, without httpd.socket, an ExecStartPre= that waits for the
-// test's go-ahead, so that the test can connect while no httpd process
-// exists and the fd store alone holds the listening socket.
+// exits; without httpd.socket, an ExecStartPre= that waits for the test's
+// go-ahead, so that the test can connect while no httpd process exists and
+// the fd store alone holds the listening socket; and what a test adds, such
+// as WatchdogSec=.
 //
 // HTTP requests go to 127.0.0.1:8080 of the namespace from sockets this
 // process creates on a thread that has joined the namespace's net namespace
@@ -1632,7 +1646,8 @@ const sdhttpdAddr = "127.0.0.1:8080"
 var sdhttpdRestartRE = regexp.MustCompile(`(?m)^Restart succeeded, child pid is ([1-9][0-9]*)$`)
 
 // TestSystemdHTTPD: examples/httpd as a Type=notify service with the default
-// NotifyAccess (main), under its own unit files.
+// NotifyAccess (main), under its own unit files, and under systemd 253 and
+// later also as a Type=notify-reload service.
 func TestSystemdHTTPD(t *testing.T) {
 	systemdFor(t, 0)
 	bin := buildExample(t, "httpd")
@@ -1641,6 +1656,7 @@ func TestSystemdHTTPD(t *testing.T) {
 		t.Run("FDStore", func(t *testing.T) { sdhttpdTestFDStore(t, v, bin) })
 		t.Run("StopAfterReload", func(t *testing.T) { sdhttpdTestStopAfterReload(t, v, bin) })
 		t.Run("StoreFDsAfterReload", func(t *testing.T) { sdhttpdTestStoreFDsAfterReload(t, v, bin) })
+		t.Run("NotifyReload", func(t *testing.T) { sdhttpdTestNotifyReload(t, v, bin) })
 	})
 }
 
@@ -1779,6 +1795,62 @@ func sdhttpdTestFDStore(t *testing.T, v *systemdVersion, bin string) {
 	h.checkNoWarnings()
 }
 
+// sdhttpdTestNotifyReload: under systemd 253 and later, httpd.service as
+// Type=notify-reload, with httpd -notify-reload and the default
+// NotifyAccess (main). `systemctl reload` sends SIGHUP to the main process,
+// and the reload is over once systemd has had RELOADING=1 and then READY=1
+// from the main process. Three reloads each make a new process the main one,
+// with the unit active, no datagram dropped as from a non-main pid, and no
+// reload timed out. A reload into a binary that fails leaves the old process
+// the main one, serving, and StatusText says why; systemd counts that
+// reload a success, as READY=1 ended it. With the good binary back, the next
+// reload makes a new process the main one.
+func sdhttpdTestNotifyReload(t *testing.T, v *systemdVersion, bin string) {
+	if v.major < 253 {
+		t.Skipf("systemd %d has no Type=notify-reload (253 and later)", v.major)
+	}
+	// A reload that never gets READY=1 times out after TimeoutStartSec=
+	// (service_enter_reload): 90 s by default, longer than the test waits
+	// for systemctl. At 10 s, systemd says so first.
+	h := sdhttpdBoot(t, v, bin, sdhttpdUnits{socket: true, notifyReload: true, service: []string{"TimeoutStartSec=10"}})
+	h.ns.mustSystemctl("start", "httpd.socket")
+	if got := h.show("httpd.service", "NotifyAccess") + " " + h.show("httpd.service", "Type"); got != "main notify-reload" {
+		t.Errorf("NotifyAccess and Type are %q, want \"main notify-reload\"", got)
+	}
+	ino, _ := h.listener()
+	pid := h.checkMain(0)
+	h.checkHolds(pid, ino)
+	// systemd runs its services with an environment of its own, without
+	// the LD_LIBRARY_PATH that a systemd unpacked into a folder runs with.
+	if lib := h.environ(pid)["LD_LIBRARY_PATH"]; lib != "" {
+		t.Errorf("httpd runs with LD_LIBRARY_PATH=%s, systemd's own", lib)
+	}
+	for gen := 1; gen <= 3; gen++ {
+		pid = h.signalReload(pid, gen)
+	}
+
+	h.install([]byte("#!/bin/sh\nexit 3\n"))
+	h.ns.mustSystemctl("reload", "httpd.service")
+	status := h.show("httpd.service", "StatusText")
+	if !regexp.MustCompile(`^restart failed: new process [0-9]+: .*\(exit status 3\)$`).MatchString(status) {
+		t.Errorf("after a reload into a broken binary StatusText=%q, want the restart's failure, a new process with exit status 3", status)
+	}
+	if got := h.show("httpd.service", "ReloadResult"); got != "success" {
+		t.Errorf("ReloadResult=%s after READY=1 ended the failed reload, want success", got)
+	}
+	if got := h.checkMain(3); got != pid {
+		t.Errorf("after the failed reload pid %s is the main process, want the old one, %s", got, pid)
+	}
+
+	h.install(nil)
+	pid = h.signalReload(pid, 4)
+	h.checkHolds(pid, ino)
+	h.checkNoWarnings()
+	if l := h.ns.console.lines("Reload operation timed out"); len(l) > 0 {
+		t.Errorf("a reload timed out:\n%s", strings.Join(l, "\n"))
+	}
+}
+
 // sdhttpdTestStopAfterReload: `systemctl stop` lets a request in flight
 // complete, as httpd.service promises ("SIGKILL only after
 // TimeoutStopSec"), before a reload and after one.
@@ -1887,6 +1959,12 @@ type sdhttpd struct {
 // sdhttpdUnits says how the test installs the example's units.
 type sdhttpdUnits struct {
 	socket bool // with httpd.socket
+	// notifyReload makes httpd.service Type=notify-reload, with httpd
+	// -notify-reload and without ExecReload=: systemd 254 runs an
+	// ExecReload= as well as sending the signal (service_enter_reload), and
+	// the unit would restart twice per reload.
+	notifyReload bool
+	service      []string // more lines for the [Service] drop-in
 }
 
 // sdhttpdBoot boots systemd version v and installs httpd.service, with
@@ -1904,9 +1982,15 @@ func sdhttpdBoot(t *testing.T, v *systemdVersion, bin string, u sdhttpdUnits) *s
 	}
 
 	service := sdhttpdReadUnit(t, "httpd.service")
-	service = sdhttpdReplace(t, service, "\nExecStart=/usr/local/bin/httpd ", "\nExecStart="+h.svc+" -store-fds ")
-	service = sdhttpdReplace(t, service, "\nExecReload=/usr/local/bin/httpd ", "\nExecReload="+reloader+" ")
-	dropIn := []string{
+	if u.notifyReload {
+		service = sdhttpdReplace(t, service, "\nType=notify\n", "\nType=notify-reload\n")
+		service = sdhttpdReplace(t, service, "\nExecStart=/usr/local/bin/httpd ", "\nExecStart="+h.svc+" -store-fds -notify-reload ")
+		service = sdhttpdReplace(t, service, "\nExecReload=/usr/local/bin/httpd -socket /run/httpd/control.sock restart\n", "\n")
+	} else {
+		service = sdhttpdReplace(t, service, "\nExecStart=/usr/local/bin/httpd ", "\nExecStart="+h.svc+" -store-fds ")
+		service = sdhttpdReplace(t, service, "\nExecReload=/usr/local/bin/httpd ", "\nExecReload="+reloader+" ")
+	}
+	dropIn := append([]string{
 		"[Unit]",
 		"DefaultDependencies=no",
 		"[Service]",
@@ -1914,7 +1998,7 @@ func sdhttpdBoot(t *testing.T, v *systemdVersion, bin string, u sdhttpdUnits) *s
 		"StandardOutput=append:" + filepath.Join(ns.dir, "httpd.log"),
 		"StandardError=inherit",
 		"Environment=\"GORACE=" + strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0") + "\"",
-	}
+	}, u.service...)
 	units := map[string]string{"httpd.service": service}
 	if u.socket {
 		sock := sdhttpdReadUnit(t, "httpd.socket")
@@ -2154,6 +2238,22 @@ func (h *sdhttpd) reload(old string, gen int, restarts *int) string {
 	}
 	if got := h.checkMain(gen); got != pid {
 		h.t.Errorf("pid %s answered after the reload, the reload client said %s", got, pid)
+	}
+	return pid
+}
+
+// signalReload runs `systemctl reload httpd` on a Type=notify-reload unit,
+// which must succeed, and checks that a new process is the main process and
+// answers as generation gen. It returns the new pid.
+func (h *sdhttpd) signalReload(old string, gen int) string {
+	h.t.Helper()
+	h.ns.mustSystemctl("reload", "httpd.service")
+	pid := h.checkMain(gen)
+	if pid == old {
+		h.t.Fatalf("after the reload the old process %s answers and is the main process", old)
+	}
+	if got := h.show("httpd.service", "ReloadResult"); got != "success" {
+		h.t.Errorf("ReloadResult=%s, want success", got)
 	}
 	return pid
 }
