@@ -100,6 +100,9 @@ import (
 //     well as sending the signal (service_enter_reload).
 //   - It counts a Type=notify-reload reload a success once READY=1 ends
 //     it, whatever happened; only STATUS= can say that the restart failed.
+//   - FileDescriptorStorePreserve=yes keeps the fd store of a stopped unit
+//     ("dead-resources-pinned") only while the unit stays loaded: a unit
+//     nothing references is collected when it stops, fd store and all.
 
 // Knobs of the systemd roles, in the environment of the service.
 const (
@@ -1193,6 +1196,73 @@ func systemdTestPIDFileReload(t *testing.T, v *systemdVersion) {
 		if got := systemdReadPIDFile(t, pidFile); got != pid {
 			t.Errorf("after reload %d the pid file holds %s, want %s", gen, got, pid)
 		}
+	}
+	ns.checkNoWarnings()
+}
+
+// TestSystemdFDStorePreserve: with FileDescriptorStorePreserve=yes (systemd
+// 254 and later), the fd store outlives the service's processes: after
+// `systemctl stop` the unit is inactive with its resources pinned and the
+// listener in the store, and the process that `systemctl start` starts
+// gets the same socket (its inode), with the connection queued in its
+// backlog before the stop.
+//
+// "Until the unit is removed from memory" (systemd.service(5)): a unit that
+// nothing references is collected once it is stopped, fd store and all
+// (seen here: "Changed stop-sigterm -> dead-resources-pinned", then
+// "Collecting."). An installed service is wanted by an active target, which
+// holds it; here the test's target is given a Wants= once it is active, so
+// that the service is referenced without being started with the target.
+func TestSystemdFDStorePreserve(t *testing.T) { systemdEach(t, 254, systemdTestFDStorePreserve) }
+
+func systemdTestFDStorePreserve(t *testing.T, v *systemdVersion) {
+	ns := systemdBoot(t, v,
+		"FileDescriptorStoreMax=16",
+		"FileDescriptorStorePreserve=yes",
+		"Environment="+envSystemdStore+"=1 "+envSystemdAccept+"=inherited")
+	ns.addUnits(map[string]string{systemdTarget + ".d/wants.conf": "[Unit]\nWants=" + systemdUnit + "\n"})
+	if got := ns.show("ActiveState"); got != "inactive" {
+		t.Fatalf("the unit is %s once the target wants it, want inactive until the test starts it", got)
+	}
+	name := ListenerName("unix", filepath.Join(ns.dir, "hello.sock"))
+
+	wait := ns.systemctlAsync("start", systemdUnit)
+	ns.reports.next("started")
+	r0 := ns.reports.next("ready")
+	ns.mustWait("start", wait)
+	if r0["inherited"] != "false" {
+		t.Fatalf("the first process reports %v, want a listener of its own", r0)
+	}
+	// The first process never accepts: the connection waits in the backlog.
+	queued, err := net.DialTimeout("unix", filepath.Join(ns.dir, "hello.sock"), testDeadline)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer queued.Close()
+
+	ns.mustSystemctl("stop", systemdUnit)
+	if got := ns.show("ActiveState") + "/" + ns.show("SubState"); got != "inactive/dead-resources-pinned" {
+		t.Errorf("after the stop the unit is %s, want inactive/dead-resources-pinned", got)
+	}
+	if got := ns.show("NFileDescriptorStore"); got != "1" {
+		t.Errorf("NFileDescriptorStore=%s after the stop, want 1", got)
+	}
+
+	wait = ns.systemctlAsync("start", systemdUnit)
+	second := ns.reports.next("started")
+	if second["restarted"] != "false" || second["names"] != name {
+		t.Errorf("the process systemd started reports %v, want restarted=false names=%s", second, name)
+	}
+	r1 := ns.reports.next("ready")
+	ns.mustWait("start", wait)
+	if r1["pid"] == r0["pid"] || r1["inherited"] != "true" || r1["ino"] != r0["ino"] {
+		t.Errorf("after stop and start: %v; before: %v; want a new pid serving the same socket (ino)", r1, r0)
+	}
+	if h := systemdReadHello(t, queued); h["pid"] != r1["pid"] {
+		t.Errorf("the connection queued before the stop was answered by %v, want pid=%s", h, r1["pid"])
+	}
+	if got := ns.show("MainPID"); got != r1["pid"] {
+		t.Errorf("MainPID=%s, want %s", got, r1["pid"])
 	}
 	ns.checkNoWarnings()
 }
