@@ -29,7 +29,7 @@ import (
 )
 
 // A real systemd, 252 and 254, in private namespaces: reloads, fd store,
-// notify-reload.
+// notify-reload, watchdog.
 
 // Tests of the library under a real systemd, each under every version the
 // suite has that can do what it tests (systemdEach): the machine's own, 252
@@ -86,6 +86,11 @@ import (
 //     FileDescriptorStorePreserve= (added in 254): systemd releases a
 //     unit's resources only when it is inactive with no job queued, and a
 //     restart job stays queued from the stop through the start.
+//   - WATCHDOG_PID= is the pid systemd forked (exec_context's
+//     EXEC_SET_WATCHDOG), and the watchdog keeps its timer across a
+//     MAINPID= change: the new main process must ping within WatchdogSec=
+//     of the old one's last ping, and WATCHDOG=1 from any other pid is
+//     dropped with the warning above.
 //   - Not systemd's, but it bit here: a race-enabled Go binary sleeps 1 s
 //     on exit (GORACE atexit_sleep_ms defaults to 1000), so every reload
 //     would wait 1 s for the reload client; the unit sets
@@ -135,6 +140,7 @@ func init() {
 //	notmain pid= err=                (restarted only: a Send after Ready)
 //	ready pid= gen= inherited= ino=  (Start returned)
 //	main pid= err=                   (IsMain: STATUS=main pid=N, then a barrier)
+//	watchdog pid= enabled= wdpid= err=  (IsMain, with WatchdogSec=: a first ping, then a barrier)
 //	replaced pid= new=               (a restart succeeded; it stops accepting and exits)
 //
 // A restarted process that removes $SHELLFLIP_TEST_FAIL_FILE exits with
@@ -198,6 +204,7 @@ func systemdServiceRole() int {
 		}
 	}
 
+	var wd systemdWatchdog
 	cfg := Config{
 		Logger:     systemdLogger(),
 		SocketPath: os.Getenv(envTestSocket),
@@ -207,6 +214,9 @@ func systemdServiceRole() int {
 				_, err := fmt.Fprintf(w, "%d\n", gen)
 				return err
 			},
+			// Before the old process sends MAINPID=: from then on a ping
+			// from it would come from a pid that is not the main one.
+			NewProcessReady: func(context.Context, int) { wd.stop() },
 		},
 	}
 	if os.Getenv(envSystemdNotifyReload) != "" {
@@ -232,6 +242,7 @@ func systemdServiceRole() int {
 		}
 		report("main pid=%d err=%v", pid, err)
 	}()
+	go wd.run(n)
 	report("ready pid=%d gen=%d inherited=%t ino=%d", pid, gen, inherited, ino)
 	p, err := r.Wait()
 	if err != nil {
@@ -245,6 +256,64 @@ func systemdServiceRole() int {
 	}
 	report("replaced pid=%d new=%d", pid, p.Pid)
 	return 0
+}
+
+// systemdWatchdog pings systemd's watchdog (WatchdogSec=) for the
+// "systemd-service" role as a service should: from the moment the process is
+// the main one (before that, systemd would drop its datagrams), at the
+// interval SdWatchdogInterval gives, and not once the old process has begun
+// to hand over to a new one (its pings would then come from a pid that is
+// not the main one).
+type systemdWatchdog struct {
+	mu      sync.Mutex
+	stopped bool
+}
+
+// run pings until stop; it does nothing without $WATCHDOG_USEC. Its first
+// report says whether the process takes the watchdog as its own.
+func (w *systemdWatchdog) run(n *SdNotifier) {
+	if _, ok := os.LookupEnv("WATCHDOG_USEC"); !ok {
+		return
+	}
+	<-MainChan()
+	interval, enabled, err := SdWatchdogInterval()
+	if enabled && err == nil {
+		_, err = w.ping(n)
+		if err == nil {
+			// The test can look at systemd's last ping once it has the report.
+			ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
+			err = n.Barrier(ctx)
+			cancel()
+		}
+	}
+	report("watchdog pid=%d enabled=%t wdpid=%s err=%v", os.Getpid(), enabled, os.Getenv("WATCHDOG_PID"), err)
+	if !enabled || err != nil {
+		return
+	}
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for range tick.C {
+		if ok, _ := w.ping(n); !ok {
+			return
+		}
+	}
+}
+
+// ping sends WATCHDOG=1 unless stop was called; ok is false if it was.
+func (w *systemdWatchdog) ping(n *SdNotifier) (ok bool, err error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.stopped {
+		return false, nil
+	}
+	return true, n.Send(SdWatchdog())
+}
+
+// stop returns once no ping is being sent, and none will be.
+func (w *systemdWatchdog) stop() {
+	w.mu.Lock()
+	w.stopped = true
+	w.mu.Unlock()
 }
 
 // systemdLogger logs to stderr, which the unit appends to service.log,
@@ -846,6 +915,81 @@ func (ns *systemdNS) mustSystemctl(args ...string) string {
 	return out
 }
 
+// props returns properties of unit, by name.
+func (ns *systemdNS) props(unit string, names ...string) map[string]string {
+	ns.t.Helper()
+	out := ns.mustSystemctl("show", "--property="+strings.Join(names, ","), unit)
+	m := map[string]string{}
+	for _, line := range strings.Split(out, "\n") {
+		if k, v, ok := strings.Cut(line, "="); ok {
+			m[k] = v
+		}
+	}
+	return m
+}
+
+// systemdWatchdogTimeout is the WatchdogSec= of the watchdog tests, and
+// systemdWatchdogHold how long they watch a unit after a reload: more than
+// two watchdog timeouts, after the old process's last ping.
+const (
+	systemdWatchdogTimeout = 3 * time.Second
+	systemdWatchdogHold    = 8 * time.Second
+)
+
+// waitWatchdogPing waits until systemd has had a watchdog ping for unit
+// later than after (CLOCK_MONOTONIC, in µs), and fails the test if systemd
+// logs a watchdog timeout first.
+func (ns *systemdNS) waitWatchdogPing(unit string, after int64, who string) {
+	ns.t.Helper()
+	deadline := time.Now().Add(testDeadline)
+	for {
+		if l := ns.console.lines(unit + ": Watchdog timeout"); len(l) > 0 {
+			ns.t.Fatalf("%s sent no WATCHDOG=1 before the watchdog fired: %s", who, l[0])
+		}
+		ts, _ := strconv.ParseInt(ns.props(unit, "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"], 10, 64)
+		if ts > after {
+			return
+		}
+		if time.Now().After(deadline) {
+			ns.t.Fatalf("%s sent no WATCHDOG=1 within %v", who, testDeadline)
+		}
+	}
+}
+
+// holdWatchdog checks that unit, whose main process pid became the main
+// process at since (CLOCK_MONOTONIC, in µs), stays alive for
+// systemdWatchdogHold: systemd logs no watchdog timeout meanwhile, and then
+// the unit is active, pid is still its main process, its Result is success
+// without a restart, and its last watchdog ping is later than since, so from
+// pid. The fixed wait is the point: the test is that nothing happens.
+func (ns *systemdNS) holdWatchdog(unit, pid string, since int64) {
+	ns.t.Helper()
+	held := make(chan struct{})
+	timer := time.AfterFunc(systemdWatchdogHold, func() { close(held) })
+	defer timer.Stop()
+	line, err := ns.console.wait(unit+": Watchdog timeout", held)
+	if err == nil {
+		ns.t.Fatalf("the watchdog fired with main process %s: %s", pid, line)
+	}
+	select {
+	case <-held:
+	default:
+		ns.t.Fatalf("watching the console for a watchdog timeout: %v", err)
+	}
+	p := ns.props(unit, "ActiveState", "SubState", "MainPID", "Result", "NRestarts", "WatchdogTimestampMonotonic")
+	if got := p["ActiveState"] + "/" + p["SubState"]; got != "active/running" {
+		ns.t.Errorf("%s is %s %v after a reload, want active/running", unit, got, systemdWatchdogHold)
+	}
+	if p["MainPID"] != pid || p["Result"] != "success" || p["NRestarts"] != "0" {
+		ns.t.Errorf("%s has MainPID=%s Result=%s NRestarts=%s %v after a reload, want MainPID=%s Result=success NRestarts=0",
+			unit, p["MainPID"], p["Result"], p["NRestarts"], systemdWatchdogHold, pid)
+	}
+	if ts, _ := strconv.ParseInt(p["WatchdogTimestampMonotonic"], 10, 64); ts <= since {
+		ns.t.Errorf("%s's last watchdog ping is from %d µs, not after the reload (%d µs): main process %s does not ping",
+			unit, ts, since, pid)
+	}
+}
+
 // show returns a property of the test unit.
 func (ns *systemdNS) show(prop string) string {
 	ns.t.Helper()
@@ -1198,6 +1342,62 @@ func systemdTestPIDFileReload(t *testing.T, v *systemdVersion) {
 		}
 	}
 	ns.checkNoWarnings()
+}
+
+// TestSystemdWatchdogAcrossReload: with WatchdogSec=3, the process a reload
+// made the main one keeps the unit alive, under each systemd: the test
+// service, and examples/httpd under its shipped units. Each first process
+// pings; after a reload the unit is still active with the new main process
+// and Result=success 8 s later, with no watchdog timeout logged and a last
+// ping from after the reload. systemd gives WATCHDOG_PID=<main pid> to the
+// process it starts, and a new process that inherits it unchanged takes the
+// watchdog as its old process's (sd_watchdog_enabled(3)): it has to be told
+// its own pid, as with LISTEN_PID.
+func TestSystemdWatchdogAcrossReload(t *testing.T) {
+	systemdFor(t, 0)
+	bin := buildExample(t, "httpd")
+	systemdEach(t, 0, func(t *testing.T, v *systemdVersion) {
+		// Most of each is the hold: side by side.
+		t.Run("service", func(t *testing.T) {
+			t.Parallel()
+			systemdTestWatchdog(t, v)
+		})
+		t.Run("httpd", func(t *testing.T) {
+			t.Parallel()
+			sdhttpdTestWatchdog(t, v, bin)
+		})
+	})
+}
+
+func systemdTestWatchdog(t *testing.T, v *systemdVersion) {
+	ns := systemdBoot(t, v, fmt.Sprintf("WatchdogSec=%d", systemdWatchdogTimeout/time.Second))
+	pid := ns.start()
+	// The unit's WatchdogUSec is infinity until a start sets it.
+	if got, want := ns.show("WatchdogUSec"), systemdWatchdogTimeout.String(); got != want {
+		t.Fatalf("WatchdogUSec=%s, want %s", got, want)
+	}
+	ns.checkWatchdogReport(pid)
+	// READY=1 and the first ping are behind; the next ping is the ticker's.
+	ns.waitWatchdogPing(systemdUnit, systemdMonotonicUsec(t), "the first process, "+pid+",")
+
+	pid = ns.reload(pid, "1")
+	since := systemdMonotonicUsec(t)
+	ns.checkWatchdogReport(pid)
+	ns.holdWatchdog(systemdUnit, pid, since)
+	if h := systemdHello(t, filepath.Join(ns.dir, "hello.sock")); h["pid"] != pid {
+		t.Errorf("the unit's socket answered %v, want pid=%s", h, pid)
+	}
+	ns.checkNoWarnings()
+}
+
+// checkWatchdogReport checks that process pid, once main, took systemd's
+// watchdog as its own and pinged it.
+func (ns *systemdNS) checkWatchdogReport(pid string) {
+	ns.t.Helper()
+	w := ns.reports.next("watchdog")
+	if w["pid"] != pid || w["enabled"] != "true" || w["err"] != "<nil>" {
+		ns.t.Errorf("watchdog report %v, want pid=%s enabled=true err=<nil> (WATCHDOG_PID must be the process's own pid)", w, pid)
+	}
 }
 
 // TestSystemdFDStorePreserve: with FileDescriptorStorePreserve=yes (systemd
@@ -1919,6 +2119,28 @@ func sdhttpdTestNotifyReload(t *testing.T, v *systemdVersion, bin string) {
 	if l := h.ns.console.lines("Reload operation timed out"); len(l) > 0 {
 		t.Errorf("a reload timed out:\n%s", strings.Join(l, "\n"))
 	}
+}
+
+// sdhttpdTestWatchdog: examples/httpd under its shipped units with
+// WatchdogSec= added: the first process pings systemd's watchdog, and after
+// a reload the new one does (see TestSystemdWatchdogAcrossReload).
+func sdhttpdTestWatchdog(t *testing.T, v *systemdVersion, bin string) {
+	h := sdhttpdBoot(t, v, bin, sdhttpdUnits{socket: true,
+		service: []string{fmt.Sprintf("WatchdogSec=%d", systemdWatchdogTimeout/time.Second)}})
+	h.ns.mustSystemctl("start", "httpd.socket")
+	pid := h.checkMain(0)
+	if got, want := h.show("httpd.service", "WatchdogUSec"), systemdWatchdogTimeout.String(); got != want {
+		t.Fatalf("WatchdogUSec=%s, want %s", got, want)
+	}
+	h.ns.waitWatchdogPing("httpd.service", systemdMonotonicUsec(t), "httpd, the first process, "+pid+",")
+
+	restarts := 0
+	pid = h.reload(pid, 1, &restarts)
+	h.ns.holdWatchdog("httpd.service", pid, systemdMonotonicUsec(t))
+	if got := h.checkMain(1); got != pid {
+		t.Errorf("pid %s answered, want %s", got, pid)
+	}
+	h.checkNoWarnings()
 }
 
 // sdhttpdTestStopAfterReload: `systemctl stop` lets a request in flight
