@@ -28,11 +28,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// A real systemd 252 in private namespaces: reloads, fd store, notify-reload.
+// A real systemd, 252 and 254, in private namespaces: reloads, fd store,
+// notify-reload, watchdog.
 
-// Tests of the library under a real systemd 252, and of the datagrams it
-// sends to a notify socket owned by the test where systemd 252 cannot be
-// the judge (Type=notify-reload came in 253).
+// Tests of the library under a real systemd, each under every version the
+// suite has that can do what it tests (systemdEach): the machine's own, 252
+// on Debian bookworm, and 254 from bookworm-backports, unpacked into a folder
+// (testdata/systemd/fetch254.sh; never installed) and run with its own
+// libsystemd-shared and its own systemctl. A test that finds neither skips
+// and says what is missing; .ci/run fetches 254 and installs 252. And tests
+// of the datagrams the library sends to a notify socket owned by the test,
+// for the details that systemd does not show.
 //
 // systemd runs as PID 1 of private pid, mount, cgroup, net, uts and ipc
 // namespaces (unshare(1), then testdata/systemd/boot.sh), in a cgroup2
@@ -44,7 +50,7 @@ import (
 // down by the test: systemd is killed with SIGKILL (which takes the whole
 // pid namespace with it), and the cgroup is removed depth first.
 //
-// What systemd 252 did here that is worth knowing:
+// What systemd 252 did here that is worth knowing (254 did the same):
 //
 //   - A regular file bind-mounted over /dev/console gets no log at all:
 //     PID 1 opens the console with open_terminal(), which refuses a
@@ -80,10 +86,28 @@ import (
 //     FileDescriptorStorePreserve= (added in 254): systemd releases a
 //     unit's resources only when it is inactive with no job queued, and a
 //     restart job stays queued from the stop through the start.
+//   - WATCHDOG_PID= is the pid systemd forked (exec_context's
+//     EXEC_SET_WATCHDOG), and the watchdog keeps its timer across a
+//     MAINPID= change: the new main process must ping within WatchdogSec=
+//     of the old one's last ping, and WATCHDOG=1 from any other pid is
+//     dropped with the warning above.
 //   - Not systemd's, but it bit here: a race-enabled Go binary sleeps 1 s
 //     on exit (GORACE atexit_sleep_ms defaults to 1000), so every reload
 //     would wait 1 s for the reload client; the unit sets
 //     atexit_sleep_ms=0.
+//
+// What systemd 254 does beyond that:
+//
+//   - Type=notify-reload: `systemctl reload` sends ReloadSignal= (SIGHUP)
+//     to the main process and waits for RELOADING=1 with a MONOTONIC_USEC=
+//     not before the signal, then READY=1; MAINPID= is accepted in the
+//     reload states. If the unit also has ExecReload=, systemd runs it as
+//     well as sending the signal (service_enter_reload).
+//   - It counts a Type=notify-reload reload a success once READY=1 ends
+//     it, whatever happened; only STATUS= can say that the restart failed.
+//   - FileDescriptorStorePreserve=yes keeps the fd store of a stopped unit
+//     ("dead-resources-pinned") only while the unit stays loaded: a unit
+//     nothing references is collected when it stops, fd store and all.
 
 // Knobs of the systemd roles, in the environment of the service.
 const (
@@ -115,6 +139,7 @@ func init() {
 //	early pid= err=                  (restarted only: a Send before Start)
 //	ready pid= gen= inherited= ino=  (Start returned: main)
 //	main pid= err=                   (IsMain: STATUS=main pid=N, then a barrier)
+//	watchdog pid= enabled= wdpid= err=  (IsMain, with WatchdogSec=: a first ping, then a barrier)
 //	replaced pid= new=               (a restart succeeded; it stops accepting and exits)
 //
 // A restarted process that removes $SHELLFLIP_TEST_FAIL_FILE exits with
@@ -178,14 +203,20 @@ func systemdServiceRole() int {
 		}
 	}
 
+	var wd systemdWatchdog
 	cfg := Config{
 		Logger:     systemdLogger(),
 		SocketPath: os.Getenv(envTestSocket),
 		PIDFile:    os.Getenv(envSystemdPIDFile),
-		Lifecycle: &Lifecycle{SendState: func(ctx context.Context, w io.Writer) error {
-			_, err := fmt.Fprintf(w, "%d\n", gen)
-			return err
-		}},
+		Lifecycle: &Lifecycle{
+			SendState: func(ctx context.Context, w io.Writer) error {
+				_, err := fmt.Fprintf(w, "%d\n", gen)
+				return err
+			},
+			// Before the old process sends MAINPID=: from then on a ping
+			// from it would come from a pid that is not the main one.
+			NewProcessReady: func(context.Context, int) { wd.stop() },
+		},
 	}
 	if os.Getenv(envSystemdNotifyReload) != "" {
 		cfg.NotifyReload, cfg.Signal = true, syscall.SIGHUP
@@ -207,6 +238,7 @@ func systemdServiceRole() int {
 		}
 		report("main pid=%d err=%v", pid, err)
 	}()
+	go wd.run(n)
 	report("ready pid=%d gen=%d inherited=%t ino=%d", pid, gen, inherited, ino)
 	p, err := r.Wait()
 	if err != nil {
@@ -220,6 +252,64 @@ func systemdServiceRole() int {
 	}
 	report("replaced pid=%d new=%d", pid, p.Pid)
 	return 0
+}
+
+// systemdWatchdog pings systemd's watchdog (WatchdogSec=) for the
+// "systemd-service" role as a service should: from the moment the process is
+// the main one (before that, systemd would drop its datagrams), at the
+// interval SdWatchdogInterval gives, and not once the old process has begun
+// to hand over to a new one (its pings would then come from a pid that is
+// not the main one).
+type systemdWatchdog struct {
+	mu      sync.Mutex
+	stopped bool
+}
+
+// run pings until stop; it does nothing without $WATCHDOG_USEC. Its first
+// report says whether the process takes the watchdog as its own.
+func (w *systemdWatchdog) run(n *SdNotifier) {
+	if _, ok := os.LookupEnv("WATCHDOG_USEC"); !ok {
+		return
+	}
+	<-MainChan()
+	interval, enabled, err := SdWatchdogInterval()
+	if enabled && err == nil {
+		_, err = w.ping(n)
+		if err == nil {
+			// The test can look at systemd's last ping once it has the report.
+			ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
+			err = n.Barrier(ctx)
+			cancel()
+		}
+	}
+	report("watchdog pid=%d enabled=%t wdpid=%s err=%v", os.Getpid(), enabled, os.Getenv("WATCHDOG_PID"), err)
+	if !enabled || err != nil {
+		return
+	}
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for range tick.C {
+		if ok, _ := w.ping(n); !ok {
+			return
+		}
+	}
+}
+
+// ping sends WATCHDOG=1 unless stop was called; ok is false if it was.
+func (w *systemdWatchdog) ping(n *SdNotifier) (ok bool, err error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.stopped {
+		return false, nil
+	}
+	return true, n.Send(SdWatchdog())
+}
+
+// stop returns once no ping is being sent, and none will be.
+func (w *systemdWatchdog) stop() {
+	w.mu.Lock()
+	w.stopped = true
+	w.mu.Unlock()
 }
 
 // systemdLogger logs to stderr, which the unit appends to service.log,
@@ -285,25 +375,165 @@ func systemdInode(c syscall.Conn) (uint64, error) {
 // one test unit.
 type systemdNS struct {
 	t       *testing.T
+	sd      *systemdVersion
 	dir     string // shared with the namespace: units, binaries, sockets, logs
 	pid     int    // the namespaced systemd, as this process sees it
 	console *systemdConsole
 	reports *testReports
 }
 
-// systemdSkip skips the test unless this machine can boot a private systemd.
+// systemdSkip skips the test unless this machine can boot a private
+// systemd: which systemds it has is systemdEach's question.
 func systemdSkip(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("booting systemd in private namespaces needs root; CI runs as root")
 	}
-	for _, tool := range []string{"unshare", "nsenter", "systemctl", "ip", "mount"} {
+	for _, tool := range []string{"unshare", "nsenter", "ip", "mount"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Skipf("%s not found: %v", tool, err)
 		}
 	}
-	if _, err := os.Stat("/lib/systemd/systemd"); err != nil {
-		t.Skipf("systemd is not installed: %v", err)
+}
+
+// Where testdata/systemd/fetch254.sh unpacks systemd 254 from Debian's
+// bookworm-backports: $SHELLFLIP_TEST_SYSTEMD254, or the default. A test
+// that finds it missing fetches it there itself, and skips if it cannot;
+// but if the variable is set, as .ci/run sets it, a systemd 254 that cannot
+// be had there fails the tests that need it.
+const (
+	envSystemd254     = "SHELLFLIP_TEST_SYSTEMD254"
+	systemd254Default = "/var/cache/shellflip-systemd254"
+)
+
+// systemdVersion is a systemd the tests boot as PID 1 of their namespaces:
+// the machine's own (252 on Debian bookworm), or 254 unpacked into a folder,
+// never installed over the machine's, and run with its own libsystemd-shared
+// and its own systemctl.
+type systemdVersion struct {
+	name      string // the subtests': the major version, or what was looked for
+	major     int
+	systemd   string // the manager
+	systemctl string
+	libDir    string // LD_LIBRARY_PATH for both; "" for the machine's own
+	missing   string // why it cannot be booted here; "" if it can
+	required  bool   // missing fails the tests rather than skip them
+}
+
+// systemdVersions returns the systemds the suite runs under, looked for (and
+// systemd 254 fetched) once per test binary.
+var systemdVersions = sync.OnceValue(func() []*systemdVersion {
+	return []*systemdVersion{systemdFindHost(), systemdFind254()}
+})
+
+func systemdFindHost() *systemdVersion {
+	v := &systemdVersion{name: "host", systemd: "/lib/systemd/systemd"}
+	ctl, err := exec.LookPath("systemctl")
+	if err != nil {
+		v.missing = fmt.Sprintf("the machine's systemd: %v", err)
+		return v
+	}
+	v.systemctl = ctl
+	v.identify()
+	return v
+}
+
+func systemdFind254() *systemdVersion {
+	dir := os.Getenv(envSystemd254)
+	required := dir != ""
+	if dir == "" {
+		dir = systemd254Default
+	}
+	v := &systemdVersion{name: "254", major: 254, required: required,
+		systemd:   filepath.Join(dir, "lib/systemd/systemd"),
+		systemctl: filepath.Join(dir, "bin/systemctl")}
+	if _, err := os.Stat(v.systemd); err != nil {
+		// The script takes a lock, so that test binaries running at once
+		// fetch once, and renames the folder into place when it is whole.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		out, err := exec.CommandContext(ctx, "/bin/sh", "testdata/systemd/fetch254.sh", dir).CombinedOutput()
+		if err != nil {
+			v.missing = fmt.Sprintf("systemd 254 is not in %s ($%s), and testdata/systemd/fetch254.sh could not fetch it (%v):\n%s",
+				dir, envSystemd254, err, out)
+			return v
+		}
+	}
+	libs, _ := filepath.Glob(filepath.Join(dir, "usr/lib/*/systemd/libsystemd-shared-*.so"))
+	if len(libs) != 1 {
+		v.missing = fmt.Sprintf("%s has %d libsystemd-shared-*.so under usr/lib/*/systemd, want one; remove the folder to fetch it again", dir, len(libs))
+		return v
+	}
+	v.libDir = filepath.Dir(libs[0])
+	v.identify()
+	if v.missing == "" && v.major != 254 {
+		v.missing = fmt.Sprintf("%s is systemd %d, not 254", dir, v.major)
+	}
+	return v
+}
+
+var systemdVersionRE = regexp.MustCompile(`^systemd ([0-9]+) `)
+
+// identify runs the manager with --version and names v after its major
+// version.
+func (v *systemdVersion) identify() {
+	cmd := exec.Command(v.systemd, "--version")
+	if v.libDir != "" {
+		cmd.Env = append(os.Environ(), "LD_LIBRARY_PATH="+v.libDir)
+	}
+	out, err := cmd.Output()
+	m := systemdVersionRE.FindSubmatch(out)
+	if err != nil || m == nil {
+		first, _, _ := strings.Cut(string(out), "\n")
+		v.missing = fmt.Sprintf("%s --version: %v %q", v.systemd, err, first)
+		return
+	}
+	v.major, _ = strconv.Atoi(string(m[1]))
+	v.name = string(m[1])
+}
+
+// systemdFor returns the systemds of the suite whose major version is at
+// least min, or skips t if this machine can boot none of them, saying why.
+func systemdFor(t *testing.T, min int) []*systemdVersion {
+	t.Helper()
+	systemdSkip(t)
+	var vs []*systemdVersion
+	var missing []string
+	for _, v := range systemdVersions() {
+		if v.major != 0 && v.major < min {
+			continue
+		}
+		vs = append(vs, v)
+		if v.missing != "" {
+			v.need(t)
+			missing = append(missing, v.missing)
+		}
+	}
+	if len(missing) == len(vs) {
+		t.Skipf("no systemd %d or later to boot:\n%s", min, strings.Join(missing, "\n"))
+	}
+	return vs
+}
+
+// need fails t if v is missing and required.
+func (v *systemdVersion) need(t *testing.T) {
+	t.Helper()
+	if v.missing != "" && v.required {
+		t.Fatalf("$%s is set, but: %s", envSystemd254, v.missing)
+	}
+}
+
+// systemdEach runs f as a subtest, named by the version, under each systemd
+// that systemdFor returns. A version this machine lacks skips and says why.
+func systemdEach(t *testing.T, min int, f func(t *testing.T, v *systemdVersion)) {
+	t.Helper()
+	for _, v := range systemdFor(t, min) {
+		t.Run(v.name, func(t *testing.T) {
+			if v.missing != "" {
+				t.Skip(v.missing)
+			}
+			f(t, v)
+		})
 	}
 }
 
@@ -321,11 +551,12 @@ func systemdTempDir(t *testing.T) string {
 	return dir
 }
 
-// systemdBoot boots systemd with the test unit, whose [Service] section
-// gets the extra lines ("{dir}" in them stands for the test's directory),
-// and waits until systemd has finished starting up; the unit itself is not
-// started. Everything it creates goes away at cleanup, on every path.
-func systemdBoot(t *testing.T, extra ...string) *systemdNS {
+// systemdBoot boots systemd version v with the test unit, whose [Service]
+// section gets the extra lines ("{dir}" in them stands for the test's
+// directory), and waits until systemd has finished starting up; the unit
+// itself is not started. Everything it creates goes away at cleanup, on
+// every path.
+func systemdBoot(t *testing.T, v *systemdVersion, extra ...string) *systemdNS {
 	t.Helper()
 	systemdSkip(t)
 	script, err := filepath.Abs("testdata/systemd/boot.sh")
@@ -340,7 +571,7 @@ func systemdBoot(t *testing.T, extra ...string) *systemdNS {
 			t.Fatal(err)
 		}
 	}
-	ns := &systemdNS{t: t, dir: dir, reports: newTestReports(t, dir)}
+	ns := &systemdNS{t: t, sd: v, dir: dir, reports: newTestReports(t, dir)}
 	ns.writeUnits(extra)
 
 	cg, cgfd := systemdCgroup(t)
@@ -352,7 +583,7 @@ func systemdBoot(t *testing.T, extra ...string) *systemdNS {
 	}
 	defer log.Close()
 	cmd := exec.Command("unshare", "--cgroup", "--pid", "--fork", "--mount", "--uts", "--ipc", "--net",
-		"--mount-proc", "--kill-child", "--", "/bin/sh", script, dir, ns.console.slavePath, systemdTarget)
+		"--mount-proc", "--kill-child", "--", "/bin/sh", script, dir, ns.console.slavePath, systemdTarget, v.systemd, v.libDir)
 	cmd.Stdout, cmd.Stderr = log, log
 	// clone3(CLONE_INTO_CGROUP): unshare starts in the sub-cgroup, which
 	// its --cgroup namespace then makes the root of systemd's tree.
@@ -630,13 +861,42 @@ func (c *systemdConsole) lines(s string) []string {
 	return out
 }
 
+// rootPath is the path of path in the namespace's mounts: under the
+// namespaced systemd's root, /run is the namespace's private tmpfs and
+// /proc the pid namespace's own.
+func (ns *systemdNS) rootPath(path string) string {
+	return fmt.Sprintf("/proc/%d/root%s", ns.pid, path)
+}
+
+// addUnits installs units (and drop-ins: "name.d/file.conf"), by path
+// under /run/systemd/system, and makes systemd read them. boot.sh copied
+// the units that were there at boot into the namespace's private /run;
+// these go there too, through systemd's root.
+func (ns *systemdNS) addUnits(units map[string]string) {
+	ns.t.Helper()
+	run := ns.rootPath("/run/systemd/system")
+	for name, text := range units {
+		path := filepath.Join(run, name)
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			ns.t.Fatal(err)
+		}
+		if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+			ns.t.Fatal(err)
+		}
+	}
+	ns.mustSystemctl("daemon-reload")
+}
+
 // systemctl runs systemctl in the namespaces and returns its output.
 func (ns *systemdNS) systemctl(args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
 	defer cancel()
-	argv := append([]string{"-t", strconv.Itoa(ns.pid), "-m", "-p", "-u", "-i", "-n", "--",
-		"systemctl", "--no-pager", "--no-ask-password"}, args...)
-	cmd := exec.CommandContext(ctx, "nsenter", argv...)
+	argv := []string{"-t", strconv.Itoa(ns.pid), "-m", "-p", "-u", "-i", "-n", "--"}
+	if ns.sd.libDir != "" {
+		argv = append(argv, "env", "LD_LIBRARY_PATH="+ns.sd.libDir)
+	}
+	argv = append(argv, ns.sd.systemctl, "--no-pager", "--no-ask-password")
+	cmd := exec.CommandContext(ctx, "nsenter", append(argv, args...)...)
 	cmd.Env = append(os.Environ(), "SYSTEMD_COLORS=0")
 	out, err := cmd.CombinedOutput()
 	return strings.TrimSpace(string(out)), err
@@ -649,6 +909,81 @@ func (ns *systemdNS) mustSystemctl(args ...string) string {
 		ns.t.Fatalf("systemctl %s: %v\n%s%s", strings.Join(args, " "), err, out, ns.serviceLog())
 	}
 	return out
+}
+
+// props returns properties of unit, by name.
+func (ns *systemdNS) props(unit string, names ...string) map[string]string {
+	ns.t.Helper()
+	out := ns.mustSystemctl("show", "--property="+strings.Join(names, ","), unit)
+	m := map[string]string{}
+	for _, line := range strings.Split(out, "\n") {
+		if k, v, ok := strings.Cut(line, "="); ok {
+			m[k] = v
+		}
+	}
+	return m
+}
+
+// systemdWatchdogTimeout is the WatchdogSec= of the watchdog tests, and
+// systemdWatchdogHold how long they watch a unit after a reload: more than
+// two watchdog timeouts, after the old process's last ping.
+const (
+	systemdWatchdogTimeout = 3 * time.Second
+	systemdWatchdogHold    = 8 * time.Second
+)
+
+// waitWatchdogPing waits until systemd has had a watchdog ping for unit
+// later than after (CLOCK_MONOTONIC, in µs), and fails the test if systemd
+// logs a watchdog timeout first.
+func (ns *systemdNS) waitWatchdogPing(unit string, after int64, who string) {
+	ns.t.Helper()
+	deadline := time.Now().Add(testDeadline)
+	for {
+		if l := ns.console.lines(unit + ": Watchdog timeout"); len(l) > 0 {
+			ns.t.Fatalf("%s sent no WATCHDOG=1 before the watchdog fired: %s", who, l[0])
+		}
+		ts, _ := strconv.ParseInt(ns.props(unit, "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"], 10, 64)
+		if ts > after {
+			return
+		}
+		if time.Now().After(deadline) {
+			ns.t.Fatalf("%s sent no WATCHDOG=1 within %v", who, testDeadline)
+		}
+	}
+}
+
+// holdWatchdog checks that unit, whose main process pid became the main
+// process at since (CLOCK_MONOTONIC, in µs), stays alive for
+// systemdWatchdogHold: systemd logs no watchdog timeout meanwhile, and then
+// the unit is active, pid is still its main process, its Result is success
+// without a restart, and its last watchdog ping is later than since, so from
+// pid. The fixed wait is the point: the test is that nothing happens.
+func (ns *systemdNS) holdWatchdog(unit, pid string, since int64) {
+	ns.t.Helper()
+	held := make(chan struct{})
+	timer := time.AfterFunc(systemdWatchdogHold, func() { close(held) })
+	defer timer.Stop()
+	line, err := ns.console.wait(unit+": Watchdog timeout", held)
+	if err == nil {
+		ns.t.Fatalf("the watchdog fired with main process %s: %s", pid, line)
+	}
+	select {
+	case <-held:
+	default:
+		ns.t.Fatalf("watching the console for a watchdog timeout: %v", err)
+	}
+	p := ns.props(unit, "ActiveState", "SubState", "MainPID", "Result", "NRestarts", "WatchdogTimestampMonotonic")
+	if got := p["ActiveState"] + "/" + p["SubState"]; got != "active/running" {
+		ns.t.Errorf("%s is %s %v after a reload, want active/running", unit, got, systemdWatchdogHold)
+	}
+	if p["MainPID"] != pid || p["Result"] != "success" || p["NRestarts"] != "0" {
+		ns.t.Errorf("%s has MainPID=%s Result=%s NRestarts=%s %v after a reload, want MainPID=%s Result=success NRestarts=0",
+			unit, p["MainPID"], p["Result"], p["NRestarts"], systemdWatchdogHold, pid)
+	}
+	if ts, _ := strconv.ParseInt(p["WatchdogTimestampMonotonic"], 10, 64); ts <= since {
+		ns.t.Errorf("%s's last watchdog ping is from %d µs, not after the reload (%d µs): main process %s does not ping",
+			unit, ts, since, pid)
+	}
 }
 
 // show returns a property of the test unit.
@@ -826,7 +1161,11 @@ func systemdInstall(t *testing.T, src, dst string) {
 // purpose at the end, is logged: the console does show such warnings. And
 // systemd notices when the last new process, not its child, is killed.
 func TestSystemdReloadFollowsMainPID(t *testing.T) {
-	ns := systemdBoot(t)
+	systemdEach(t, 0, systemdTestReloadFollowsMainPID)
+}
+
+func systemdTestReloadFollowsMainPID(t *testing.T, v *systemdVersion) {
+	ns := systemdBoot(t, v)
 	if got := ns.show("NotifyAccess"); got != "main" {
 		t.Errorf("NotifyAccess=%s, want systemd's default for Type=notify, main", got)
 	}
@@ -875,7 +1214,11 @@ func TestSystemdReloadFollowsMainPID(t *testing.T) {
 // the old process stays the main process and keeps serving, and a reload
 // after the good binary is back succeeds.
 func TestSystemdReloadWithBrokenBinary(t *testing.T) {
-	ns := systemdBoot(t)
+	systemdEach(t, 0, systemdTestReloadWithBrokenBinary)
+}
+
+func systemdTestReloadWithBrokenBinary(t *testing.T, v *systemdVersion) {
+	ns := systemdBoot(t, v)
 	old := ns.start()
 	svc := filepath.Join(ns.dir, "svc")
 	systemdInstall(t, "/bin/false", svc)
@@ -918,7 +1261,11 @@ func TestSystemdReloadWithBrokenBinary(t *testing.T) {
 // first process never accepts, and a connection queued in the backlog
 // before the restart is accepted by the second.
 func TestSystemdFDStoreSurvivesRestart(t *testing.T) {
-	ns := systemdBoot(t,
+	systemdEach(t, 0, systemdTestFDStoreSurvivesRestart)
+}
+
+func systemdTestFDStoreSurvivesRestart(t *testing.T, v *systemdVersion) {
+	ns := systemdBoot(t, v,
 		"FileDescriptorStoreMax=16",
 		"Environment="+envSystemdStore+"=1 "+envSystemdAccept+"=inherited")
 	name := ListenerName("unix", filepath.Join(ns.dir, "hello.sock"))
@@ -971,8 +1318,10 @@ func TestSystemdFDStoreSurvivesRestart(t *testing.T) {
 // file after every successful ExecReload= and takes the pid in it as the
 // main pid; the file must name the new process by then, or systemd would go
 // back to the old one, which is about to exit.
-func TestSystemdPIDFileReload(t *testing.T) {
-	ns := systemdBoot(t, "PIDFile={dir}/svc.pid", "Environment="+envSystemdPIDFile+"={dir}/svc.pid")
+func TestSystemdPIDFileReload(t *testing.T) { systemdEach(t, 0, systemdTestPIDFileReload) }
+
+func systemdTestPIDFileReload(t *testing.T, v *systemdVersion) {
+	ns := systemdBoot(t, v, "PIDFile={dir}/svc.pid", "Environment="+envSystemdPIDFile+"={dir}/svc.pid")
 	pidFile := filepath.Join(ns.dir, "svc.pid")
 	pid := ns.start()
 	if got := systemdReadPIDFile(t, pidFile); got != pid {
@@ -983,6 +1332,129 @@ func TestSystemdPIDFileReload(t *testing.T) {
 		if got := systemdReadPIDFile(t, pidFile); got != pid {
 			t.Errorf("after reload %d the pid file holds %s, want %s", gen, got, pid)
 		}
+	}
+	ns.checkNoWarnings()
+}
+
+// TestSystemdWatchdogAcrossReload: with WatchdogSec=3, the process a reload
+// made the main one keeps the unit alive, under each systemd: the test
+// service, and examples/httpd under its shipped units. Each first process
+// pings; after a reload the unit is still active with the new main process
+// and Result=success 8 s later, with no watchdog timeout logged and a last
+// ping from after the reload. systemd gives WATCHDOG_PID=<main pid> to the
+// process it starts, and a new process that inherits it unchanged takes the
+// watchdog as its old process's (sd_watchdog_enabled(3)): it has to be told
+// its own pid, as with LISTEN_PID.
+func TestSystemdWatchdogAcrossReload(t *testing.T) {
+	systemdFor(t, 0)
+	bin := buildExample(t, "httpd")
+	systemdEach(t, 0, func(t *testing.T, v *systemdVersion) {
+		// Most of each is the hold: side by side.
+		t.Run("service", func(t *testing.T) {
+			t.Parallel()
+			systemdTestWatchdog(t, v)
+		})
+		t.Run("httpd", func(t *testing.T) {
+			t.Parallel()
+			sdhttpdTestWatchdog(t, v, bin)
+		})
+	})
+}
+
+func systemdTestWatchdog(t *testing.T, v *systemdVersion) {
+	ns := systemdBoot(t, v, fmt.Sprintf("WatchdogSec=%d", systemdWatchdogTimeout/time.Second))
+	pid := ns.start()
+	// The unit's WatchdogUSec is infinity until a start sets it.
+	if got, want := ns.show("WatchdogUSec"), systemdWatchdogTimeout.String(); got != want {
+		t.Fatalf("WatchdogUSec=%s, want %s", got, want)
+	}
+	ns.checkWatchdogReport(pid)
+	// READY=1 and the first ping are behind; the next ping is the ticker's.
+	ns.waitWatchdogPing(systemdUnit, systemdMonotonicUsec(t), "the first process, "+pid+",")
+
+	pid = ns.reload(pid, "1")
+	since := systemdMonotonicUsec(t)
+	ns.checkWatchdogReport(pid)
+	ns.holdWatchdog(systemdUnit, pid, since)
+	if h := systemdHello(t, filepath.Join(ns.dir, "hello.sock")); h["pid"] != pid {
+		t.Errorf("the unit's socket answered %v, want pid=%s", h, pid)
+	}
+	ns.checkNoWarnings()
+}
+
+// checkWatchdogReport checks that process pid, once main, took systemd's
+// watchdog as its own and pinged it.
+func (ns *systemdNS) checkWatchdogReport(pid string) {
+	ns.t.Helper()
+	w := ns.reports.next("watchdog")
+	if w["pid"] != pid || w["enabled"] != "true" || w["err"] != "<nil>" {
+		ns.t.Errorf("watchdog report %v, want pid=%s enabled=true err=<nil> (WATCHDOG_PID must be the process's own pid)", w, pid)
+	}
+}
+
+// TestSystemdFDStorePreserve: with FileDescriptorStorePreserve=yes (systemd
+// 254 and later), the fd store outlives the service's processes: after
+// `systemctl stop` the unit is inactive with its resources pinned and the
+// listener in the store, and the process that `systemctl start` starts
+// gets the same socket (its inode), with the connection queued in its
+// backlog before the stop.
+//
+// "Until the unit is removed from memory" (systemd.service(5)): a unit that
+// nothing references is collected once it is stopped, fd store and all
+// (seen here: "Changed stop-sigterm -> dead-resources-pinned", then
+// "Collecting."). An installed service is wanted by an active target, which
+// holds it; here the test's target is given a Wants= once it is active, so
+// that the service is referenced without being started with the target.
+func TestSystemdFDStorePreserve(t *testing.T) { systemdEach(t, 254, systemdTestFDStorePreserve) }
+
+func systemdTestFDStorePreserve(t *testing.T, v *systemdVersion) {
+	ns := systemdBoot(t, v,
+		"FileDescriptorStoreMax=16",
+		"FileDescriptorStorePreserve=yes",
+		"Environment="+envSystemdStore+"=1 "+envSystemdAccept+"=inherited")
+	ns.addUnits(map[string]string{systemdTarget + ".d/wants.conf": "[Unit]\nWants=" + systemdUnit + "\n"})
+	if got := ns.show("ActiveState"); got != "inactive" {
+		t.Fatalf("the unit is %s once the target wants it, want inactive until the test starts it", got)
+	}
+	name := ListenerName("unix", filepath.Join(ns.dir, "hello.sock"))
+
+	wait := ns.systemctlAsync("start", systemdUnit)
+	ns.reports.next("started")
+	r0 := ns.reports.next("ready")
+	ns.mustWait("start", wait)
+	if r0["inherited"] != "false" {
+		t.Fatalf("the first process reports %v, want a listener of its own", r0)
+	}
+	// The first process never accepts: the connection waits in the backlog.
+	queued, err := net.DialTimeout("unix", filepath.Join(ns.dir, "hello.sock"), testDeadline)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer queued.Close()
+
+	ns.mustSystemctl("stop", systemdUnit)
+	if got := ns.show("ActiveState") + "/" + ns.show("SubState"); got != "inactive/dead-resources-pinned" {
+		t.Errorf("after the stop the unit is %s, want inactive/dead-resources-pinned", got)
+	}
+	if got := ns.show("NFileDescriptorStore"); got != "1" {
+		t.Errorf("NFileDescriptorStore=%s after the stop, want 1", got)
+	}
+
+	wait = ns.systemctlAsync("start", systemdUnit)
+	second := ns.reports.next("started")
+	if second["restarted"] != "false" || second["names"] != name {
+		t.Errorf("the process systemd started reports %v, want restarted=false names=%s", second, name)
+	}
+	r1 := ns.reports.next("ready")
+	ns.mustWait("start", wait)
+	if r1["pid"] == r0["pid"] || r1["inherited"] != "true" || r1["ino"] != r0["ino"] {
+		t.Errorf("after stop and start: %v; before: %v; want a new pid serving the same socket (ino)", r1, r0)
+	}
+	if h := systemdReadHello(t, queued); h["pid"] != r1["pid"] {
+		t.Errorf("the connection queued before the stop was answered by %v, want pid=%s", h, r1["pid"])
+	}
+	if got := ns.show("MainPID"); got != r1["pid"] {
+		t.Errorf("MainPID=%s, want %s", got, r1["pid"])
 	}
 	ns.checkNoWarnings()
 }
@@ -1229,9 +1701,10 @@ func systemdHandOver(t *testing.T, c *testCluster, rec *systemdNotifyRecorder, o
 	rec.announced(t, c.reports, pid)
 }
 
-// TestSystemdNotifyReloadDatagrams: systemd 252 has no Type=notify-reload,
-// so the datagrams a Type=notify-reload unit would see are checked against
-// a notify socket of the test's. On the reload signal: RELOADING=1 with
+// TestSystemdNotifyReloadDatagrams: the datagrams a Type=notify-reload unit
+// sees, checked against a notify socket of the test's, which shows their
+// exact text and order where systemd (254, in TestSystemdHTTPD) only shows
+// the outcome; and it needs no systemd at all. On the reload signal: RELOADING=1 with
 // MONOTONIC_USEC, then from the old process MAINPID=new and READY=1 in one
 // datagram, then a barrier, and nothing from the new process before the
 // barrier is released. A restart that fails ends the reload with READY=1
@@ -1390,8 +1863,8 @@ func TestSystemdPIDFile(t *testing.T) {
 
 // examples/httpd and its shipped units under a real systemd.
 
-// examples/httpd under a real systemd 252 (see zz_systemd_test.go for how it
-// is booted), installed with the example's own unit files. The units are
+// examples/httpd under each real systemd (see the top of this file for how
+// it is booted), installed with the example's own unit files. The units are
 // read from examples/httpd and changed only where this machine differs from
 // a real install, each change an explicit substitution that fails the test
 // if its text is no longer in the shipped file:
@@ -1402,7 +1875,9 @@ func TestSystemdPIDFile(t *testing.T) {
 //     copy of the same binary, so that a broken deploy of the server's
 //     binary leaves the reload client intact and it is the library that
 //     finds the new process failing. Without httpd.socket, the test also
-//     drops the two lines that tie the service to it.
+//     drops the two lines that tie the service to it. As Type=notify-reload
+//     (systemd 253 and later): Type=notify-reload, -notify-reload added to
+//     ExecStart=, and no ExecReload=, as the README's unit has it.
 //   - httpd.socket: nothing. Its ListenStream=127.0.0.1:8080 is free in
 //     the private net namespace, and the test connects there.
 //
@@ -1414,9 +1889,10 @@ func TestSystemdPIDFile(t *testing.T) {
 // appended to a file the test reads; GORACE=atexit_sleep_ms=0, because the
 // example is built with the race detector when this test binary is, and a
 // race-enabled reload client would otherwise sleep a second before it
-// exits; and, without httpd.socket, an ExecStartPre= that waits for the
-// test's go-ahead, so that the test can connect while no httpd process
-// exists and the fd store alone holds the listening socket.
+// exits; without httpd.socket, an ExecStartPre= that waits for the test's
+// go-ahead, so that the test can connect while no httpd process exists and
+// the fd store alone holds the listening socket; and what a test adds, such
+// as WatchdogSec=.
 //
 // HTTP requests go to 127.0.0.1:8080 of the namespace from sockets this
 // process creates on a thread that has joined the namespace's net namespace
@@ -1429,14 +1905,18 @@ const sdhttpdAddr = "127.0.0.1:8080"
 var sdhttpdRestartRE = regexp.MustCompile(`(?m)^Restart succeeded, child pid is ([1-9][0-9]*)$`)
 
 // TestSystemdHTTPD: examples/httpd as a Type=notify service with the default
-// NotifyAccess (main), under its own unit files.
+// NotifyAccess (main), under its own unit files, and under systemd 253 and
+// later also as a Type=notify-reload service.
 func TestSystemdHTTPD(t *testing.T) {
-	systemdSkip(t)
+	systemdFor(t, 0)
 	bin := buildExample(t, "httpd")
-	t.Run("SocketUnit", func(t *testing.T) { sdhttpdTestSocketUnit(t, bin) })
-	t.Run("FDStore", func(t *testing.T) { sdhttpdTestFDStore(t, bin) })
-	t.Run("StopAfterReload", func(t *testing.T) { sdhttpdTestStopAfterReload(t, bin) })
-	t.Run("StoreFDsAfterReload", func(t *testing.T) { sdhttpdTestStoreFDsAfterReload(t, bin) })
+	systemdEach(t, 0, func(t *testing.T, v *systemdVersion) {
+		t.Run("SocketUnit", func(t *testing.T) { sdhttpdTestSocketUnit(t, v, bin) })
+		t.Run("FDStore", func(t *testing.T) { sdhttpdTestFDStore(t, v, bin) })
+		t.Run("StopAfterReload", func(t *testing.T) { sdhttpdTestStopAfterReload(t, v, bin) })
+		t.Run("StoreFDsAfterReload", func(t *testing.T) { sdhttpdTestStoreFDsAfterReload(t, v, bin) })
+		t.Run("NotifyReload", func(t *testing.T) { sdhttpdTestNotifyReload(t, v, bin) })
+	})
 }
 
 // sdhttpdTestSocketUnit: with httpd.socket, a connection starts the
@@ -1445,8 +1925,8 @@ func TestSystemdHTTPD(t *testing.T) {
 // about a datagram from another pid; a reload into a binary that fails is
 // reported as failed and changes nothing; the next good one succeeds; and
 // `systemctl restart` starts a process that serves on the same socket.
-func sdhttpdTestSocketUnit(t *testing.T, bin string) {
-	h := sdhttpdBoot(t, bin, true)
+func sdhttpdTestSocketUnit(t *testing.T, v *systemdVersion, bin string) {
+	h := sdhttpdBoot(t, v, bin, sdhttpdUnits{socket: true})
 	h.ns.mustSystemctl("start", "httpd.socket")
 	if got := h.state("httpd.service"); got != "inactive/dead" {
 		t.Fatalf("httpd.service is %s before the first connection, want inactive/dead", got)
@@ -1519,8 +1999,8 @@ func sdhttpdTestSocketUnit(t *testing.T, bin string) {
 // store in between: a connection made while no httpd process exists is
 // queued, and the new process, given the socket back under "http", answers
 // it without binding anything.
-func sdhttpdTestFDStore(t *testing.T, bin string) {
-	h := sdhttpdBoot(t, bin, false)
+func sdhttpdTestFDStore(t *testing.T, v *systemdVersion, bin string) {
+	h := sdhttpdBoot(t, v, bin, sdhttpdUnits{})
 	h.release()
 	h.ns.mustSystemctl("start", "httpd.service")
 	// httpd stores its socket after READY=1, so start may return first.
@@ -1574,6 +2054,84 @@ func sdhttpdTestFDStore(t *testing.T, bin string) {
 	h.checkNoWarnings()
 }
 
+// sdhttpdTestNotifyReload: under systemd 253 and later, httpd.service as
+// Type=notify-reload, with httpd -notify-reload and the default
+// NotifyAccess (main). `systemctl reload` sends SIGHUP to the main process,
+// and the reload is over once systemd has had RELOADING=1 and then READY=1
+// from the main process. Three reloads each make a new process the main one,
+// with the unit active, no datagram dropped as from a non-main pid, and no
+// reload timed out. A reload into a binary that fails leaves the old process
+// the main one, serving, and StatusText says why; systemd counts that
+// reload a success, as READY=1 ended it. With the good binary back, the next
+// reload makes a new process the main one.
+func sdhttpdTestNotifyReload(t *testing.T, v *systemdVersion, bin string) {
+	if v.major < 253 {
+		t.Skipf("systemd %d has no Type=notify-reload (253 and later)", v.major)
+	}
+	// A reload that never gets READY=1 times out after TimeoutStartSec=
+	// (service_enter_reload): 90 s by default, longer than the test waits
+	// for systemctl. At 10 s, systemd says so first.
+	h := sdhttpdBoot(t, v, bin, sdhttpdUnits{socket: true, notifyReload: true, service: []string{"TimeoutStartSec=10"}})
+	h.ns.mustSystemctl("start", "httpd.socket")
+	if got := h.show("httpd.service", "NotifyAccess") + " " + h.show("httpd.service", "Type"); got != "main notify-reload" {
+		t.Errorf("NotifyAccess and Type are %q, want \"main notify-reload\"", got)
+	}
+	ino, _ := h.listener()
+	pid := h.checkMain(0)
+	h.checkHolds(pid, ino)
+	// systemd runs its services with an environment of its own, without
+	// the LD_LIBRARY_PATH that a systemd unpacked into a folder runs with.
+	if lib := h.environ(pid)["LD_LIBRARY_PATH"]; lib != "" {
+		t.Errorf("httpd runs with LD_LIBRARY_PATH=%s, systemd's own", lib)
+	}
+	for gen := 1; gen <= 3; gen++ {
+		pid = h.signalReload(pid, gen)
+	}
+
+	h.install([]byte("#!/bin/sh\nexit 3\n"))
+	h.ns.mustSystemctl("reload", "httpd.service")
+	status := h.show("httpd.service", "StatusText")
+	if !regexp.MustCompile(`^restart failed: new process [0-9]+: .*\(exit status 3\)$`).MatchString(status) {
+		t.Errorf("after a reload into a broken binary StatusText=%q, want the restart's failure, a new process with exit status 3", status)
+	}
+	if got := h.show("httpd.service", "ReloadResult"); got != "success" {
+		t.Errorf("ReloadResult=%s after READY=1 ended the failed reload, want success", got)
+	}
+	if got := h.checkMain(3); got != pid {
+		t.Errorf("after the failed reload pid %s is the main process, want the old one, %s", got, pid)
+	}
+
+	h.install(nil)
+	pid = h.signalReload(pid, 4)
+	h.checkHolds(pid, ino)
+	h.checkNoWarnings()
+	if l := h.ns.console.lines("Reload operation timed out"); len(l) > 0 {
+		t.Errorf("a reload timed out:\n%s", strings.Join(l, "\n"))
+	}
+}
+
+// sdhttpdTestWatchdog: examples/httpd under its shipped units with
+// WatchdogSec= added: the first process pings systemd's watchdog, and after
+// a reload the new one does (see TestSystemdWatchdogAcrossReload).
+func sdhttpdTestWatchdog(t *testing.T, v *systemdVersion, bin string) {
+	h := sdhttpdBoot(t, v, bin, sdhttpdUnits{socket: true,
+		service: []string{fmt.Sprintf("WatchdogSec=%d", systemdWatchdogTimeout/time.Second)}})
+	h.ns.mustSystemctl("start", "httpd.socket")
+	pid := h.checkMain(0)
+	if got, want := h.show("httpd.service", "WatchdogUSec"), systemdWatchdogTimeout.String(); got != want {
+		t.Fatalf("WatchdogUSec=%s, want %s", got, want)
+	}
+	h.ns.waitWatchdogPing("httpd.service", systemdMonotonicUsec(t), "httpd, the first process, "+pid+",")
+
+	restarts := 0
+	pid = h.reload(pid, 1, &restarts)
+	h.ns.holdWatchdog("httpd.service", pid, systemdMonotonicUsec(t))
+	if got := h.checkMain(1); got != pid {
+		t.Errorf("pid %s answered, want %s", got, pid)
+	}
+	h.checkNoWarnings()
+}
+
 // sdhttpdTestStopAfterReload: `systemctl stop` lets a request in flight
 // complete, as httpd.service promises ("SIGKILL only after
 // TimeoutStopSec"), before a reload and after one.
@@ -1591,8 +2149,8 @@ func sdhttpdTestFDStore(t *testing.T, bin string) {
 // restart`, the STOPPING=1 that httpd sends on SIGTERM can then be read
 // after the next process is the main one: "Got notification message from
 // PID N, but reception only permitted for main PID M" (seen under load).
-func sdhttpdTestStopAfterReload(t *testing.T, bin string) {
-	h := sdhttpdBoot(t, bin, true)
+func sdhttpdTestStopAfterReload(t *testing.T, v *systemdVersion, bin string) {
+	h := sdhttpdBoot(t, v, bin, sdhttpdUnits{socket: true})
 	h.ns.mustSystemctl("start", "httpd.socket")
 	pid := h.checkMain(0)
 	h.stopWithRequestInFlight(pid, "before any reload")
@@ -1650,8 +2208,8 @@ func (h *sdhttpd) stopWithRequestInFlight(pid, when string) {
 // log. (systemd still has the first generation's copy, the same socket,
 // so a restart still finds it.) Three reloads, because a new process that
 // loses the race to the handover stores its socket without a word.
-func sdhttpdTestStoreFDsAfterReload(t *testing.T, bin string) {
-	h := sdhttpdBoot(t, bin, true)
+func sdhttpdTestStoreFDsAfterReload(t *testing.T, v *systemdVersion, bin string) {
+	h := sdhttpdBoot(t, v, bin, sdhttpdUnits{socket: true})
 	h.ns.mustSystemctl("start", "httpd.socket")
 	pid := h.checkMain(0)
 	restarts := 0
@@ -1679,11 +2237,23 @@ type sdhttpd struct {
 	client *http.Client
 }
 
-// sdhttpdBoot boots systemd and installs httpd.service, with httpd.socket
-// if socket is set, from the files in examples/httpd. Neither is started.
-func sdhttpdBoot(t *testing.T, bin string, socket bool) *sdhttpd {
+// sdhttpdUnits says how the test installs the example's units.
+type sdhttpdUnits struct {
+	socket bool // with httpd.socket
+	// notifyReload makes httpd.service Type=notify-reload, with httpd
+	// -notify-reload and without ExecReload=: systemd 254 runs an
+	// ExecReload= as well as sending the signal (service_enter_reload), and
+	// the unit would restart twice per reload.
+	notifyReload bool
+	service      []string // more lines for the [Service] drop-in
+}
+
+// sdhttpdBoot boots systemd version v and installs httpd.service, with
+// httpd.socket if u.socket is set, from the files in examples/httpd. Neither
+// is started.
+func sdhttpdBoot(t *testing.T, v *systemdVersion, bin string, u sdhttpdUnits) *sdhttpd {
 	t.Helper()
-	ns := systemdBoot(t)
+	ns := systemdBoot(t, v)
 	h := &sdhttpd{t: t, ns: ns, bin: bin, svc: filepath.Join(ns.dir, "httpd")}
 	reloader := filepath.Join(ns.dir, "httpd-reload")
 	for _, dst := range []string{h.svc, reloader} {
@@ -1693,9 +2263,15 @@ func sdhttpdBoot(t *testing.T, bin string, socket bool) *sdhttpd {
 	}
 
 	service := sdhttpdReadUnit(t, "httpd.service")
-	service = sdhttpdReplace(t, service, "\nExecStart=/usr/local/bin/httpd ", "\nExecStart="+h.svc+" -store-fds ")
-	service = sdhttpdReplace(t, service, "\nExecReload=/usr/local/bin/httpd ", "\nExecReload="+reloader+" ")
-	dropIn := []string{
+	if u.notifyReload {
+		service = sdhttpdReplace(t, service, "\nType=notify\n", "\nType=notify-reload\n")
+		service = sdhttpdReplace(t, service, "\nExecStart=/usr/local/bin/httpd ", "\nExecStart="+h.svc+" -store-fds -notify-reload ")
+		service = sdhttpdReplace(t, service, "\nExecReload=/usr/local/bin/httpd -socket /run/httpd/control.sock restart\n", "\n")
+	} else {
+		service = sdhttpdReplace(t, service, "\nExecStart=/usr/local/bin/httpd ", "\nExecStart="+h.svc+" -store-fds ")
+		service = sdhttpdReplace(t, service, "\nExecReload=/usr/local/bin/httpd ", "\nExecReload="+reloader+" ")
+	}
+	dropIn := append([]string{
 		"[Unit]",
 		"DefaultDependencies=no",
 		"[Service]",
@@ -1703,9 +2279,9 @@ func sdhttpdBoot(t *testing.T, bin string, socket bool) *sdhttpd {
 		"StandardOutput=append:" + filepath.Join(ns.dir, "httpd.log"),
 		"StandardError=inherit",
 		"Environment=\"GORACE=" + strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0") + "\"",
-	}
+	}, u.service...)
 	units := map[string]string{"httpd.service": service}
-	if socket {
+	if u.socket {
 		sock := sdhttpdReadUnit(t, "httpd.socket")
 		if !strings.Contains(sock, "\nListenStream="+sdhttpdAddr+"\n") {
 			t.Fatalf("httpd.socket does not listen on %s, where the test connects:\n%s", sdhttpdAddr, sock)
@@ -1736,20 +2312,7 @@ func sdhttpdBoot(t *testing.T, bin string, socket bool) *sdhttpd {
 		}
 	}
 
-	// boot.sh copied the units that were there at boot into the
-	// namespace's private /run; these go there too, through systemd's
-	// root, and a daemon-reload makes systemd read them.
-	run := h.rootPath("/run/systemd/system")
-	for name, text := range units {
-		path := filepath.Join(run, name)
-		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	ns.mustSystemctl("daemon-reload")
+	ns.addUnits(units)
 
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -1960,6 +2523,22 @@ func (h *sdhttpd) reload(old string, gen int, restarts *int) string {
 	return pid
 }
 
+// signalReload runs `systemctl reload httpd` on a Type=notify-reload unit,
+// which must succeed, and checks that a new process is the main process and
+// answers as generation gen. It returns the new pid.
+func (h *sdhttpd) signalReload(old string, gen int) string {
+	h.t.Helper()
+	h.ns.mustSystemctl("reload", "httpd.service")
+	pid := h.checkMain(gen)
+	if pid == old {
+		h.t.Fatalf("after the reload the old process %s answers and is the main process", old)
+	}
+	if got := h.show("httpd.service", "ReloadResult"); got != "success" {
+		h.t.Errorf("ReloadResult=%s, want success", got)
+	}
+	return pid
+}
+
 // install replaces the server's binary as a deploy would: a new file renamed
 // over the old one. nil installs the example.
 func (h *sdhttpd) install(text []byte) {
@@ -2021,17 +2600,10 @@ func (h *sdhttpd) log() string {
 	return string(b)
 }
 
-// rootPath is the path of path in the namespace's mounts: under the
-// namespaced systemd's root, /run is the namespace's private tmpfs and
-// /proc the pid namespace's own.
-func (h *sdhttpd) rootPath(path string) string {
-	return fmt.Sprintf("/proc/%d/root%s", h.ns.pid, path)
-}
-
 // procPath is the path of /proc/PID/NAME in the namespace, pid as the
 // namespace knows it (MainPID=, the pid in httpd's answer).
 func (h *sdhttpd) procPath(pid, name string) string {
-	return h.rootPath("/proc/" + pid + "/" + name)
+	return h.ns.rootPath("/proc/" + pid + "/" + name)
 }
 
 // listener returns the inode of the socket listening on sdhttpdAddr in the
@@ -2106,7 +2678,7 @@ func (h *sdhttpd) checkNoWarnings() {
 	const ignored = "Received notify message without valid credentials"
 	c := h.ns.console
 	before := strings.Count(c.text(), ignored)
-	n, err := NewSdNotifier(h.rootPath("/run/systemd/notify"))
+	n, err := NewSdNotifier(h.ns.rootPath("/run/systemd/notify"))
 	if err != nil {
 		h.t.Fatal(err)
 	}
