@@ -540,8 +540,5 @@ func notifyMainPID(pid int) error {
 	case <-ctx.Done():
 		return errors.New("this process was not confirmed as the main process in time")
 	}
-	if err := n.Send(SdMainPID(pid), SdReady()); err != nil {
-		return err
-	}
-	return n.Barrier(ctx)
+	return n.handOver(ctx, pid)
 }

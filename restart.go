@@ -238,6 +238,13 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 		return nil, err
 	}
 	r := &Restarter{cfg: cfg, log: cfg.Logger, done: make(chan struct{}), calls: make(chan *restartRequest)}
+	r.ctx, r.cancel = context.WithCancel(ctx)
+	started := false
+	defer func() {
+		if !started {
+			r.cancel()
+		}
+	}()
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
 	}
@@ -318,17 +325,22 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 			r.log.Warn("shellflip: restart signal ignored: this process is not the main process yet")
 		}
 	}
-	if cfg.PIDFile != "" && StartedByRestart() && mainNeedsPIDFile {
-		if err := writePIDFile(cfg.PIDFile, os.Getpid()); err != nil {
-			r.log.Error("shellflip: writing the PID file", "path", cfg.PIDFile, "err", err)
+	if StartedByRestart() {
+		if cfg.PIDFile != "" && mainNeedsPIDFile {
+			if err := writePIDFile(cfg.PIDFile, os.Getpid()); err != nil {
+				r.log.Error("shellflip: writing the PID file", "path", cfg.PIDFile, "err", err)
+			}
 		}
+		// The old process has stopped accepting: the restart is done, and
+		// a reload of Type=notify-reload ends here.
+		r.notify(SdReady())
 	}
 
 	if r.ctl != nil {
 		go r.ctl.serve()
 	}
 	r.spawner = newSpawner()
-	r.ctx, r.cancel = context.WithCancel(ctx)
+	started = true
 	go r.run(r.ctx)
 	return r, nil
 }
@@ -454,12 +466,12 @@ func (r *Restarter) run(ctx context.Context) {
 
 // handOver makes the new process the service's main process. This process
 // keeps serving until the last moment, so that nothing waits on the
-// handover: the PID file and then systemd learn the new pid (with READY=1
-// in the same datagram, so that NotifyAccess=main suffices, and a barrier
-// to know systemd processed it); then this process stops accepting
-// (NewProcessReady, and the control socket); the requesters learn the new
-// pid; last, the new process learns that it is main, and its Start
-// returns.
+// handover: the PID file and then systemd learn the new pid (with a
+// barrier, to know systemd processed it); then this process stops
+// accepting (NewProcessReady, and the control socket); the requesters
+// learn the new pid; last, the new process learns that it is main, sends
+// systemd READY=1 (which NotifyAccess=main now accepts from it), and its
+// Start returns.
 func (r *Restarter) handOver(p *Process, waiting []*restartRequest) {
 	mainAck := [1]byte{mainByte}
 	if r.cfg.PIDFile != "" {
@@ -495,7 +507,9 @@ func (r *Restarter) handOver(p *Process, waiting []*restartRequest) {
 func (r *Restarter) notify(fields ...SdField) {
 	n, err := SystemdNotifier()
 	if err == nil {
-		err = n.Send(fields...)
+		ctx, cancel := context.WithTimeout(r.ctx, mainPIDTimeout)
+		err = n.sendWithin(ctx, fields...)
+		cancel()
 	}
 	if err != nil {
 		r.log.Warn("shellflip: notifying systemd", "err", err)

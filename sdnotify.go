@@ -82,6 +82,10 @@ type SdNotifier struct {
 	// restart: until systemd knows it as the main process (IsMain), what it
 	// sent would be dropped under NotifyAccess=main, so it sends nothing.
 	gated bool
+	// retired is set on the process-wide notifier of an old process once
+	// it has named its successor the main process: what it sent from then
+	// on would come from a pid that is no longer main.
+	retired atomic.Bool
 
 	mu      sync.Mutex            // serialises sends; guards the fields below
 	buf     []byte                // the datagram; capacity sdMaxDatagram+sdBufSlack
@@ -187,7 +191,7 @@ func SystemdNotifier() (*SdNotifier, error) {
 
 // notMain reports ErrNotMain while a gated notifier must keep quiet.
 func (n *SdNotifier) notMain() error {
-	if n.gated && !IsMain() {
+	if n.gated && !IsMain() || n.retired.Load() {
 		return ErrNotMain
 	}
 	return nil
@@ -237,7 +241,47 @@ func (n *SdNotifier) SendFDs(fds []int, fields ...SdField) error {
 	if err := n.build(fields); err != nil {
 		return err
 	}
-	return n.write(oob)
+	return n.write(oob, time.Time{})
+}
+
+// sendWithin is Send for the restart path, which must not wait for ever on
+// a manager whose receive queue stays full: the send fails at ctx's
+// deadline.
+func (n *SdNotifier) sendWithin(ctx context.Context, fields ...SdField) error {
+	if !n.Enabled() {
+		return nil
+	}
+	if err := n.notMain(); err != nil {
+		return err
+	}
+	d, _ := ctx.Deadline()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if err := n.build(fields); err != nil {
+		return err
+	}
+	return n.write(nil, d)
+}
+
+// handOver tells the manager that pid is the main process now, with an
+// empty STATUS= (which clears what a failed reload said) in the same
+// datagram, and waits on a barrier until the manager has processed it.
+// From then on this notifier refuses to send (ErrNotMain): the new main
+// process speaks for the service, and sends READY=1 once this process has
+// stopped accepting (see Start). ctx bounds the sends and the wait.
+func (n *SdNotifier) handOver(ctx context.Context, pid int) error {
+	d, _ := ctx.Deadline()
+	n.mu.Lock()
+	err := n.build([]SdField{SdMainPID(pid), SdStatus("")})
+	if err == nil {
+		n.retired.Store(true)
+		err = n.write(nil, d)
+	}
+	n.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	return n.barrier(ctx)
 }
 
 // Barrier waits until the manager has processed every datagram sent before
@@ -260,6 +304,10 @@ func (n *SdNotifier) Barrier(ctx context.Context) error {
 	if err := n.notMain(); err != nil {
 		return err
 	}
+	return n.barrier(ctx)
+}
+
+func (n *SdNotifier) barrier(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("shellflip: sd_notify barrier: %w", err)
 	}
@@ -268,7 +316,7 @@ func (n *SdNotifier) Barrier(ctx context.Context) error {
 		return fmt.Errorf("shellflip: sd_notify barrier: %w", err)
 	}
 	defer r.Close()
-	err = n.sendBarrier(w)
+	err = n.sendBarrier(w, ctx)
 	// Our copy of the write end must go whether or not the send worked:
 	// while it is open the read end never reports EOF.
 	if cerr := w.Close(); err == nil && cerr != nil {
@@ -283,7 +331,7 @@ func (n *SdNotifier) Barrier(ctx context.Context) error {
 // sendBarrier sends BARRIER=1 with w attached. The manager requires BARRIER=1
 // alone in its datagram with exactly one fd, and otherwise ignores the
 // message (manager_process_barrier_fd in src/core/manager.c).
-func (n *SdNotifier) sendBarrier(w *os.File) error {
+func (n *SdNotifier) sendBarrier(w *os.File, ctx context.Context) error {
 	rc, err := w.SyscallConn()
 	if err != nil {
 		return fmt.Errorf("shellflip: sd_notify barrier: %w", err)
@@ -296,7 +344,8 @@ func (n *SdNotifier) sendBarrier(w *os.File) error {
 		n.mu.Lock()
 		defer n.mu.Unlock()
 		n.buf = append(n.buf[:0], "BARRIER=1"...)
-		serr = n.write(oob)
+		d, _ := ctx.Deadline()
+		serr = n.write(oob, d)
 	})
 	if err != nil {
 		return fmt.Errorf("shellflip: sd_notify barrier: %w", err)
@@ -357,10 +406,15 @@ func (n *SdNotifier) Close() error {
 	return nil
 }
 
-// write sends n.buf, with oob as ancillary data. n.mu is held.
-func (n *SdNotifier) write(oob []byte) error {
+// write sends n.buf, with oob as ancillary data, waiting for room in the
+// manager's queue until deadline (the zero time: for ever). n.mu is held.
+func (n *SdNotifier) write(oob []byte, deadline time.Time) error {
 	if n.closed.Load() {
 		return fmt.Errorf("shellflip: sd_notify: %w", net.ErrClosed)
+	}
+	if !deadline.IsZero() {
+		n.conn.SetWriteDeadline(deadline)
+		defer n.conn.SetWriteDeadline(time.Time{})
 	}
 	n.oob, n.sendErr = oob, nil
 	err := n.raw.Write(n.sendFn) // after Close: an error wrapping net.ErrClosed

@@ -1677,7 +1677,7 @@ func systemdSighup(t *testing.T, c *testCluster, rec *systemdNotifyRecorder, old
 // is released. release runs while the barrier is held.
 func systemdHandOver(t *testing.T, c *testCluster, rec *systemdNotifyRecorder, old, pid int, release func()) {
 	t.Helper()
-	rec.expect(t, old, fmt.Sprintf("MAINPID=%d\nREADY=1", pid))
+	rec.expect(t, old, fmt.Sprintf("MAINPID=%d\nSTATUS=", pid))
 	fd := rec.barrier(t, old)
 	closed := false
 	defer func() {
@@ -1691,7 +1691,9 @@ func systemdHandOver(t *testing.T, c *testCluster, rec *systemdNotifyRecorder, o
 	}
 	unix.Close(fd)
 	closed = true
-	// Start returns in the new process once the old one made it main.
+	// Once the old process made it main, the new one ends the restart (or
+	// reload) with READY=1, and its Start returns.
+	rec.expect(t, pid, "READY=1")
 	if ready := c.reports.next("ready"); ready["pid"] != strconv.Itoa(pid) {
 		t.Fatalf("ready report %v, want pid=%d", ready, pid)
 	}

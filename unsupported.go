@@ -187,3 +187,7 @@ func StoreFDs(...string) error { return ErrNotSupported }
 func UnstoreFDs(...string) error { return ErrNotSupported }
 
 func runningExecutable() (string, error) { return "", ErrNotSupported }
+
+const mainPIDTimeout = 0
+
+func (*SdNotifier) sendWithin(context.Context, ...SdField) error { return ErrNotSupported }

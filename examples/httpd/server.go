@@ -96,6 +96,7 @@ func serve(listen, socket string, drain time.Duration, notifyReload, storeFDs bo
 		log.Error("cannot start the restarter", "err", err)
 		return 1
 	}
+	go watchdog(ctx, log)
 	if storeFDs {
 		// Once systemd knows this process as the main process: before
 		// that it would drop the message (StoreFDs returns ErrNotMain).
