@@ -129,10 +129,8 @@ func wireMustUnquote(t testing.TB, inner string) string {
 	return s
 }
 
-// wireRefLossy is String::from_utf8_lossy written a second way: a maximal
-// subpart is the longest prefix that is not yet a full rune to
-// utf8.FullRuneInString, which reports false exactly for a proper prefix of a
-// valid encoding.
+// wireRefLossy is String::from_utf8_lossy written a second way, with the
+// table of wireRefInvalidLen.
 func wireRefLossy(s string) string {
 	var b strings.Builder
 	for len(s) > 0 {
@@ -148,17 +146,44 @@ func wireRefLossy(s string) string {
 	return b.String()
 }
 
+// wireRefInvalidLen is wireInvalidLen written from the table of Rust's
+// core/src/str/lossy.rs (Utf8Chunks::next), which is also the table of
+// well-formed UTF-8 in the Unicode Standard (ch. 3, table 3-7): the length
+// of the "maximal subpart" at the start of s, the longest prefix that could
+// still begin a well-formed character, or 1 if there is none. s must not
+// begin with a valid encoding. (This was wire.go's own code before issue 10.)
 func wireRefInvalidLen(s string) int {
+	lo, hi := byte(0x80), byte(0xbf) // the range allowed for the second byte
+	var need int                     // continuation bytes a full sequence has
+	switch b := s[0]; {
+	case 0xc2 <= b && b <= 0xdf:
+		need = 1
+	case b == 0xe0:
+		lo, need = 0xa0, 2 // below is overlong
+	case 0xe1 <= b && b <= 0xec, b == 0xee, b == 0xef:
+		need = 2
+	case b == 0xed:
+		hi, need = 0x9f, 2 // above are the surrogates U+D800..U+DFFF
+	case b == 0xf0:
+		lo, need = 0x90, 3 // below is overlong
+	case 0xf1 <= b && b <= 0xf3:
+		need = 3
+	case b == 0xf4:
+		hi, need = 0x8f, 3 // above is past U+10FFFF
+	default: // a continuation byte, 0xc0, 0xc1 or 0xf5..0xff: never valid
+		return 1
+	}
 	n := 1
-	for n < len(s) && n < utf8.UTFMax && !utf8.FullRuneInString(s[:n+1]) {
+	for n <= need && n < len(s) && lo <= s[n] && s[n] <= hi {
+		lo, hi = 0x80, 0xbf
 		n++
 	}
 	return n
 }
 
-// TestWireInvalidLen compares wireInvalidLen with the reference on every
-// invalid sequence of up to three bytes and on every 4-byte one whose first
-// three bytes could start a valid sequence.
+// TestWireInvalidLen compares wireInvalidLen, which asks utf8.FullRuneInString,
+// with the reference table on every invalid sequence of up to three bytes and
+// on every 4-byte one whose first three bytes could start a valid sequence.
 func TestWireInvalidLen(t *testing.T) {
 	check := func(s string) {
 		if r, size := utf8.DecodeRuneInString(s); r != utf8.RuneError || size != 1 {
@@ -480,27 +505,33 @@ var wireErrors = []struct {
 	in   string
 	want string
 }{
-	{``, `wire: empty message`},
-	{`{"Foo":1}`, `wire: unknown variant "Foo" at offset 1, expected "Request" or "Response"`},
-	{`{"Request":"Foo"}`, `wire: unknown variant "Foo" at offset 11, expected "TryRestart"`},
-	{`{"Response":{"Foo":1}}`, `wire: unknown variant "Foo" at offset 13, expected "RestartComplete" or "RestartFailed"`},
-	{`{"Request":"TryRestartTryRestartTryRestartTryRestart"}`, `wire: unknown variant "TryRestartTryRestartTryRestartTr"... at offset 11`},
-	{`"Request"`, `wire: variant "Request" at offset 0 carries a value`},
-	{`{}`, `wire: empty object at offset 1`},
-	{`{"Request":"TryRestart","x":1}`, `wire: second key at offset 23`},
-	{`{"Request":"TryRestart"}x`, `wire: unexpected 'x' at offset 24, expected the end of the message`},
-	{`{"Request":"TryRestart"`, `wire: message ends at offset 23, expected '}'`},
-	{`{"Response":{"RestartComplete":-0}}`, `wire: unexpected '-' at offset 31, expected a process ID`},
-	{`{"Response":{"RestartComplete":01}}`, `wire: number with a leading zero at offset 31`},
-	{`{"Response":{"RestartComplete":1.5}}`, `wire: number at offset 31 is not an integer`},
-	{`{"Response":{"RestartComplete":4294967296}}`, `wire: number at offset 31 is larger than 4294967295`},
-	{`{"Response":{"RestartFailed":"` + "\x01" + `"}}`, `wire: raw control character 0x01 in string at offset 30`},
-	{`{"Response":{"RestartFailed":"` + "\xff" + `"}}`, `wire: invalid UTF-8 in string at offset 30`},
-	{`{"Response":{"RestartFailed":"\q"}}`, `wire: invalid escape \'q' in string at offset 30`},
-	{`{"Response":{"RestartFailed":"\ud800"}}`, `wire: unpaired high surrogate \ud800 at offset 30`},
-	{`{"Response":{"RestartFailed":"\udc00"}}`, `wire: unpaired low surrogate \udc00 at offset 30`},
-	{`{"Response":{"RestartFailed":"abc`, `wire: string at offset 29 is not terminated`},
-	{"\xef\xbb\xbf{}", `wire: unexpected byte 0xef at offset 0`},
+	{``, `wire: offset 0: expected "{", found the end of the message`},
+	{" \n", `wire: offset 2: expected "{", found the end of the message`},
+	{`{"Foo":1}`, `wire: offset 1: unknown variant "Foo", expected "Request" or "Response"`},
+	{`{"Request":"Foo"}`, `wire: offset 11: unknown variant "Foo", expected "TryRestart"`},
+	{`{"Response":{"Foo":1}}`, `wire: offset 13: unknown variant "Foo", expected "RestartComplete" or "RestartFailed"`},
+	{`{"Request":"TryRestartTryRestartTryRestartTryRestart"}`, `wire: offset 11: unknown variant "TryRestartTryRestartTryRestartTr"..., expected "TryRestart"`},
+	{`{"Request":"Try\u0052estartTryRestartTryRestartTryRestart"}`, `wire: offset 11: unknown variant "TryRestartTryRestartTryRestartTr"..., expected "TryRestart"`},
+	{`"Request"`, `wire: offset 0: expected "{", found "\""`},
+	{`{}`, `wire: offset 1: expected a string, found "}"`},
+	{`{"Request":"TryRestart","x":1}`, `wire: offset 23: expected "}", found ","`},
+	{`{"Request":"TryRestart"}x`, `wire: offset 24: expected the end of the message, found "x"`},
+	{`{"Request":"TryRestart"`, `wire: offset 23: expected "}", found the end of the message`},
+	{`{"Request":{"TryRestart":nul}}`, `wire: offset 25: expected "null", found "n"`},
+	{`{"Response":{"RestartComplete":-0}}`, `wire: offset 31: expected a process ID, an integer from 0 to 4294967295, found "-"`},
+	{`{"Response":{"RestartComplete":01}}`, `wire: offset 31: process ID is not a JSON integer without leading zeros, fraction or exponent`},
+	{`{"Response":{"RestartComplete":1.5}}`, `wire: offset 31: process ID is not a JSON integer`},
+	{`{"Response":{"RestartComplete":4294967296}}`, `wire: offset 31: process ID is larger than 4294967295`},
+	{`{"Response":{"RestartFailed":"` + "\x01" + `"}}`, `wire: offset 30: raw control character U+0001 in a string; it must be escaped`},
+	{`{"Response":{"RestartFailed":"` + "\xff" + `"}}`, `wire: offset 30: invalid UTF-8 in a string`},
+	{`{"Response":{"RestartFailed":"\q"}}`, `wire: offset 30: invalid escape`},
+	{`{"Response":{"RestartFailed":"\u12"}}`, `wire: offset 30: invalid escape`},
+	{`{"Response":{"RestartFailed":"\ud800"}}`, `wire: offset 30: unpaired surrogate \ud800`},
+	{`{"Response":{"RestartFailed":"\udc00"}}`, `wire: offset 30: unpaired surrogate \udc00`},
+	{`{"Response":{"RestartFailed":"\ud800\u0041"}}`, `wire: offset 30: unpaired surrogate \ud800`},
+	{`{"Response":{"RestartFailed":"abc`, `wire: offset 29: string is not terminated`},
+	{`{"Response":{"RestartFailed":"abc\`, `wire: offset 29: string is not terminated`},
+	{"\xef\xbb\xbf{}", `wire: offset 0: expected "{", found "\xef"`},
 }
 
 // TestWireDecodeErrors checks that errors say what was wrong.
@@ -542,10 +573,10 @@ func TestWireReadFrame(t *testing.T) {
 		errText string
 	}{
 		{name: "clean EOF", r: bytes.NewReader(nil), wantErr: io.EOF},
-		{name: "header 1 byte", r: bytes.NewReader([]byte{0}), wantErr: io.ErrUnexpectedEOF, errText: "header cut short after 1 of 4 bytes"},
+		{name: "header 1 byte", r: bytes.NewReader([]byte{0}), wantErr: io.ErrUnexpectedEOF, errText: "wire: reading frame header, 1 of 4 bytes: unexpected EOF"},
 		{name: "header 3 bytes", r: bytes.NewReader([]byte{0, 0, 0}), wantErr: io.ErrUnexpectedEOF},
-		{name: "payload missing", r: bytes.NewReader([]byte{0, 0, 0, 5}), wantErr: io.ErrUnexpectedEOF, errText: "payload cut short after 0 of 5 bytes"},
-		{name: "payload short", r: bytes.NewReader([]byte{0, 0, 0, 5, 'a', 'b'}), wantErr: io.ErrUnexpectedEOF, errText: "after 2 of 5 bytes"},
+		{name: "payload missing", r: bytes.NewReader([]byte{0, 0, 0, 5}), wantErr: io.ErrUnexpectedEOF, errText: "wire: reading frame payload, 0 of 5 bytes: unexpected EOF"},
+		{name: "payload short", r: bytes.NewReader([]byte{0, 0, 0, 5, 'a', 'b'}), wantErr: io.ErrUnexpectedEOF, errText: "reading frame payload, 2 of 5 bytes"},
 		{name: "zero length", r: bytes.NewReader([]byte{0, 0, 0, 0}), want: ""},
 		{name: "one frame", r: bytes.NewReader(wireFrameOf("hello")), want: "hello"},
 		{name: "trailing bytes stay unread", r: bytes.NewReader(append(wireFrameOf("hi"), 0, 0)), want: "hi"},
@@ -555,8 +586,8 @@ func TestWireReadFrame(t *testing.T) {
 		{name: "limit + 1", r: bytes.NewReader(binary.BigEndian.AppendUint32(nil, maxFrameLen+1)), errText: "wire: frame of 65537 bytes exceeds the 65536-byte limit"},
 		{name: "1 GiB", r: bytes.NewReader(binary.BigEndian.AppendUint32(nil, 1<<30)), errText: "wire: frame of 1073741824 bytes exceeds the 65536-byte limit"},
 		{name: "4 GiB - 1", r: bytes.NewReader([]byte{0xff, 0xff, 0xff, 0xff}), errText: "wire: frame of 4294967295 bytes exceeds the 65536-byte limit"},
-		{name: "error in header", r: iotest.ErrReader(errBoom), wantErr: errBoom, errText: "reading frame header"},
-		{name: "error in payload", r: io.MultiReader(bytes.NewReader([]byte{0, 0, 0, 5}), iotest.ErrReader(errBoom)), wantErr: errBoom, errText: "reading 5-byte frame payload"},
+		{name: "error in header", r: iotest.ErrReader(errBoom), wantErr: errBoom, errText: "wire: reading frame header, 0 of 4 bytes: boom"},
+		{name: "error in payload", r: io.MultiReader(bytes.NewReader([]byte{0, 0, 0, 5}), iotest.ErrReader(errBoom)), wantErr: errBoom, errText: "wire: reading frame payload, 0 of 5 bytes: boom"},
 	}
 	for _, tt := range tests {
 		for _, scratch := range [][]byte{nil, make([]byte, 0, 3), make([]byte, 0, 16), make([]byte, 0, maxFrameLen)} {
