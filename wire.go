@@ -157,7 +157,7 @@ func readFrame(r io.Reader, scratch []byte) ([]byte, error) {
 // decodeMessage decodes one payload. It accepts exactly the payloads that
 // serde_json::from_slice::<RestartMessage> accepts, and for any other returns
 // an error that says what is wrong at which byte offset. Decoding TryRestart
-// or RestartComplete allocates nothing.
+// or RestartComplete allocates nothing; a RestartFailed's text is a copy.
 //
 // serde_json also accepts whitespace around every token, and escapes in
 // names, "Req\u0075est" (deserialize_identifier is deserialize_str: names
@@ -166,7 +166,7 @@ func readFrame(r io.Reader, scratch []byte) ([]byte, error) {
 func decodeMessage(payload []byte) (message, error) {
 	d := wireDecoder{p: payload}
 	var m message
-	switch d.variant("Request", "Response") { // After an error, d does nothing.
+	switch d.variant("Request", "Response") { // After an error, d's methods do nothing.
 	case 0:
 		// A unit variant is "TryRestart" or {"TryRestart":null}: deserialize_enum
 		// hands an object to VariantAccess, whose unit_variant reads a unit.

@@ -722,7 +722,8 @@ func TestWireAllocs(t *testing.T) {
 		}
 	}
 
-	// RestartFailed allocates its text: once, or twice if it has escapes.
+	// RestartFailed allocates its text once; a short text with escapes twice,
+	// the decoding buffer and then the string.
 	for _, tt := range []struct {
 		in   string
 		want float64
