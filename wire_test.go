@@ -11,6 +11,7 @@ import (
 	"io"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -128,10 +129,8 @@ func wireMustUnquote(t testing.TB, inner string) string {
 	return s
 }
 
-// wireRefLossy is String::from_utf8_lossy written a second way: a maximal
-// subpart is the longest prefix that is not yet a full rune to
-// utf8.FullRuneInString, which reports false exactly for a proper prefix of a
-// valid encoding.
+// wireRefLossy is String::from_utf8_lossy written a second way, with the
+// table of wireRefInvalidLen.
 func wireRefLossy(s string) string {
 	var b strings.Builder
 	for len(s) > 0 {
@@ -147,17 +146,44 @@ func wireRefLossy(s string) string {
 	return b.String()
 }
 
+// wireRefInvalidLen is wireInvalidLen written from the table of Rust's
+// core/src/str/lossy.rs (Utf8Chunks::next), which is also the table of
+// well-formed UTF-8 in the Unicode Standard (ch. 3, table 3-7): the length
+// of the "maximal subpart" at the start of s, the longest prefix that could
+// still begin a well-formed character, or 1 if there is none. s must not
+// begin with a valid encoding. (This was wire.go's own code before issue 10.)
 func wireRefInvalidLen(s string) int {
+	lo, hi := byte(0x80), byte(0xbf) // the range allowed for the second byte
+	var need int                     // continuation bytes a full sequence has
+	switch b := s[0]; {
+	case 0xc2 <= b && b <= 0xdf:
+		need = 1
+	case b == 0xe0:
+		lo, need = 0xa0, 2 // below is overlong
+	case 0xe1 <= b && b <= 0xec, b == 0xee, b == 0xef:
+		need = 2
+	case b == 0xed:
+		hi, need = 0x9f, 2 // above are the surrogates U+D800..U+DFFF
+	case b == 0xf0:
+		lo, need = 0x90, 3 // below is overlong
+	case 0xf1 <= b && b <= 0xf3:
+		need = 3
+	case b == 0xf4:
+		hi, need = 0x8f, 3 // above is past U+10FFFF
+	default: // a continuation byte, 0xc0, 0xc1 or 0xf5..0xff: never valid
+		return 1
+	}
 	n := 1
-	for n < len(s) && n < utf8.UTFMax && !utf8.FullRuneInString(s[:n+1]) {
+	for n <= need && n < len(s) && lo <= s[n] && s[n] <= hi {
+		lo, hi = 0x80, 0xbf
 		n++
 	}
 	return n
 }
 
-// TestWireInvalidLen compares wireInvalidLen with the reference on every
-// invalid sequence of up to three bytes and on every 4-byte one whose first
-// three bytes could start a valid sequence.
+// TestWireInvalidLen compares wireInvalidLen, which asks utf8.FullRuneInString,
+// with the reference table on every invalid sequence of up to three bytes and
+// on every 4-byte one whose first three bytes could start a valid sequence.
 func TestWireInvalidLen(t *testing.T) {
 	check := func(s string) {
 		if r, size := utf8.DecodeRuneInString(s); r != utf8.RuneError || size != 1 {
@@ -474,35 +500,43 @@ func TestWireDecodeRejected(t *testing.T) {
 	}
 }
 
+// wireErrors maps payloads to the start of the error decodeMessage returns.
+var wireErrors = []struct {
+	in   string
+	want string
+}{
+	{``, `wire: offset 0: expected "{", found the end of the message`},
+	{" \n", `wire: offset 2: expected "{", found the end of the message`},
+	{`{"Foo":1}`, `wire: offset 1: unknown variant "Foo", expected "Request" or "Response"`},
+	{`{"Request":"Foo"}`, `wire: offset 11: unknown variant "Foo", expected "TryRestart"`},
+	{`{"Response":{"Foo":1}}`, `wire: offset 13: unknown variant "Foo", expected "RestartComplete" or "RestartFailed"`},
+	{`{"Request":"TryRestartTryRestartTryRestartTryRestart"}`, `wire: offset 11: unknown variant "TryRestartTryRestartTryRestartTr"..., expected "TryRestart"`},
+	{`{"Request":"Try\u0052estartTryRestartTryRestartTryRestart"}`, `wire: offset 11: unknown variant "TryRestartTryRestartTryRestartTr"..., expected "TryRestart"`},
+	{`"Request"`, `wire: offset 0: expected "{", found "\""`},
+	{`{}`, `wire: offset 1: expected a string, found "}"`},
+	{`{"Request":"TryRestart","x":1}`, `wire: offset 23: expected "}", found ","`},
+	{`{"Request":"TryRestart"}x`, `wire: offset 24: expected the end of the message, found "x"`},
+	{`{"Request":"TryRestart"`, `wire: offset 23: expected "}", found the end of the message`},
+	{`{"Request":{"TryRestart":nul}}`, `wire: offset 25: expected "null", found "n"`},
+	{`{"Response":{"RestartComplete":-0}}`, `wire: offset 31: expected a process ID, an integer from 0 to 4294967295, found "-"`},
+	{`{"Response":{"RestartComplete":01}}`, `wire: offset 31: process ID is not a JSON integer without leading zeros, fraction or exponent`},
+	{`{"Response":{"RestartComplete":1.5}}`, `wire: offset 31: process ID is not a JSON integer`},
+	{`{"Response":{"RestartComplete":4294967296}}`, `wire: offset 31: process ID is larger than 4294967295`},
+	{`{"Response":{"RestartFailed":"` + "\x01" + `"}}`, `wire: offset 30: raw control character U+0001 in a string; it must be escaped`},
+	{`{"Response":{"RestartFailed":"` + "\xff" + `"}}`, `wire: offset 30: invalid UTF-8 in a string`},
+	{`{"Response":{"RestartFailed":"\q"}}`, `wire: offset 30: invalid escape`},
+	{`{"Response":{"RestartFailed":"\u12"}}`, `wire: offset 30: invalid escape`},
+	{`{"Response":{"RestartFailed":"\ud800"}}`, `wire: offset 30: unpaired surrogate \ud800`},
+	{`{"Response":{"RestartFailed":"\udc00"}}`, `wire: offset 30: unpaired surrogate \udc00`},
+	{`{"Response":{"RestartFailed":"\ud800\u0041"}}`, `wire: offset 30: unpaired surrogate \ud800`},
+	{`{"Response":{"RestartFailed":"abc`, `wire: offset 29: string is not terminated`},
+	{`{"Response":{"RestartFailed":"abc\`, `wire: offset 29: string is not terminated`},
+	{"\xef\xbb\xbf{}", `wire: offset 0: expected "{", found "\xef"`},
+}
+
 // TestWireDecodeErrors checks that errors say what was wrong.
 func TestWireDecodeErrors(t *testing.T) {
-	tests := []struct {
-		in   string
-		want string
-	}{
-		{``, `wire: empty message`},
-		{`{"Foo":1}`, `wire: unknown variant "Foo" at offset 1, expected "Request" or "Response"`},
-		{`{"Request":"Foo"}`, `wire: unknown variant "Foo" at offset 11, expected "TryRestart"`},
-		{`{"Response":{"Foo":1}}`, `wire: unknown variant "Foo" at offset 13, expected "RestartComplete" or "RestartFailed"`},
-		{`{"Request":"TryRestartTryRestartTryRestartTryRestart"}`, `wire: unknown variant "TryRestartTryRestartTryRestartTr"... at offset 11`},
-		{`"Request"`, `wire: variant "Request" at offset 0 carries a value`},
-		{`{}`, `wire: empty object at offset 1`},
-		{`{"Request":"TryRestart","x":1}`, `wire: second key at offset 23`},
-		{`{"Request":"TryRestart"}x`, `wire: unexpected 'x' at offset 24, expected the end of the message`},
-		{`{"Request":"TryRestart"`, `wire: message ends at offset 23, expected '}'`},
-		{`{"Response":{"RestartComplete":-0}}`, `wire: unexpected '-' at offset 31, expected a process ID`},
-		{`{"Response":{"RestartComplete":01}}`, `wire: number with a leading zero at offset 31`},
-		{`{"Response":{"RestartComplete":1.5}}`, `wire: number at offset 31 is not an integer`},
-		{`{"Response":{"RestartComplete":4294967296}}`, `wire: number at offset 31 is larger than 4294967295`},
-		{`{"Response":{"RestartFailed":"` + "\x01" + `"}}`, `wire: raw control character 0x01 in string at offset 30`},
-		{`{"Response":{"RestartFailed":"` + "\xff" + `"}}`, `wire: invalid UTF-8 in string at offset 30`},
-		{`{"Response":{"RestartFailed":"\q"}}`, `wire: invalid escape \'q' in string at offset 30`},
-		{`{"Response":{"RestartFailed":"\ud800"}}`, `wire: unpaired high surrogate \ud800 at offset 30`},
-		{`{"Response":{"RestartFailed":"\udc00"}}`, `wire: unpaired low surrogate \udc00 at offset 30`},
-		{`{"Response":{"RestartFailed":"abc`, `wire: string at offset 29 is not terminated`},
-		{"\xef\xbb\xbf{}", `wire: unexpected byte 0xef at offset 0`},
-	}
-	for _, tt := range tests {
+	for _, tt := range wireErrors {
 		_, err := decodeMessage([]byte(tt.in))
 		if err == nil || !strings.HasPrefix(err.Error(), tt.want) {
 			t.Errorf("decodeMessage(%q) error = %v, want it to start with %q", tt.in, err, tt.want)
@@ -539,10 +573,10 @@ func TestWireReadFrame(t *testing.T) {
 		errText string
 	}{
 		{name: "clean EOF", r: bytes.NewReader(nil), wantErr: io.EOF},
-		{name: "header 1 byte", r: bytes.NewReader([]byte{0}), wantErr: io.ErrUnexpectedEOF, errText: "header cut short after 1 of 4 bytes"},
+		{name: "header 1 byte", r: bytes.NewReader([]byte{0}), wantErr: io.ErrUnexpectedEOF, errText: "wire: reading frame header, 1 of 4 bytes: unexpected EOF"},
 		{name: "header 3 bytes", r: bytes.NewReader([]byte{0, 0, 0}), wantErr: io.ErrUnexpectedEOF},
-		{name: "payload missing", r: bytes.NewReader([]byte{0, 0, 0, 5}), wantErr: io.ErrUnexpectedEOF, errText: "payload cut short after 0 of 5 bytes"},
-		{name: "payload short", r: bytes.NewReader([]byte{0, 0, 0, 5, 'a', 'b'}), wantErr: io.ErrUnexpectedEOF, errText: "after 2 of 5 bytes"},
+		{name: "payload missing", r: bytes.NewReader([]byte{0, 0, 0, 5}), wantErr: io.ErrUnexpectedEOF, errText: "wire: reading frame payload, 0 of 5 bytes: unexpected EOF"},
+		{name: "payload short", r: bytes.NewReader([]byte{0, 0, 0, 5, 'a', 'b'}), wantErr: io.ErrUnexpectedEOF, errText: "reading frame payload, 2 of 5 bytes"},
 		{name: "zero length", r: bytes.NewReader([]byte{0, 0, 0, 0}), want: ""},
 		{name: "one frame", r: bytes.NewReader(wireFrameOf("hello")), want: "hello"},
 		{name: "trailing bytes stay unread", r: bytes.NewReader(append(wireFrameOf("hi"), 0, 0)), want: "hi"},
@@ -552,8 +586,8 @@ func TestWireReadFrame(t *testing.T) {
 		{name: "limit + 1", r: bytes.NewReader(binary.BigEndian.AppendUint32(nil, maxFrameLen+1)), errText: "wire: frame of 65537 bytes exceeds the 65536-byte limit"},
 		{name: "1 GiB", r: bytes.NewReader(binary.BigEndian.AppendUint32(nil, 1<<30)), errText: "wire: frame of 1073741824 bytes exceeds the 65536-byte limit"},
 		{name: "4 GiB - 1", r: bytes.NewReader([]byte{0xff, 0xff, 0xff, 0xff}), errText: "wire: frame of 4294967295 bytes exceeds the 65536-byte limit"},
-		{name: "error in header", r: iotest.ErrReader(errBoom), wantErr: errBoom, errText: "reading frame header"},
-		{name: "error in payload", r: io.MultiReader(bytes.NewReader([]byte{0, 0, 0, 5}), iotest.ErrReader(errBoom)), wantErr: errBoom, errText: "reading 5-byte frame payload"},
+		{name: "error in header", r: iotest.ErrReader(errBoom), wantErr: errBoom, errText: "wire: reading frame header, 0 of 4 bytes: boom"},
+		{name: "error in payload", r: io.MultiReader(bytes.NewReader([]byte{0, 0, 0, 5}), iotest.ErrReader(errBoom)), wantErr: errBoom, errText: "wire: reading frame payload, 0 of 5 bytes: boom"},
 	}
 	for _, tt := range tests {
 		for _, scratch := range [][]byte{nil, make([]byte, 0, 3), make([]byte, 0, 16), make([]byte, 0, maxFrameLen)} {
@@ -688,7 +722,8 @@ func TestWireAllocs(t *testing.T) {
 		}
 	}
 
-	// RestartFailed allocates its text: once, or twice if it has escapes.
+	// RestartFailed allocates its text once; a short text with escapes twice,
+	// the decoding buffer and then the string.
 	for _, tt := range []struct {
 		in   string
 		want float64
@@ -857,14 +892,8 @@ func wireRefLoneSurrogate(p []byte) bool {
 // both must accept the same payloads and agree on the message. What is
 // accepted must also survive a re-encoding unchanged.
 func FuzzWireDecode(f *testing.F) {
-	for _, tt := range wireAccepted {
-		f.Add([]byte(tt.in))
-	}
-	for _, tt := range wireRejected {
-		f.Add([]byte(tt.in))
-	}
-	for _, tt := range wireEscapes {
-		f.Add(appendRestartFailed(nil, tt.in)[4:])
+	for _, p := range wireSeeds() {
+		f.Add(p)
 	}
 	f.Fuzz(func(t *testing.T, p []byte) {
 		got, err := decodeMessage(p)
@@ -880,6 +909,12 @@ func FuzzWireDecode(f *testing.F) {
 		}
 		if got != want {
 			t.Fatalf("decodeMessage(%q) = %+v; reference: %+v", p, got, want)
+		}
+		// serde_json's form is never longer than any other, so a payload
+		// that fits in a frame re-encodes without being cut short.
+		// decodeMessage itself takes longer ones; readFrame would not.
+		if len(p) > maxFrameLen {
+			return
 		}
 		frame := wireAppend(nil, got)
 		again, err := decodeMessage(frame[4:])
@@ -1037,4 +1072,520 @@ func FuzzWireReadFrame(f *testing.F) {
 			}
 		}
 	})
+}
+
+// wireSeeds returns every payload the tests and fuzz seeds in this file
+// decode or encode, to seed the decoding fuzzers.
+func wireSeeds() [][]byte {
+	var seeds [][]byte
+	add := func(p string) { seeds = append(seeds, []byte(p)) }
+	for _, tt := range wireAccepted {
+		add(tt.in)
+	}
+	for _, tt := range wireRejected {
+		add(tt.in)
+	}
+	for _, tt := range wireErrors {
+		add(tt.in)
+	}
+	// From TestWireAllocs and TestWireDecodeCopiesText.
+	add(" { \"Req\\u0075est\" : { \"Try\\u0052estart\" : null } } ")
+	add(`{"Response":{"RestartFailed":"` + strings.Repeat("restart failed: ", 12) + "12345678" + `"}}`)
+	add(`{"Response":{"RestartFailed":"a\nb"}}`)
+	add(`{"Response":{"RestartFailed":"a\nc"}}`)
+	// What the encoders write for the texts and PIDs of the other tests and
+	// fuzz seeds.
+	texts := []string{"fork/exec /usr/bin/app: permission denied", "line 1\nline 2\t\"quoted\" \\ \x00 é 😀",
+		strings.Repeat("\x01", 20000), strings.Repeat("a", maxFrameLen-34) + "é"}
+	for _, tt := range wireEscapes {
+		texts = append(texts, tt.in)
+	}
+	for _, pid := range []uint32{0, 1, 7, 1234, 4294967295} {
+		seeds = append(seeds, appendRestartComplete(nil, pid)[4:])
+	}
+	seeds = append(seeds, appendTryRestart(nil)[4:])
+	for _, text := range texts {
+		seeds = append(seeds, appendRestartFailed(nil, text)[4:])
+	}
+	// Longer than a frame, which decodeMessage does not check (FuzzWireDecode
+	// found that its re-encoding is cut short).
+	add(`{"Response":{"RestartFailed":"` + strings.Repeat(`\u0001`, maxFrameLen/6) + `"}}`)
+	// FuzzWireReadFrame's raw streams, as payloads.
+	for _, p := range []string{"", "\x00\x00\x00", "\x00\x00\x00\x00", "\xff\xff\xff\xff", "\x00\x01\x00\x01", "\x00\x00\x00\x05a"} {
+		add(p)
+	}
+	return seeds
+}
+
+// FuzzWireDecodeMatchesOld checks decodeMessage against oldDecodeMessage, the
+// decoder it replaced: they must accept the same payloads and return the same
+// message. The new one must not accept more or less than the old one did,
+// since Rust and Go peers already rely on it.
+func FuzzWireDecodeMatchesOld(f *testing.F) {
+	for _, p := range wireSeeds() {
+		f.Add(p)
+	}
+	f.Fuzz(func(t *testing.T, p []byte) {
+		got, err := decodeMessage(p)
+		want, oldErr := oldDecodeMessage(p)
+		if (err == nil) != (oldErr == nil) || got != want {
+			t.Fatalf("decodeMessage(%q) = %+v, %v; old decoder: %+v, %v", p, got, err, want, oldErr)
+		}
+	})
+}
+
+// The decoder as it was in wire.go before issue 10 made it smaller, kept
+// verbatim, names aside, as the reference for FuzzWireDecodeMatchesOld.
+
+// oldDecodeMessage decodes one payload. It accepts exactly the payloads that
+// serde_json::from_slice::<RestartMessage> accepts, and returns an error that
+// says what was wrong, and where, for any other input. Decoding TryRestart or
+// RestartComplete allocates nothing; RestartFailed allocates its text.
+//
+// What serde_json accepts beyond the three canonical payloads (de.rs):
+//   - JSON whitespace (space, \t, \n, \r; parse_whitespace) before and after
+//     every token, and after the value.
+//   - A unit variant either as a string, "TryRestart", or as a one-key object
+//     whose value is null, {"TryRestart":null} (deserialize_enum hands a string
+//     to UnitVariantAccess, an object to VariantAccess whose unit_variant
+//     deserializes a unit, which is null).
+//   - Keys and variant names with escapes, "Req\u0075est": they are decoded
+//     before they are compared (deserialize_identifier is deserialize_str).
+//
+// And what it refuses: an object with no key or more than one (after the
+// value, deserialize_enum wants '}'); a newtype variant as a bare string
+// (UnitVariantAccess::newtype_variant_seed is an error); names that match no
+// variant exactly; strings with raw control characters, invalid escapes,
+// unpaired surrogates or invalid UTF-8 (read.rs parse_str with validation);
+// PIDs that are not a u32 written as a JSON integer (see oldWireParser.pid);
+// anything but whitespace after the value (Deserializer::end); and the empty
+// payload.
+func oldDecodeMessage(payload []byte) (message, error) {
+	if len(payload) == 0 {
+		return message{}, errors.New("wire: empty message")
+	}
+	d := oldWireParser{p: payload}
+	m, err := d.message()
+	if err != nil {
+		return message{}, err
+	}
+	d.skipSpace()
+	if d.i != len(d.p) {
+		return message{}, d.unexpected("the end of the message")
+	}
+	return m, nil
+}
+
+// oldWireParser is a cursor over one payload. Its methods advance i past what
+// they consume and, on error, leave it where the problem is.
+type oldWireParser struct {
+	p []byte
+	i int
+}
+
+// oldWireName holds a decoded object key or variant name. The longest name in
+// the protocol, "RestartComplete", has 15 bytes; longer names cannot match
+// anything, so only a prefix of them is kept, for the error message. Names
+// live on the caller's stack: comparing them allocates nothing.
+type oldWireName struct {
+	buf  [32]byte
+	n    int
+	long bool // the name was longer than buf; buf holds its first bytes
+	off  int  // where the name starts in the payload, for errors
+}
+
+func (nm *oldWireName) is(s string) bool {
+	return !nm.long && string(nm.buf[:nm.n]) == s
+}
+
+// message parses a RestartMessage.
+func (d *oldWireParser) message() (message, error) {
+	var nm oldWireName
+	isObject, err := d.variant(&nm)
+	if err != nil {
+		return message{}, err
+	}
+	var m message
+	switch {
+	case nm.is("Request"):
+		if err := d.newtypeValue(&nm, isObject); err != nil {
+			return message{}, err
+		}
+		if err := d.request(); err != nil {
+			return message{}, err
+		}
+		m = message{kind: msgTryRestart}
+	case nm.is("Response"):
+		if err := d.newtypeValue(&nm, isObject); err != nil {
+			return message{}, err
+		}
+		if m, err = d.response(); err != nil {
+			return message{}, err
+		}
+	default:
+		return message{}, d.unknownVariant(&nm, `"Request" or "Response"`)
+	}
+	return m, d.endVariant()
+}
+
+// request parses a RestartRequest, which has one unit variant.
+func (d *oldWireParser) request() error {
+	var nm oldWireName
+	isObject, err := d.variant(&nm)
+	if err != nil {
+		return err
+	}
+	if !nm.is("TryRestart") {
+		return d.unknownVariant(&nm, `"TryRestart"`)
+	}
+	if !isObject {
+		return nil
+	}
+	if err := d.colon(); err != nil {
+		return err
+	}
+	if err := d.null(); err != nil {
+		return err
+	}
+	return d.endVariant()
+}
+
+// response parses a RestartResponse, whose variants both carry a value.
+func (d *oldWireParser) response() (message, error) {
+	var nm oldWireName
+	isObject, err := d.variant(&nm)
+	if err != nil {
+		return message{}, err
+	}
+	var m message
+	switch {
+	case nm.is("RestartComplete"):
+		if err := d.newtypeValue(&nm, isObject); err != nil {
+			return message{}, err
+		}
+		pid, err := d.pid()
+		if err != nil {
+			return message{}, err
+		}
+		m = message{kind: msgRestartComplete, pid: pid}
+	case nm.is("RestartFailed"):
+		if err := d.newtypeValue(&nm, isObject); err != nil {
+			return message{}, err
+		}
+		text, err := d.text()
+		if err != nil {
+			return message{}, err
+		}
+		m = message{kind: msgRestartFailed, text: text}
+	default:
+		return message{}, d.unknownVariant(&nm, `"RestartComplete" or "RestartFailed"`)
+	}
+	return m, d.endVariant()
+}
+
+// variant reads the start of an externally tagged enum, as serde_json's
+// deserialize_enum does: either a string, the whole enum in unit form, or '{'
+// followed by the first key. It decodes the name into nm and reports which
+// form it found. For the object form the caller checks the name, then calls
+// colon (or newtypeValue), parses the value and calls endVariant.
+func (d *oldWireParser) variant(nm *oldWireName) (isObject bool, err error) {
+	d.skipSpace()
+	if d.i < len(d.p) && d.p[d.i] == '{' {
+		d.i++
+		d.skipSpace()
+		if d.i < len(d.p) && d.p[d.i] == '}' {
+			return false, fmt.Errorf("wire: empty object at offset %d: an enum needs exactly one key, its variant", d.i)
+		}
+		if d.i >= len(d.p) || d.p[d.i] != '"' {
+			return false, d.unexpected("a variant name")
+		}
+		return true, d.name(nm)
+	}
+	if d.i >= len(d.p) || d.p[d.i] != '"' {
+		return false, d.unexpected(`a variant: a string or an object`)
+	}
+	return false, d.name(nm)
+}
+
+// newtypeValue checks that a variant that carries a value was written as an
+// object, and consumes the colon before the value.
+func (d *oldWireParser) newtypeValue(nm *oldWireName, isObject bool) error {
+	if !isObject {
+		// serde_json's UnitVariantAccess::newtype_variant_seed:
+		// "invalid type: unit variant, expected newtype variant".
+		q := nm.quote()
+		return fmt.Errorf("wire: variant %s at offset %d carries a value, so it must be written as an object {%s:...}, not as a bare string",
+			q, nm.off, q)
+	}
+	return d.colon()
+}
+
+// endVariant consumes the '}' that closes the object form of an enum.
+func (d *oldWireParser) endVariant() error {
+	d.skipSpace()
+	if d.i < len(d.p) {
+		switch d.p[d.i] {
+		case '}':
+			d.i++
+			return nil
+		case ',':
+			return fmt.Errorf("wire: second key at offset %d: an enum object has exactly one key, its variant", d.i)
+		}
+	}
+	return d.unexpected("'}'")
+}
+
+func (d *oldWireParser) colon() error {
+	d.skipSpace()
+	if d.i < len(d.p) && d.p[d.i] == ':' {
+		d.i++
+		return nil
+	}
+	return d.unexpected("':'")
+}
+
+// null consumes the literal null, the only JSON form of a unit (serde_json's
+// deserialize_unit).
+func (d *oldWireParser) null() error {
+	d.skipSpace()
+	if len(d.p)-d.i >= 4 && string(d.p[d.i:d.i+4]) == "null" {
+		d.i += 4
+		return nil
+	}
+	return d.unexpected("null, the value of a unit variant")
+}
+
+// pid parses a u32 as serde_json's deserialize_u32 accepts it: a JSON integer
+// with no sign, fraction or exponent, no leading zero, and at most
+// 4294967295. serde_json parses a number first and then offers it to the u32
+// visitor, which takes only a non-negative integer that fits: a fraction or
+// exponent makes an f64, a '-' an i64, and "-0" an f64 too (de.rs
+// parse_number, since serde-rs/json#801); all are refused.
+func (d *oldWireParser) pid() (uint32, error) {
+	const want = "a process ID: an integer from 0 to 4294967295"
+	d.skipSpace()
+	start := d.i
+	if d.i >= len(d.p) || d.p[d.i] < '0' || d.p[d.i] > '9' {
+		return 0, d.unexpected(want)
+	}
+	if d.p[d.i] == '0' && d.i+1 < len(d.p) && '0' <= d.p[d.i+1] && d.p[d.i+1] <= '9' {
+		return 0, fmt.Errorf("wire: number with a leading zero at offset %d, expected %s", d.i, want)
+	}
+	var n uint64
+	for d.i < len(d.p) && '0' <= d.p[d.i] && d.p[d.i] <= '9' {
+		n = n*10 + uint64(d.p[d.i]-'0')
+		if n > 1<<32-1 {
+			return 0, fmt.Errorf("wire: number at offset %d is larger than 4294967295, expected %s", start, want)
+		}
+		d.i++
+	}
+	if d.i < len(d.p) {
+		switch d.p[d.i] {
+		case '.', 'e', 'E':
+			return 0, fmt.Errorf("wire: number at offset %d is not an integer, expected %s", start, want)
+		}
+	}
+	return uint32(n), nil
+}
+
+// text parses the string value of RestartFailed.
+func (d *oldWireParser) text() (string, error) {
+	d.skipSpace()
+	if d.i >= len(d.p) || d.p[d.i] != '"' {
+		return "", d.unexpected("a string, the reason the restart failed")
+	}
+	// First pass: validate and find the end, keeping nothing. Text without
+	// escapes is then copied straight from the payload; text with escapes is
+	// decoded again into a buffer of the raw length, which escapes only
+	// ever shrink.
+	start := d.i
+	if _, _, err := d.str(nil); err != nil {
+		return "", err
+	}
+	raw := d.p[start+1 : d.i-1]
+	if !slices.Contains(raw, '\\') {
+		return string(raw), nil
+	}
+	again := oldWireParser{p: d.p, i: start}
+	out, _, _ := again.str(make([]byte, 0, len(raw)))
+	return string(out), nil
+}
+
+// name parses a string into nm. The caller has checked that d.p[d.i] is '"'.
+func (d *oldWireParser) name(nm *oldWireName) error {
+	nm.off = d.i
+	out, whole, err := d.str(nm.buf[:0])
+	nm.n, nm.long = len(out), !whole
+	return err
+}
+
+// str parses the JSON string that starts at d.p[d.i], which must be '"', with
+// the checks of serde_json's SliceRead::parse_str: no raw control characters,
+// only the escapes \" \\ \/ \b \f \n \r \t \uXXXX, surrogates only in
+// high-low pairs (parse_escape with validation on), and valid UTF-8 (as_str).
+// The decoded bytes are appended to dst as far as cap(dst) allows; dst is
+// never grown, and whole reports whether everything fit.
+func (d *oldWireParser) str(dst []byte) (out []byte, whole bool, err error) {
+	w := oldWireCapped{b: dst}
+	open := d.i
+	d.i++
+	for {
+		// A run that needs no decoding.
+		start := d.i
+		for d.i < len(d.p) {
+			c := d.p[d.i]
+			if c == '"' || c == '\\' || c < 0x20 {
+				break
+			}
+			if c < utf8.RuneSelf {
+				d.i++
+				continue
+			}
+			r, size := utf8.DecodeRune(d.p[d.i:])
+			if r == utf8.RuneError && size == 1 {
+				return nil, false, fmt.Errorf("wire: invalid UTF-8 in string at offset %d", d.i)
+			}
+			d.i += size
+		}
+		w.add(d.p[start:d.i])
+		if d.i >= len(d.p) {
+			return nil, false, fmt.Errorf("wire: string at offset %d is not terminated", open)
+		}
+		switch c := d.p[d.i]; {
+		case c == '"':
+			d.i++
+			return w.b, !w.short, nil
+		case c < 0x20:
+			return nil, false, fmt.Errorf("wire: raw control character 0x%02x in string at offset %d; it must be escaped", c, d.i)
+		}
+		// A backslash.
+		esc := d.i
+		d.i++
+		if d.i >= len(d.p) {
+			return nil, false, fmt.Errorf("wire: string at offset %d is not terminated", open)
+		}
+		c := d.p[d.i]
+		d.i++
+		switch c {
+		case '"', '\\', '/':
+			w.add([]byte{c})
+		case 'b':
+			w.add([]byte{'\b'})
+		case 'f':
+			w.add([]byte{'\f'})
+		case 'n':
+			w.add([]byte{'\n'})
+		case 'r':
+			w.add([]byte{'\r'})
+		case 't':
+			w.add([]byte{'\t'})
+		case 'u':
+			r, err := d.hex4(esc)
+			if err != nil {
+				return nil, false, err
+			}
+			switch {
+			case 0xdc00 <= r && r <= 0xdfff:
+				return nil, false, fmt.Errorf("wire: unpaired low surrogate \\u%04x at offset %d", r, esc)
+			case 0xd800 <= r && r <= 0xdbff:
+				if len(d.p)-d.i < 2 || d.p[d.i] != '\\' || d.p[d.i+1] != 'u' {
+					return nil, false, fmt.Errorf("wire: unpaired high surrogate \\u%04x at offset %d", r, esc)
+				}
+				d.i += 2
+				lo, err := d.hex4(d.i - 2)
+				if err != nil {
+					return nil, false, err
+				}
+				if lo < 0xdc00 || lo > 0xdfff {
+					return nil, false, fmt.Errorf("wire: unpaired high surrogate \\u%04x at offset %d", r, esc)
+				}
+				r = 0x10000 + (r-0xd800)<<10 + (lo - 0xdc00)
+			}
+			var b [utf8.UTFMax]byte
+			w.add(utf8.AppendRune(b[:0], r))
+		default:
+			return nil, false, fmt.Errorf("wire: invalid escape \\%s in string at offset %d", oldWireQuoteByte(c), esc)
+		}
+	}
+}
+
+// hex4 decodes the four hex digits of a \u escape that starts at esc.
+func (d *oldWireParser) hex4(esc int) (rune, error) {
+	if len(d.p)-d.i < 4 {
+		return 0, fmt.Errorf("wire: \\u escape at offset %d needs four hex digits", esc)
+	}
+	var r rune
+	for _, c := range d.p[d.i : d.i+4] {
+		switch {
+		case '0' <= c && c <= '9':
+			c -= '0'
+		case 'a' <= c && c <= 'f':
+			c -= 'a' - 10
+		case 'A' <= c && c <= 'F':
+			c -= 'A' - 10
+		default:
+			return 0, fmt.Errorf("wire: \\u escape at offset %d needs four hex digits", esc)
+		}
+		r = r<<4 | rune(c)
+	}
+	d.i += 4
+	return r, nil
+}
+
+// skipSpace skips JSON whitespace, which is what serde_json's
+// parse_whitespace skips: space, \t, \n and \r.
+func (d *oldWireParser) skipSpace() {
+	for d.i < len(d.p) {
+		switch d.p[d.i] {
+		case ' ', '\t', '\n', '\r':
+			d.i++
+		default:
+			return
+		}
+	}
+}
+
+// unexpected reports that d.p[d.i] is not want.
+func (d *oldWireParser) unexpected(want string) error {
+	if d.i >= len(d.p) {
+		return fmt.Errorf("wire: message ends at offset %d, expected %s", d.i, want)
+	}
+	return fmt.Errorf("wire: unexpected %s at offset %d, expected %s", oldWireQuoteByte(d.p[d.i]), d.i, want)
+}
+
+func (d *oldWireParser) unknownVariant(nm *oldWireName, want string) error {
+	return fmt.Errorf("wire: unknown variant %s at offset %d, expected %s", nm.quote(), nm.off, want)
+}
+
+// quote quotes the name for an error message. (oldWireName is not a
+// fmt.Stringer on purpose: handing it to fmt would move it to the heap.)
+func (nm *oldWireName) quote() string {
+	if nm.long {
+		return strconv.Quote(string(nm.buf[:nm.n])) + "..."
+	}
+	return strconv.Quote(string(nm.buf[:nm.n]))
+}
+
+// oldWireQuoteByte shows a byte in an error message: printable ASCII quoted,
+// anything else in hex.
+func oldWireQuoteByte(c byte) string {
+	if 0x20 <= c && c < 0x7f {
+		return strconv.QuoteRune(rune(c))
+	}
+	return fmt.Sprintf("byte 0x%02x", c)
+}
+
+// oldWireCapped appends to a buffer without ever growing it: what does not fit
+// is dropped, so b always holds a prefix of what was added.
+type oldWireCapped struct {
+	b     []byte
+	short bool // something was dropped
+}
+
+func (w *oldWireCapped) add(s []byte) {
+	n := copy(w.b[len(w.b):cap(w.b)], s)
+	w.b = w.b[:len(w.b)+n]
+	if n < len(s) {
+		w.short = true
+	}
 }
