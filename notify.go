@@ -42,15 +42,12 @@ type inheritedFD struct {
 
 var (
 	inherited = inheritance{readyFD: -1, stateFD: -1, controlFD: -1}
-	// startDir is the working directory at initialisation: relative paths in
-	// the command line are resolved against it, as a fresh start would.
-	startDir string
-	stateMu  sync.Mutex // guards inherited.stateFD
+	stateMu   sync.Mutex // guards inherited.stateFD
 )
 
 func init() {
 	FixupListenPID()
-	startDir, _ = os.Getwd()
+	recordStart()
 	catchEarlySignals()
 	inherited = takeInheritance(os.LookupEnv, os.Unsetenv)
 	adoptInherited(inherited.listen)

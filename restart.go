@@ -592,7 +592,7 @@ func (r *Restarter) restart(ctx context.Context) (_ *Process, err error) {
 	if os.Getpid() == 1 {
 		return nil, errors.New("this process is PID 1 of its pid namespace: when it exits after a restart, the kernel kills every process in the namespace, the new one too; run it under an init (tini, dumb-init, docker run --init) or from a parent that sets PR_SET_CHILD_SUBREAPER")
 	}
-	path, err := r.program()
+	path, dir, err := r.program()
 	if err != nil {
 		return nil, err
 	}
@@ -609,7 +609,13 @@ func (r *Restarter) restart(ctx context.Context) (_ *Process, err error) {
 
 	// The new process's fds: stdio, the registry's fds from 3 on (as
 	// systemd would pass them), then the library's own; nothing else.
-	sealFDs()
+	if err := sealFDs(); err != nil {
+		closeFDNum(readyP)
+		closeFDNum(readyC)
+		closeFDNum(stateR)
+		closeFDNum(stateW)
+		return nil, err
+	}
 	files, names, unlock := passFDs([]uintptr{0, 1, 2}, nil)
 	nListen := len(files) - 3
 	files = append(files, uintptr(readyC), uintptr(stateR))
@@ -619,7 +625,7 @@ func (r *Restarter) restart(ctx context.Context) (_ *Process, err error) {
 		files = append(files, uintptr(r.ctl.fd))
 	}
 	env := childEnv(os.Environ(), r.cfg.Env, names, 3+nListen, 4+nListen, ctlFD, ctlID, r.cfg.Signal)
-	pid, err := r.spawner.spawn(path, r.cfg.Args, env, startDir, files)
+	pid, err := r.spawner.spawn(path, r.cfg.Args, env, dir, files)
 	unlock()
 	closeFDNum(readyC)
 	closeFDNum(stateR)
@@ -722,65 +728,99 @@ func sendState(ctx context.Context, fd int, hook func(context.Context, io.Writer
 	return nil
 }
 
-// program returns the path of the program to start.
-func (r *Restarter) program() (string, error) {
-	path := r.cfg.Path
-	if path == "" {
-		path = r.cfg.Args[0]
-		if !strings.Contains(path, "/") {
-			if p, ok := lookPath(path); ok {
-				return p, nil
-			}
-		}
-	}
-	if !filepath.IsAbs(path) {
-		path = filepath.Join(startDir, path)
-	}
-	if r.cfg.Path != "" {
-		return path, nil
-	}
-	fi, err := os.Stat(path)
-	switch {
-	case err == nil && !fi.Mode().IsRegular():
-		return "", fmt.Errorf("%s is a %v, not a program", path, fi.Mode().Type())
-	case err == nil && fi.Mode().Perm()&0o111 == 0:
-		// A deploy that is not finished: restarting the running
-		// executable instead would report success and run the old code.
-		return "", fmt.Errorf("%s is not executable (mode %v)", path, fi.Mode().Perm())
-	case err == nil:
-		return path, nil
-	case !errors.Is(err, os.ErrNotExist):
-		return "", err
-	}
-	exe, err := runningExecutable()
+// startedAs records, at initialisation, what a restart runs and where.
+var startedAs struct {
+	program string      // the running program's path; "" if it cannot be found
+	dir     string      // the working directory
+	dirInfo os.FileInfo // the working directory's, to tell a later chdir
+}
+
+func recordStart() {
+	startedAs.dir, _ = os.Getwd()
+	startedAs.dirInfo, _ = os.Stat(".")
+	startedAs.program = findProgram(os.Args[0])
+}
+
+// findProgram returns the path that restarts run: the path this process
+// was started from (argv0, resolved as the shell or service manager
+// resolved it), so that a deploy that replaces the file there is picked up,
+// but only if it names the running executable now, at initialisation. A
+// parent may set argv0 to anything (exec -a, systemd's ExecStart=@), and a
+// bare name is never looked for in the working directory; otherwise the
+// path the running executable was started from.
+func findProgram(argv0 string) string {
+	exe, err := os.Executable()
 	if err != nil {
-		return "", fmt.Errorf("no executable at %s, and the running one cannot be found: %w", path, err)
+		return ""
 	}
-	r.log.Warn("shellflip: no executable at the program's path; restarting the running executable", "path", path, "executable", exe)
-	return exe, nil
+	self, err := os.Stat(exe)
+	if err != nil {
+		return exe
+	}
+	path := argv0
+	if !strings.Contains(path, "/") {
+		path = lookPath(path)
+	} else if !filepath.IsAbs(path) {
+		path = filepath.Join(startedAs.dir, path)
+	}
+	if fi, err := os.Stat(path); err == nil && os.SameFile(fi, self) {
+		return path
+	}
+	return exe
 }
 
 // lookPath finds file in $PATH as a shell (and os/exec, which the library
-// does not use) would.
-func lookPath(file string) (string, bool) {
+// does not use) would, or returns "".
+func lookPath(file string) string {
 	for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
-		if dir == "" {
-			dir = "."
-		}
 		p := filepath.Join(dir, file)
 		if !filepath.IsAbs(p) {
-			p = filepath.Join(startDir, p)
+			p = filepath.Join(startedAs.dir, p)
 		}
-		if isExecutable(p) {
-			return p, true
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
+			return p
 		}
 	}
-	return "", false
+	return ""
 }
 
-func isExecutable(path string) bool {
+// program returns the path of the program to start and the directory to
+// start it in ("": this process's, which it has not left).
+func (r *Restarter) program() (path, dir string, err error) {
+	if fi, err := os.Stat("."); err != nil || startedAs.dirInfo == nil || !os.SameFile(fi, startedAs.dirInfo) {
+		// The program has changed directory since: go back, as a fresh
+		// start would be, and say so if that is impossible.
+		if _, err := os.Stat(startedAs.dir); err != nil {
+			return "", "", fmt.Errorf("the directory this process started in: %w", err)
+		}
+		dir = startedAs.dir
+	}
+	if path = r.cfg.Path; path != "" {
+		if !filepath.IsAbs(path) {
+			path = filepath.Join(startedAs.dir, path)
+		}
+		return path, dir, nil
+	}
+	path = startedAs.program
 	fi, err := os.Stat(path)
-	return err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0
+	switch {
+	case err == nil && !fi.Mode().IsRegular():
+		return "", "", fmt.Errorf("%s is a %v, not a program", path, fi.Mode().Type())
+	case err == nil && fi.Mode().Perm()&0o111 == 0:
+		// A deploy that is not finished: restarting the running
+		// executable instead would report success and run the old code.
+		return "", "", fmt.Errorf("%s is not executable (mode %v)", path, fi.Mode().Perm())
+	case err == nil:
+		return path, dir, nil
+	case path != "" && !errors.Is(err, os.ErrNotExist):
+		return "", "", err
+	}
+	exe, err := runningExecutable()
+	if err != nil {
+		return "", "", fmt.Errorf("no executable at %q, and the running one cannot be found: %w", path, err)
+	}
+	r.log.Warn("shellflip: no executable at the program's path; restarting the running executable", "path", path, "executable", exe)
+	return exe, dir, nil
 }
 
 // childEnv returns the new process's environment: this process's, less the

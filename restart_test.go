@@ -705,3 +705,41 @@ func releaseLater(fifos ...string) {
 		}
 	}
 }
+
+// TestRestartProgramFromArgv0: a restart runs the program this process is,
+// whatever its parent put in argv[0]. A bare argv[0] that $PATH does not
+// resolve is never looked for in the working directory, where anyone who
+// may write there could have put a program of that name.
+func TestRestartProgramFromArgv0(t *testing.T) {
+	c := newTestCluster(t)
+	marker := filepath.Join(c.dir, "planted-ran")
+	planted := filepath.Join(c.dir, "planted")
+	if err := os.WriteFile(planted, []byte("#!/bin/sh\ntouch "+marker+"\nexit 1\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r0 := c.startCmd(os.Args[0], "server", func(cmd *exec.Cmd) {
+		cmd.Args[0] = "planted" // as exec -a, or systemd's ExecStart=@, would set it
+		cmd.Dir = c.dir
+		cmd.Env = append(cmd.Env, "PATH=/usr/bin:/bin")
+	})
+	c.restart(r0["pid"])
+	if _, err := os.Stat(marker); err == nil {
+		t.Errorf("the restart ran the program planted in the working directory")
+	}
+}
+
+// TestRestartStartDirGone: the directory the service started in was
+// removed (an old release directory, pruned); restarts still work, in the
+// directory the process has.
+func TestRestartStartDirGone(t *testing.T) {
+	c := newTestCluster(t)
+	dir := filepath.Join(c.dir, "release-1")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r0 := c.startCmd(os.Args[0], "server", func(cmd *exec.Cmd) { cmd.Dir = dir })
+	if err := os.Remove(dir); err != nil {
+		t.Fatal(err)
+	}
+	c.restart(r0["pid"])
+}

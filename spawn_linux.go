@@ -80,12 +80,9 @@ func forkExec(path string, argv, env []string, dir string, files []uintptr) (int
 // process from its own parent (a shell's, a supervisor's) stop here. Go
 // creates its own fds close-on-exec, so for them this changes nothing.
 // close_range(2) with CLOSE_RANGE_CLOEXEC does it in one call (Linux 5.11);
-// older kernels get a walk of /proc/self/fd.
-func sealFDs() {
-	if unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC) == nil {
-		return
-	}
-	cloexecListed("/proc/self/fd")
+// older kernels get a walk of /proc/self/fd (see sealFDsWith).
+func sealFDs() error {
+	return sealFDsWith(func() error { return unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC) }, "/proc/self/fd")
 }
 
 // cloexecRange marks the fds from first to last close-on-exec, in one

@@ -79,7 +79,7 @@ func forkExec(path string, argv, env []string, dir string, files []uintptr) (int
 
 // sealFDs: see spawn_linux.go. There is no close_range flag here to do it
 // in one call; /dev/fd lists the open fds.
-func sealFDs() { cloexecListed("/dev/fd") }
+func sealFDs() error { return sealFDsWith(func() error { return unix.ENOSYS }, "/dev/fd") }
 
 // cloexecRange: see spawn_linux.go; one fcntl a fd.
 func cloexecRange(first, last int) {

@@ -20,12 +20,10 @@ func platformSupported() error { return ErrNotSupported }
 
 var defaultSignal os.Signal = os.Interrupt
 
-var startDir string
-
 func inheritanceErr() error        { return ErrNotSupported }
 func takeControlFD() (int, string) { return -1, "" }
 func closeFDNum(int)               {}
-func sealFDs()                     {}
+func sealFDs() error               { return ErrNotSupported }
 func notifyMainPID(int) error {
 	return ErrNotSupported
 }
