@@ -41,6 +41,27 @@ var (
 	restarterGreetingRE = regexp.MustCompile(`^Hello, this is process ([1-9]\d*)\n$`)
 )
 
+// TestRestarterExampleDefaultSocket: without -socket, the server and the
+// restart command meet at $XDG_RUNTIME_DIR/restarter.sock.
+func TestRestarterExampleDefaultSocket(t *testing.T) {
+	bin := buildExample(t, "restarter")
+	dir := restarterTempDir(t)
+	t.Setenv("XDG_RUNTIME_DIR", dir)
+	srv := restarterStartWith(t, bin, func(cmd *exec.Cmd) { cmd.Args = cmd.Args[:1] })
+	addr := srv.expectInstance(0, "")
+	stdout, stderr, code := restarterRun(t, bin, "restart")
+	m := restarterSuccessRE.FindStringSubmatch(stdout)
+	if code != 0 || m == nil {
+		t.Fatalf("restart without -socket: exit code %d, stdout %q, stderr %q", code, stdout, stderr)
+	}
+	pid, _ := strconv.Atoi(m[1])
+	t.Cleanup(func() { unix.Kill(pid, unix.SIGKILL) })
+	srv.expectInstance(1, addr)
+	if _, err := os.Stat(filepath.Join(dir, "restarter.sock")); err != nil {
+		t.Errorf("no control socket in $XDG_RUNTIME_DIR: %v", err)
+	}
+}
+
 func TestRestarterExample(t *testing.T) {
 	fds := openFDs(t)
 	t.Cleanup(func() {
@@ -70,6 +91,16 @@ func TestRestarterExample(t *testing.T) {
 	t.Run("BadDeploy", func(t *testing.T) {
 		t.Parallel()
 		restarterTestBadDeploy(t, bin)
+	})
+	t.Run("EscapedFailure", func(t *testing.T) {
+		t.Parallel()
+		// What the server says reaches a terminal: escapes are printed
+		// escaped, and the answer stays on one line.
+		socket := filepath.Join(restarterTempDir(t), "fake.sock")
+		fakeControlServer(t, socket, appendRestartFailed(nil, "\x1b[2Jgone\r\nRestart succeeded, child pid is 1"))
+		if text := restarterRestartFails(t, bin, socket); text != `\x1b[2Jgone\r\nRestart succeeded, child pid is 1` {
+			t.Errorf("failure text %q, want the server's text with its control characters escaped", text)
+		}
 	})
 	t.Run("State", func(t *testing.T) {
 		t.Parallel()

@@ -45,6 +45,10 @@ const (
 // it, drains, and returns the exit code.
 func serve(listen, socket string, drain time.Duration, notifyReload, storeFDs bool) int {
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("pid", os.Getpid())
+	// Every generation shares the first one's stdout and stderr. If their
+	// reader goes away, a write there must fail, not kill the server with
+	// SIGPIPE (Go's default for fds 1 and 2) in the middle of a restart.
+	signal.Ignore(syscall.SIGPIPE)
 
 	// Everything inherited must be taken before Start: it declares this
 	// process ready and closes what was not taken.
@@ -275,6 +279,9 @@ func (s *server) handOver(addr net.Addr) {
 			pr.Out.URL.Scheme = "http"
 			pr.Out.URL.Host = target
 			pr.Out.Host = pr.In.Host
+			// The new process sees the request come from this one: say
+			// whom it is really from.
+			pr.SetXForwarded()
 		},
 		// One request per connection: nothing lingers between the
 		// processes once the last client connection is done.

@@ -45,13 +45,16 @@ import (
 	"math"
 	"net"
 	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/shellflip-go/shellflip"
 )
 
 func main() {
-	socket := flag.String("socket", "/tmp/restarter.sock", "restart coordination socket `path`")
+	socket := flag.String("socket", defaultSocket("restarter"), "restart coordination socket `path` (default: $XDG_RUNTIME_DIR/restarter.sock, or /run/restarter.sock as root)")
 	listen := flag.String("listen", "127.0.0.1:0", "TCP `address` to serve on; the socket is kept across restarts")
 	maxGen := flag.Uint("max-generation", 4, "a process of a generation above `N` refuses to restart")
 	flag.Usage = func() {
@@ -64,9 +67,9 @@ func main() {
 
 	switch args := flag.Args(); {
 	case len(args) == 0:
-		os.Exit(serve(*socket, *listen, *maxGen))
+		os.Exit(serve(needSocket(*socket), *listen, *maxGen))
 	case len(args) == 1 && args[0] == "restart":
-		os.Exit(requestRestart(*socket))
+		os.Exit(requestRestart(needSocket(*socket)))
 	default:
 		fmt.Fprintf(os.Stderr, "restarter: unexpected arguments %q\n", args)
 		flag.Usage()
@@ -94,6 +97,10 @@ func requestRestart(socket string) int {
 // and its last client has left.
 func serve(socket, listen string, maxGen uint) int {
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	// Every generation shares the first one's stdout and stderr. If their
+	// reader goes away, a write there must fail, not kill the server with
+	// SIGPIPE (Go's default for fds 1 and 2) in the middle of a restart.
+	signal.Ignore(syscall.SIGPIPE)
 
 	// Everything inherited from the old process must be taken before Start,
 	// which declares this process ready and discards what was not taken.
@@ -246,4 +253,27 @@ func echo(shutdown context.Context, c net.Conn, h *shellflip.ShutdownHandle, log
 			return
 		}
 	}
+}
+
+// defaultSocket is where the control socket goes unless -socket says
+// otherwise: a directory that other users cannot write to, so that none of
+// them can take the path first and answer restart requests
+// ($XDG_RUNTIME_DIR, or /run as root); "" if there is none.
+func defaultSocket(name string) string {
+	if dir := os.Getenv("XDG_RUNTIME_DIR"); dir != "" {
+		return filepath.Join(dir, name+".sock")
+	}
+	if os.Geteuid() == 0 {
+		return "/run/" + name + ".sock"
+	}
+	return ""
+}
+
+// needSocket returns socket, or exits with a usage error if it is empty.
+func needSocket(socket string) string {
+	if socket == "" {
+		fmt.Fprintf(os.Stderr, "%s: nowhere to put the control socket that only this user can take: set -socket PATH, or XDG_RUNTIME_DIR\n", filepath.Base(os.Args[0]))
+		os.Exit(2)
+	}
+	return socket
 }
