@@ -96,7 +96,7 @@ func init() {
 // benchFloorChild writes one byte to fd 3 and exits: the least a new
 // process can do to say it runs.
 func benchFloorChild() int {
-	b := [1]byte{readyByte}
+	b := [1]byte{msgReady}
 	if _, err := unix.Write(benchFloorFD, b[:]); err != nil {
 		return 1
 	}
@@ -119,7 +119,6 @@ func benchReadyChild() int {
 		fmt.Fprintf(os.Stderr, "bench-ready: %v\n", err)
 		return 1
 	}
-	<-MainChan()
 	return 0
 }
 
@@ -130,7 +129,7 @@ func benchSinkChild() int {
 	buf := make([]byte, benchReadSize)
 	n := 0
 	for {
-		m, err := ignoringEINTRIO(func() (int, error) { return unix.Read(benchFloorFD, buf) })
+		m, err := ignoringEINTR(func() (int, error) { return unix.Read(benchFloorFD, buf) })
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "bench-sink: read: %v\n", err)
 			return 1
@@ -144,7 +143,7 @@ func benchSinkChild() int {
 		fmt.Fprintf(os.Stderr, "bench-sink: read %d bytes, want %d\n", n, want)
 		return 1
 	}
-	b := [1]byte{readyByte}
+	b := [1]byte{msgReady}
 	if _, err := unix.Write(benchFloorFD+1, b[:]); err != nil {
 		return 1
 	}
@@ -159,7 +158,7 @@ func benchStateChild() int {
 	want, _ := strconv.Atoi(os.Getenv(benchEnvSize))
 	st, err := ReceiveState()
 	if err != nil || st == nil {
-		fmt.Fprintf(os.Stderr, "bench-state: ReceiveState: %v (started by restart: %v)\n", err, StartedByRestart())
+		fmt.Fprintf(os.Stderr, "bench-state: ReceiveState: %v (started by restart: %v)\n", err, startedByRestart())
 		return 1
 	}
 	buf := make([]byte, benchReadSize)
@@ -262,7 +261,7 @@ func benchEnv(kv ...string) []string {
 // benchWaitByte reads one byte from fd, blocking.
 func benchWaitByte(fd int) error {
 	var buf [1]byte
-	n, err := ignoringEINTRIO(func() (int, error) { return unix.Read(fd, buf[:]) })
+	n, err := ignoringEINTR(func() (int, error) { return unix.Read(fd, buf[:]) })
 	if err != nil {
 		return os.NewSyscallError("read", err)
 	}
@@ -275,11 +274,11 @@ func benchWaitByte(fd int) error {
 // benchReap waits for pid and checks that it exited with status 0.
 func benchReap(pid int) error {
 	var ws unix.WaitStatus
-	if _, err := ignoringEINTRIO(func() (int, error) { return unix.Wait4(pid, &ws, 0, nil) }); err != nil {
+	if _, err := ignoringEINTR(func() (int, error) { return unix.Wait4(pid, &ws, 0, nil) }); err != nil {
 		return os.NewSyscallError("wait4", err)
 	}
 	if !ws.Exited() || ws.ExitStatus() != 0 {
-		return fmt.Errorf("child %d: %s", pid, waitStatusString(syscall.WaitStatus(ws)))
+		return fmt.Errorf("child %d: wait status %#x", pid, uint32(ws))
 	}
 	return nil
 }
@@ -402,22 +401,17 @@ func benchRestarts(b *testing.B, role string, lc *Lifecycle) {
 			r.Stop()
 			b.Fatal(err)
 		}
-		p, err := r.Wait()
+		newPid, err := r.Wait()
 		if err != nil {
 			b.Fatal(err)
 		}
-		select {
-		case <-p.watch.done:
-		case <-ctx.Done():
-			b.Fatalf("new process %d was not reaped: %v", pid, ctx.Err())
+		if err := benchWaitExited(ctx, pid); err != nil {
+			b.Fatalf("new process %d: %v", pid, err)
 		}
 		clk.stop()
 
-		if p.Pid != pid {
-			b.Fatalf("RequestRestart answered pid %d, the Restarter reports %d", pid, p.Pid)
-		}
-		if st := p.watch.status(); st != "exit status 0" {
-			b.Fatalf("new process %d: %s", pid, st)
+		if newPid != pid {
+			b.Fatalf("RequestRestart answered pid %d, the Restarter reports %d", pid, newPid)
 		}
 	}
 	clk.report()
@@ -506,7 +500,7 @@ func benchRawHandover(attr *syscall.ProcAttr, state []byte) error {
 	}
 	for rest := state; len(rest) > 0 && err == nil; {
 		var n int
-		if n, err = ignoringEINTRIO(func() (int, error) { return unix.Write(data[1], rest) }); n > 0 {
+		if n, err = ignoringEINTR(func() (int, error) { return unix.Write(data[1], rest) }); n > 0 {
 			rest = rest[n:]
 		}
 	}
@@ -640,4 +634,23 @@ func BenchmarkSdNotifySend(b *testing.B) {
 			}
 		})
 	}
+}
+
+// benchWaitExited waits until pid, a child that the library reaps, has
+// exited.
+func benchWaitExited(ctx context.Context, pid int) error {
+	pfd, err := unix.PidfdOpen(pid, 0)
+	if err == unix.ESRCH {
+		return nil
+	}
+	if err != nil {
+		return os.NewSyscallError("pidfd_open", err)
+	}
+	defer unix.Close(pfd)
+	d, _ := ctx.Deadline()
+	fds := []unix.PollFd{{Fd: int32(pfd), Events: unix.POLLIN}}
+	if n, err := unix.Poll(fds, int(time.Until(d)/time.Millisecond)); err != nil || n == 0 {
+		return fmt.Errorf("not gone: %v", err)
+	}
+	return nil
 }

@@ -95,7 +95,7 @@ func (id fileID) String() string {
 
 func lstatID(path string) (fileID, uint32, error) {
 	var st unix.Stat_t
-	if err := ignoringEINTR(func() error { return unix.Lstat(path, &st) }); err != nil {
+	if _, err := ignoringEINTR(func() (int, error) { return 0, unix.Lstat(path, &st) }); err != nil {
 		return fileID{}, 0, err
 	}
 	return fileID{uint64(st.Dev), uint64(st.Ino)}, uint32(st.Mode), nil
@@ -410,11 +410,7 @@ func (s *controlServer) finish(pid int, err error, succeeded bool) {
 		// The listening socket is non-blocking (the net package made it
 		// so): accept4 reports EAGAIN once the backlog is empty.
 		for {
-			var nfd int
-			err := ignoringEINTR(func() (err error) {
-				nfd, err = acceptCloexec(s.fd)
-				return err
-			})
+			nfd, err := ignoringEINTR(func() (int, error) { return acceptCloexec(s.fd) })
 			if err != nil {
 				break
 			}
@@ -429,6 +425,14 @@ func (s *controlServer) finish(pid int, err error, succeeded bool) {
 	s.wg.Wait()
 	unix.Close(s.fd)
 }
+
+// restartFailedError carries the service's explanation, with what is not
+// printable escaped: the text comes from another process, and is printed
+// to terminals and logs.
+type restartFailedError struct{ text string }
+
+func (e *restartFailedError) Error() string        { return printable(e.text) }
+func (e *restartFailedError) Is(target error) bool { return target == ErrRestartFailed }
 
 // RequestRestart asks the service listening on the control socket at
 // socketPath to restart, and returns the new process's pid. If the service

@@ -123,3 +123,22 @@
 // is reaped without waitid(WNOWAIT)). On other platforms the package
 // compiles and every entry point returns ErrNotSupported.
 package shellflip
+
+import "errors"
+
+// The errors a caller may branch on (errors.Is).
+var (
+	// ErrNotSupported is returned by every entry point on platforms other
+	// than Linux, darwin and FreeBSD.
+	ErrNotSupported = errors.New("shellflip: not supported on this platform")
+
+	// ErrRestartFailed matches the error RequestRestart returns when the
+	// service tried to restart and failed.
+	ErrRestartFailed = errors.New("shellflip: restart failed")
+
+	// ErrNotMain is returned by Notify and StoreFDs when this process is
+	// not the service's main process: it was started by a restart and
+	// Start has not returned yet, or it has handed the service over to a
+	// new process. systemd would drop what it sent (NotifyAccess=main).
+	ErrNotMain = errors.New("shellflip: not the service's main process")
+)

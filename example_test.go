@@ -54,7 +54,7 @@ func ExampleStart() {
 	if p, err := restarter.Wait(); err != nil {
 		log.Printf("no more restarts: %v", err)
 	} else {
-		log.Printf("replaced by pid %d; draining", p.Pid)
+		log.Printf("replaced by pid %d; draining", p)
 	}
 	srv.SetKeepAlivesEnabled(false)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

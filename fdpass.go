@@ -41,16 +41,19 @@ type fdEntry struct {
 // that was not claimed: closeUnclaimed removed those.
 var fdreg struct {
 	mu      sync.Mutex
+	adopted bool // the inherited fds are in entries
 	entries []*fdEntry
 }
 
-// adoptInherited puts the fds of the LISTEN_FDS block into the registry.
-// Called once, from init.
-func adoptInherited(fds []inheritedFD) {
+// lockRegistry locks the registry. The first time, it puts the fds of the
+// LISTEN_FDS block, which the package's init took over, into it.
+func lockRegistry() {
 	fdreg.mu.Lock()
-	defer fdreg.mu.Unlock()
-	for _, f := range fds {
-		fdreg.entries = append(fdreg.entries, &fdEntry{name: f.name, fd: f.fd, inherited: true})
+	if !fdreg.adopted {
+		fdreg.adopted = true
+		for _, f := range inherited.listen {
+			fdreg.entries = append(fdreg.entries, &fdEntry{name: f.name, fd: f.fd, inherited: true})
+		}
 	}
 }
 
@@ -183,7 +186,7 @@ func getOrCreate(name string, want sockKind, create func() (syscall.Conn, error)
 	if !fdnameValid(name) {
 		return nil, fmt.Errorf("shellflip: %q is not a valid fd name (printable ASCII but ':', at most 255 bytes)", name)
 	}
-	fdreg.mu.Lock()
+	lockRegistry()
 	defer fdreg.mu.Unlock()
 	if e := lookupEntry(name); e != nil {
 		if err := want.check(e.fd); err != nil {
@@ -219,7 +222,7 @@ func getOrCreate(name string, want sockKind, create func() (syscall.Conn, error)
 // are not listeners: connections, pipes, memfds, regular files. The caller
 // owns the returned file.
 func File(name string) (*os.File, error) {
-	fdreg.mu.Lock()
+	lockRegistry()
 	defer fdreg.mu.Unlock()
 	e := lookupEntry(name)
 	if e == nil {
@@ -256,7 +259,7 @@ func Add(name string, c syscall.Conn) error {
 	if !fdnameValid(name) {
 		return fmt.Errorf("shellflip: %q is not a valid fd name (printable ASCII but ':', at most 255 bytes)", name)
 	}
-	fdreg.mu.Lock()
+	lockRegistry()
 	defer fdreg.mu.Unlock()
 	if lookupEntry(name) != nil {
 		return fmt.Errorf("%w: %q", ErrNameTaken, name)
@@ -273,7 +276,7 @@ func Add(name string, c syscall.Conn) error {
 // it is not passed on, and reports whether there was one. Files, listeners
 // and connections already handed out are not affected.
 func Remove(name string) bool {
-	fdreg.mu.Lock()
+	lockRegistry()
 	defer fdreg.mu.Unlock()
 	i := slices.IndexFunc(fdreg.entries, func(e *fdEntry) bool { return e.name == name })
 	if i < 0 {
@@ -287,7 +290,7 @@ func Remove(name string) bool {
 // Names lists the names in the registry, in the order the fds will be
 // passed on.
 func Names() []string {
-	fdreg.mu.Lock()
+	lockRegistry()
 	defer fdreg.mu.Unlock()
 	names := make([]string, len(fdreg.entries))
 	for i, e := range fdreg.entries {
@@ -300,7 +303,7 @@ func Names() []string {
 // unlinks the socket file of such a unix listener, since no one serves on it
 // any more. Called by Ready.
 func closeUnclaimed() {
-	fdreg.mu.Lock()
+	lockRegistry()
 	defer fdreg.mu.Unlock()
 	var unclaimed []int
 	fdreg.entries = slices.DeleteFunc(fdreg.entries, func(e *fdEntry) bool {
@@ -342,7 +345,7 @@ func unlinkListenerPath(fd int) {
 // the registry stays locked in between, so no fd in files can be closed
 // before the fork duplicates it.
 func passFDs(files []uintptr, names []string) ([]uintptr, []string, func()) {
-	fdreg.mu.Lock()
+	lockRegistry()
 	for _, e := range fdreg.entries {
 		files = append(files, uintptr(e.fd))
 		names = append(names, e.name)
@@ -511,7 +514,7 @@ func sendRegistryFDs(names []string, store bool) error {
 	if err != nil || !n.Enabled() {
 		return err
 	}
-	fdreg.mu.Lock()
+	lockRegistry()
 	defer fdreg.mu.Unlock()
 	if len(names) == 0 {
 		for _, e := range fdreg.entries {

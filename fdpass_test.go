@@ -401,7 +401,7 @@ func fdpassServe(gen int, tail fdpassTail) int {
 	if tail.retire != nil {
 		tail.retire()
 	}
-	fdpassSay("replaced", "new", strconv.Itoa(p.Pid))
+	fdpassSay("replaced", "new", strconv.Itoa(p))
 	if tail.linger != nil {
 		tail.linger()
 	}
@@ -734,12 +734,12 @@ func fdpassReportEnv(gen int) {
 		fixup = "LISTEN_PID is still set in main"
 	} else {
 		os.Setenv(envListenPID, listenPIDAuto)
-		FixupListenPID()
+		fixupPIDs()
 		if got := os.Getenv(envListenPID); got != strconv.Itoa(os.Getpid()) {
 			fixup = "auto became " + got
 		}
 		os.Setenv(envListenPID, "1")
-		FixupListenPID()
+		fixupPIDs()
 		if got := os.Getenv(envListenPID); got != "1" {
 			fixup = "1 became " + got
 		}

@@ -88,7 +88,7 @@ func faultReaper() int {
 			// ECHILD: the last generation is gone.
 			return 0
 		}
-		status := waitStatusString(syscall.WaitStatus(ws))
+		status := (&childWatch{ws: ws}).status()
 		report("reaped pid=%d status=%s", pid, strings.ReplaceAll(status, " ", "_"))
 	}
 }
@@ -147,7 +147,7 @@ func faultGen() int {
 			}
 		}()
 	}
-	if fifo := os.Getenv(envTestHoldFIFO); fifo != "" && StartedByRestart() {
+	if fifo := os.Getenv(envTestHoldFIFO); fifo != "" && startedByRestart() {
 		report("holding pid=%d gen=%d", pid, gen)
 		f, err := os.Open(fifo)
 		if err == nil {
@@ -157,6 +157,7 @@ func faultGen() int {
 	}
 	r, err := Start(context.Background(), Config{
 		SocketPath: os.Getenv(envTestSocket),
+		Logger:     slog.New(reportLogs{}),
 		Lifecycle: &Lifecycle{SendState: func(ctx context.Context, w io.Writer) error {
 			_, err := fmt.Fprint(w, gen)
 			return err
@@ -166,19 +167,14 @@ func faultGen() int {
 		report("error pid=%d start: %v", pid, err)
 		return 1
 	}
-	// Ready returns the first call's result: the one Start got.
-	rerr := Ready()
-	report("ready pid=%d gen=%d gone=%t main=%t readyerr=%v", pid, gen, errors.Is(rerr, ErrOldProcessGone), IsMain(), rerr)
-	go func() {
-		<-MainChan()
-		report("main pid=%d gen=%d", pid, gen)
-	}()
+	report("ready pid=%d gen=%d", pid, gen)
+	report("main pid=%d gen=%d", pid, gen)
 	p, err := r.Wait()
 	if err != nil {
 		report("ended pid=%d err=%v", pid, err)
 		return 1
 	}
-	report("replaced pid=%d new=%d", pid, p.Pid)
+	report("replaced pid=%d new=%d", pid, p)
 	return 0
 }
 
@@ -495,13 +491,10 @@ func TestFaultOldProcessKilled(t *testing.T) {
 	}
 
 	c.release()
-	ready := c.reports.next(fmt.Sprintf("ready pid=%d", gen1))
-	if ready["gone"] != "true" {
-		t.Errorf("Ready returned %q, want an error wrapping ErrOldProcessGone", ready["readyerr"])
+	if l := c.reports.nextFrom("log", strconv.Itoa(gen1)); !strings.Contains(l["msg"], "old process went away") {
+		t.Errorf("the new process logged %v, want that the old process went away", l)
 	}
-	if ready["main"] != "true" {
-		t.Errorf("IsMain is %s after the old process went away, want true", ready["main"])
-	}
+	c.reports.next(fmt.Sprintf("ready pid=%d", gen1))
 	c.reports.next(fmt.Sprintf("main pid=%d", gen1))
 	if got, want := sayHello(), fmt.Sprintf("pid=%d gen=1", gen1); got != want {
 		t.Errorf("service says %q, want %q: the orphaned process serves its inherited listener", got, want)

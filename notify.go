@@ -4,23 +4,61 @@ package shellflip
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"golang.org/x/sys/unix"
 )
 
-// This file is the new process's side of a restart: it takes over the fds
-// that the old process (or systemd) named in the environment, tells the old
-// process when it is ready, and hands out the state stream.
+// This file is what passes from one generation to the next, both ends of
+// it, and the new process's side of a restart:
+//
+//   - the environment: the variables that name the passed fds, written by
+//     the old process (handoff) and taken over by the new one at init,
+//     before main runs (takeInheritance);
+//   - the readiness socket's messages, both ways (readyMsg, ready), with
+//     which the new process asks for the state, says it is ready or why it
+//     gave up, and learns that it is the main process;
+//   - the state stream (ReceiveState), and whether this process may talk to
+//     systemd (Notify).
+
+// Environment variables that name the library's own fds in a process started
+// by a restart. They follow the LISTEN_FDS block and are removed from the
+// environment as soon as the package is initialised.
+const (
+	envReadyFD   = "SHELLFLIP_READY_FD"   // socketpair end: readiness byte out, "you are main" byte in
+	envStateFD   = "SHELLFLIP_STATE_FD"   // pipe read end: state from the old process
+	envControlFD = "SHELLFLIP_CONTROL_FD" // the control socket's listening socket
+	envControlID = "SHELLFLIP_CONTROL_ID" // DEV:INO of the control socket's file, to tell whether the path still names it
+	envSignal    = "SHELLFLIP_SIGNAL"     // the restart signal's number: caught from init on, so that it cannot kill the new process
+
+	envListenPID     = "LISTEN_PID"
+	envListenFDs     = "LISTEN_FDS"
+	envListenFDNames = "LISTEN_FDNAMES"
+	envWatchdogPID   = "WATCHDOG_PID"
+
+	// listenPIDAuto stands in for the new process's pid in LISTEN_PID and
+	// WATCHDOG_PID, which the old process cannot know before the fork; the
+	// new process replaces it with its own pid at initialisation .
+	listenPIDAuto = "auto"
+
+	// listenFDsStart is SD_LISTEN_FDS_START from sd-daemon.h.
+	listenFDsStart = 3
+
+	// maxInheritedFDs bounds LISTEN_FDS before anything is allocated for it.
+	maxInheritedFDs = 1 << 16
+)
 
 // inheritance is what this process received at start. It is filled in once,
 // by the package's init, so that the fds are close-on-exec before any
@@ -40,31 +78,93 @@ type inheritedFD struct {
 	fd   int
 }
 
-var (
-	inherited = inheritance{readyFD: -1, stateFD: -1, controlFD: -1}
-	stateMu   sync.Mutex // guards inherited.stateFD
-)
+var inherited = inheritance{readyFD: -1, stateFD: -1, controlFD: -1}
 
 func init() {
-	FixupListenPID()
+	fixupPIDs()
 	recordStart()
 	catchEarlySignals()
 	inherited = takeInheritance(os.LookupEnv, os.Unsetenv)
-	adoptInherited(inherited.listen)
 }
 
-// FixupListenPID replaces LISTEN_PID=auto and WATCHDOG_PID=auto, which the
-// old process sets because it cannot know its child's pid before the fork,
-// with this process's pid, so that code that checks them (sd_listen_fds(3),
-// sd_watchdog_enabled(3), coreos/go-systemd) sees what systemd itself would
-// have set. The package calls it at initialisation; calling it again is
-// harmless.
-func FixupListenPID() {
+// fixupPIDs replaces LISTEN_PID=auto and WATCHDOG_PID=auto, which the old
+// process sets because it cannot know its child's pid before the fork, with
+// this process's pid, so that code that checks them (sd_listen_fds(3),
+// sd_watchdog_enabled(3), coreos/go-systemd) sees what systemd would have
+// set.
+func fixupPIDs() {
 	for _, k := range []string{envListenPID, envWatchdogPID} {
 		if os.Getenv(k) == listenPIDAuto {
 			os.Setenv(k, strconv.Itoa(os.Getpid()))
 		}
 	}
+}
+
+// handoff is what the old process passes to the new one besides stdio: the
+// registry's fds at 3 and up, named as systemd names them, then its own.
+type handoff struct {
+	names            []string // the registry's fds, in order from fd 3
+	readyFD, stateFD int
+	ctlFD            int // -1 without a control socket
+	ctlID            string
+	signal           os.Signal
+}
+
+// environ returns the new process's environment: environ (this process's),
+// less the variables that describe this process's own fds, plus extra (which
+// wins over variables of the same name), plus the variables naming the new
+// process's fds. LISTEN_PID is "auto": the new process's init sets its own
+// pid there. So is WATCHDOG_PID if systemd set it to this process: the
+// watchdog passes to the new main process with everything else.
+func (h handoff) environ(environ, extra []string) []string {
+	ownWatchdog := envWatchdogPID + "=" + strconv.Itoa(os.Getpid())
+	drop := func(kv string) bool {
+		k, _, _ := strings.Cut(kv, "=")
+		if reservedEnv(k) {
+			return true
+		}
+		for _, e := range extra {
+			if ek, _, _ := strings.Cut(e, "="); ek == k {
+				return true
+			}
+		}
+		return false
+	}
+	env := make([]string, 0, len(environ)+len(extra)+8)
+	for _, kv := range environ {
+		switch {
+		case kv == ownWatchdog:
+			env = append(env, envWatchdogPID+"="+listenPIDAuto)
+		case !drop(kv):
+			env = append(env, kv)
+		}
+	}
+	env = append(env, extra...)
+	if len(h.names) > 0 {
+		env = append(env,
+			envListenPID+"="+listenPIDAuto,
+			envListenFDs+"="+strconv.Itoa(len(h.names)),
+			envListenFDNames+"="+strings.Join(h.names, ":"))
+	}
+	env = append(env, envReadyFD+"="+strconv.Itoa(h.readyFD), envStateFD+"="+strconv.Itoa(h.stateFD))
+	if h.ctlFD >= 0 {
+		env = append(env, envControlFD+"="+strconv.Itoa(h.ctlFD), envControlID+"="+h.ctlID)
+	}
+	if n, ok := h.signal.(syscall.Signal); ok {
+		env = append(env, envSignal+"="+strconv.Itoa(int(n)))
+	}
+	return env
+}
+
+// reservedEnv reports whether the library sets the variable k for the new
+// process, so that Config.Env may not.
+func reservedEnv(k string) bool {
+	switch k {
+	case envListenPID, envListenFDs, envListenFDNames, envWatchdogPID,
+		envReadyFD, envStateFD, envControlFD, envControlID, envSignal:
+		return true
+	}
+	return false
 }
 
 // takeInheritance validates every fd named in the environment, marks it
@@ -245,7 +345,7 @@ func checkFD(fd int, want uint32) error {
 		return err
 	}
 	var st unix.Stat_t
-	if err := ignoringEINTR(func() error { return unix.Fstat(fd, &st) }); err != nil {
+	if _, err := ignoringEINTR(func() (int, error) { return 0, unix.Fstat(fd, &st) }); err != nil {
 		return os.NewSyscallError("fstat", err)
 	}
 	if got := st.Mode & unix.S_IFMT; want != 0 && uint32(got) != want {
@@ -291,185 +391,6 @@ func fileType(mode uint32) string {
 	return "file of unknown type"
 }
 
-func closeFD(fd *int) {
-	if *fd >= 0 {
-		unix.Close(*fd)
-		*fd = -1
-	}
-}
-
-// ignoringEINTR retries fn while it fails with EINTR. Go's runtime installs
-// its signal handlers with SA_RESTART, but some syscalls (and seccomp or
-// ptrace stops) still return EINTR; see os/file_posix.go.
-func ignoringEINTR(fn func() error) error {
-	for {
-		err := fn()
-		if err != unix.EINTR {
-			return err
-		}
-	}
-}
-
-// StartedByRestart reports whether this process was started by a restart of
-// an older copy of itself (as opposed to a fresh start).
-func StartedByRestart() bool {
-	return inherited.readyFD >= 0
-}
-
-// ReceiveState returns the stream of state that the old process wrote in its
-// Lifecycle.SendState hook, or (nil, nil) when this process was not started
-// by a restart. The stream ends (io.EOF) when the old process has written
-// everything. The caller owns the returned reader and closes it; it should
-// read and validate the state before it calls Ready, so that a new process
-// that cannot use the state fails the restart instead of losing it. Only the
-// first call returns the stream; later calls return an error.
-//
-// State that is not taken before Ready is discarded by Ready, and the old
-// process then sees its write fail.
-func ReceiveState() (io.ReadCloser, error) {
-	if err := inherited.err; err != nil {
-		return nil, err
-	}
-	if !StartedByRestart() {
-		return nil, nil
-	}
-	stateMu.Lock()
-	defer stateMu.Unlock()
-	if inherited.stateFD < 0 {
-		return nil, errors.New("shellflip: the state stream was already received or discarded")
-	}
-	fd := inherited.stateFD
-	inherited.stateFD = -1
-	// Non-blocking mode lets the runtime poller wait on the pipe, so the
-	// caller can set deadlines and Close unblocks a pending Read.
-	if err := unix.SetNonblock(fd, true); err != nil {
-		unix.Close(fd)
-		return nil, os.NewSyscallError("setnonblock", err)
-	}
-	return os.NewFile(uintptr(fd), "shellflip-state"), nil
-}
-
-var (
-	readyOnce sync.Once
-	readyErr  error
-	// isMain is set when systemd knows this process as the main pid: always
-	// for a fresh start, and after the old process confirmed MAINPID for a
-	// process started by a restart.
-	isMain atomic.Bool
-	// mainCh is closed when isMain becomes true.
-	mainCh = make(chan struct{})
-	// rejected is closed if the old process gave up on this one after it
-	// was ready (its restart failed meanwhile): it is not to be main.
-	rejected = make(chan struct{})
-	// mainNeedsPIDFile is set, before mainCh is closed, if the old
-	// process did not name this one in the PID file (it died, or failed).
-	mainNeedsPIDFile bool
-)
-
-// Ready tells the world that this process has finished initialising: the old
-// process, if this one was started by a restart (the old one then tells
-// systemd that this is the new main process and exits), or systemd, with
-// READY=1, if this is a fresh start under Type=notify. It also closes the
-// fds inherited from the old process or systemd that the program did not
-// claim (see Listen and File), and discards state that was not received.
-//
-// Start calls Ready; call it directly only when not using Start. It does its
-// work once: later calls return the first call's result. If the old process
-// is gone, Ready returns an error wrapping ErrOldProcessGone; this process is
-// then on its own, and considers itself the main process.
-func Ready() error {
-	readyOnce.Do(func() { readyErr = ready() })
-	return readyErr
-}
-
-func ready() error {
-	if err := inherited.err; err != nil {
-		return err
-	}
-	// The inherited fds nobody claimed are closed on the way out, after
-	// the readiness byte: with many fds that is real work, which the old
-	// process need not wait for.
-	defer closeUnclaimed()
-
-	stateMu.Lock()
-	closeFD(&inherited.stateFD)
-	stateMu.Unlock()
-
-	fd := inherited.readyFD
-	if fd < 0 {
-		becomeMain()
-		n, err := SystemdNotifier()
-		if err != nil {
-			return err
-		}
-		return n.Send(SdReady())
-	}
-	b := [1]byte{readyByte}
-	_, err := ignoringEINTRIO(func() (int, error) { return unix.Write(fd, b[:]) })
-	if err != nil {
-		// The old process closed its end: it died, or it gave up on this
-		// process and said so first (rejectedByte, still readable here).
-		n, _ := ignoringEINTRIO(func() (int, error) { return unix.Read(fd, b[:]) })
-		unix.Close(fd)
-		if n == 1 && b[0] == rejectedByte {
-			close(rejected)
-			return errRejected
-		}
-		becomeMain()
-		if err == unix.EPIPE || err == unix.ECONNRESET {
-			return fmt.Errorf("%w: telling it that this process is ready: %v", ErrOldProcessGone, err)
-		}
-		return os.NewSyscallError("write", err)
-	}
-	// Wait in the background for the old process to confirm that systemd
-	// knows this process as the main pid. Until then this process must not
-	// talk to systemd: with NotifyAccess=main its messages would be dropped
-	// with a warning.
-	go func() {
-		defer unix.Close(fd)
-		var b [1]byte
-		ignoringEINTRIO(func() (int, error) { return unix.Read(fd, b[:]) })
-		if b[0] == rejectedByte {
-			close(rejected)
-			return
-		}
-		// Whether the old process confirmed (mainByte) or went away (EOF,
-		// error), there is no one else left to be the main process.
-		mainNeedsPIDFile = b[0] != mainByte
-		becomeMain()
-	}()
-	return nil
-}
-
-var errRejected = errors.New("shellflip: the old process rejected this process: the restart failed")
-
-func becomeMain() {
-	if isMain.CompareAndSwap(false, true) {
-		close(mainCh)
-	}
-}
-
-// IsMain reports whether systemd (if any) knows this process as the
-// service's main process. A fresh start is main once it is Ready; a process
-// started by a restart becomes main when the old process has told systemd
-// its pid, or has gone away.
-func IsMain() bool { return isMain.Load() }
-
-// MainChan returns a channel that is closed when IsMain becomes true.
-func MainChan() <-chan struct{} { return mainCh }
-
-func ignoringEINTRIO(fn func() (int, error)) (int, error) {
-	for {
-		n, err := fn()
-		if err != unix.EINTR {
-			return n, err
-		}
-	}
-}
-
-// inheritanceErr returns the first problem found with the inherited fds.
-func inheritanceErr() error { return inherited.err }
-
 // takeControlFD hands the inherited control socket, and the identity of
 // its file, to the caller, once.
 func takeControlFD() (int, string) {
@@ -499,43 +420,301 @@ func catchEarlySignals() {
 // catches the restart signal itself.
 func stopEarlySignals() { signal.Stop(earlySignals) }
 
-func closeFDNum(fd int) {
-	if fd >= 0 {
-		unix.Close(fd)
+// The readiness socket. The new process writes:
+//
+//	'S'                       send me the state (ReceiveState)
+//	'R'                       I am ready (and read the state, if I asked for it)
+//	'F' len:uint16 text       I give up, because text (GiveUp)
+//
+// The old process writes, once the new one is ready or has failed:
+//
+//	'M'                       you are the main process now
+//	'P'                       the same, but I could not name you in the PID file: do it
+//	'X' len:uint16 text       the restart failed, because text: you are not wanted
+//
+// End of file on the socket means that the other process is gone.
+const (
+	msgState    = 'S'
+	msgReady    = 'R'
+	msgGiveUp   = 'F'
+	msgMain     = 'M'
+	msgMainPID  = 'P'
+	msgRejected = 'X'
+
+	// maxReason bounds the text of msgGiveUp, in bytes.
+	maxReason = 512
+)
+
+// readyMsg reads one message: its kind, and the reason of a msgGiveUp or
+// msgRejected, made printable. Any other byte is returned as is, for the
+// caller to refuse.
+func readyMsg(r io.Reader) (kind byte, reason string, err error) {
+	var b [2]byte
+	if _, err = io.ReadFull(r, b[:1]); err != nil || b[0] != msgGiveUp && b[0] != msgRejected {
+		return b[0], "", err
+	}
+	kind, n := b[0], b[:]
+	if _, err := io.ReadFull(r, n); err != nil {
+		return 0, "", err
+	}
+	if l := binary.BigEndian.Uint16(n[:]); l > maxReason {
+		return 0, "", fmt.Errorf("a reason of %d bytes, more than %d", l, maxReason)
+	}
+	text := make([]byte, binary.BigEndian.Uint16(n[:]))
+	if _, err := io.ReadFull(r, text); err != nil {
+		return 0, "", err
+	}
+	return kind, printable(string(text)), nil
+}
+
+// printable escapes, as strconv.Quote would, what is not printable in s:
+// text from another process goes to terminals and logs.
+func printable(s string) string {
+	var b strings.Builder
+	for _, r := range s {
+		if unicode.IsPrint(r) {
+			b.WriteRune(r)
+			continue
+		}
+		q := fmt.Sprintf("%+q", r)
+		b.WriteString(q[1 : len(q)-1])
+	}
+	return b.String()
+}
+
+// The new process's side.
+
+var (
+	// stateMu guards state and inherited.stateFD.
+	stateMu sync.Mutex
+	// state is the stream ReceiveState handed out, if it did.
+	state *stateReader
+
+	// isMain is set when this process is the service's main process: a
+	// fresh process always, a process started by a restart once the old
+	// process made it so (or went away). mainCh is closed then.
+	isMain atomic.Bool
+	mainCh = make(chan struct{})
+	// retired is set in an old process once it has told systemd the new
+	// main pid: from then on it must not talk to systemd.
+	retired atomic.Bool
+)
+
+func becomeMain() {
+	if isMain.CompareAndSwap(false, true) {
+		close(mainCh)
 	}
 }
 
-// pollableFile wraps fd, which the caller owns and gives up, in an *os.File
-// that the runtime poller serves, so that deadlines work and Close unblocks
-// a pending Read or Write.
-func pollableFile(fd int, name string) (*os.File, error) {
-	if err := unix.SetNonblock(fd, true); err != nil {
-		unix.Close(fd)
-		return nil, os.NewSyscallError("setnonblock", err)
+// startedByRestart reports whether an old process started this one.
+func startedByRestart() bool { return inherited.readyFD >= 0 }
+
+// ReceiveState asks the old process for its state, and returns the stream
+// on which it comes: what the old process's Lifecycle.SendState writes,
+// until io.EOF. It returns (nil, nil) in a process that was not started by
+// a restart.
+//
+// The old process runs SendState only when asked, so that the time it must
+// hold its state still runs from this call to this process's readiness.
+// The state must be read to its end (io.EOF) before Start: a state that
+// this process asked for and did not read to its end, or did not ask for
+// at all while the old process had one to send, fails the restart, and the
+// old process keeps serving with its state. To throw the state away on
+// purpose, read it to the end: io.Copy(io.Discard, r).
+//
+// The caller owns the stream and closes it. Only the first call returns it;
+// later calls return an error.
+func ReceiveState() (io.ReadCloser, error) {
+	if err := inherited.err; err != nil {
+		return nil, err
 	}
-	return os.NewFile(uintptr(fd), name), nil
+	if !startedByRestart() {
+		return nil, nil
+	}
+	stateMu.Lock()
+	defer stateMu.Unlock()
+	if state != nil || inherited.stateFD < 0 {
+		return nil, errors.New("shellflip: the state was asked for already")
+	}
+	if err := writeAll(inherited.readyFD, []byte{msgState}); err != nil {
+		return nil, fmt.Errorf("shellflip: asking the old process for the state: %w", err)
+	}
+	f, err := pollableFile(inherited.stateFD, "shellflip-state")
+	inherited.stateFD = -1
+	if err != nil {
+		return nil, err
+	}
+	state = &stateReader{f: f}
+	return state, nil
 }
 
-// mainPIDTimeout bounds how long the old process waits for systemd to
-// process MAINPID (the barrier) and, if it is itself a new process, to be
-// confirmed as main first.
-const mainPIDTimeout = 5 * time.Second
+// stateReader is the state stream; it notes whether it was read to its end.
+type stateReader struct {
+	f   *os.File
+	mu  sync.Mutex
+	eof bool // the old process's end of file was read
+}
 
-// notifyMainPID tells systemd that pid is the service's main process now,
-// with READY=1 in the same datagram so that NotifyAccess=main suffices, and
-// waits on a barrier until systemd has processed it: only then may the old
-// process answer the requester or exit.
-func notifyMainPID(pid int) error {
-	n, err := SystemdNotifier()
-	if err != nil || !n.Enabled() {
+func (r *stateReader) Read(p []byte) (int, error) {
+	n, err := r.f.Read(p)
+	if err == io.EOF {
+		r.mu.Lock()
+		r.eof = true
+		r.mu.Unlock()
+	}
+	return n, err
+}
+
+func (r *stateReader) Close() error {
+	r.complete()
+	return r.f.Close()
+}
+
+// complete reports whether the stream was read to its end. A program that
+// read exactly what the old process wrote has not seen end of file yet:
+// one more read tells, waiting if need be for the old process to finish
+// (it is bounded by the old process's ready timeout).
+func (r *stateReader) complete() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.eof {
+		var b [1]byte
+		if n, err := r.f.Read(b[:]); n == 0 && err == io.EOF {
+			r.eof = true
+		}
+	}
+	return r.eof
+}
+
+// GiveUp tells the old process why this process, started by a restart,
+// cannot go on: the restart fails with "new process PID gave up: " and
+// reason (at most 512 bytes of it, made printable), the old process keeps
+// serving, and it kills this process; the caller should exit. Call it
+// instead of Start, for example when the state cannot be used. In a process
+// that was not started by a restart, or once Start has declared it ready,
+// GiveUp does nothing and returns nil.
+func GiveUp(reason error) error {
+	fd := inherited.readyFD
+	if fd < 0 || readySent.Load() {
+		return nil
+	}
+	return writeAll(fd, reasonMsg(msgGiveUp, reason.Error()))
+}
+
+// reasonMsg encodes a msgGiveUp or msgRejected with text, cut to maxReason
+// bytes between characters.
+func reasonMsg(kind byte, text string) []byte {
+	for len(text) > maxReason {
+		_, size := utf8.DecodeLastRuneInString(text)
+		text = text[:len(text)-size]
+	}
+	msg := append([]byte{kind, 0, 0}, text...)
+	binary.BigEndian.PutUint16(msg[1:], uint16(len(text)))
+	return msg
+}
+
+// readySent is set once this process told the old one that it is ready.
+var readySent atomic.Bool
+
+// answer is what the old process answered a ready new process: msgMain,
+// msgMainPID, msgRejected with its reason, or 0 for end of file (it is
+// gone).
+type answer struct {
+	kind   byte
+	reason string
+}
+
+// ready tells the old process that this process is ready, and returns a
+// channel that receives its answer. Before that it checks the state: asked
+// for and not read to its end, it is a reason to give up.
+func ready() (<-chan answer, error) {
+	fd := inherited.readyFD
+	stateMu.Lock()
+	if state != nil && !state.complete() {
+		stateMu.Unlock()
+		err := errors.New("the state it asked for was not read to its end")
+		GiveUp(err)
+		return nil, fmt.Errorf("shellflip: %w", err)
+	}
+	closeFD(&inherited.stateFD) // not asked for: the old process sends nothing
+	stateMu.Unlock()
+
+	ch := make(chan answer, 1)
+	readySent.Store(true)
+	werr := writeAll(fd, []byte{msgReady})
+	go func() {
+		// The old process answers once systemd knows this process as the
+		// main pid; until then this process must not talk to systemd.
+		// The answer is read even if the write failed: an old process
+		// that rejected this one says so before it closes its end.
+		f := os.NewFile(uintptr(fd), "shellflip-ready") // blocking: this goroutine waits in read(2)
+		defer f.Close()
+		kind, reason, err := readyMsg(f)
+		if err != nil {
+			kind = 0
+		}
+		ch <- answer{kind, reason}
+	}()
+	if werr != nil && werr != unix.EPIPE && werr != unix.ECONNRESET {
+		return nil, os.NewSyscallError("write", werr)
+	}
+	return ch, nil
+}
+
+// writeAll writes b to the blocking fd, as one message would go.
+func writeAll(fd int, b []byte) error {
+	for len(b) > 0 {
+		n, err := ignoringEINTR(func() (int, error) { return unix.Write(fd, b) })
+		if err != nil {
+			return err
+		}
+		b = b[n:]
+	}
+	return nil
+}
+
+// Notify sends fields (each "KEY=VALUE", such as "STATUS=serving" or
+// "WATCHDOG=1") to systemd in one datagram, as sd_notify(3) does, if the
+// service runs under it ($NOTIFY_SOCKET); otherwise it does nothing. Each
+// field is checked as systemd would read it: no newline or NUL (which
+// would smuggle in another field), no variable twice, values of the
+// variables systemd knows of their form; and the variables the library
+// sends itself (MAINPID, BARRIER, FDSTORE; see StoreFDs) are refused. A
+// message that breaks a rule is not sent, and the error says which.
+//
+// A process started by a restart gets ErrNotMain until Start has returned
+// (systemd would drop its messages), and so does a process that has handed
+// the service over to a new process. READY=1 is sent by Start.
+func Notify(fields ...string) error {
+	notifyMu.RLock()
+	defer notifyMu.RUnlock()
+	if err := mayNotify(); err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), mainPIDTimeout)
-	defer cancel()
-	select {
-	case <-mainCh:
-	case <-ctx.Done():
-		return errors.New("this process was not confirmed as the main process in time")
+	for _, f := range fields {
+		if err := userField(f); err != nil {
+			return err
+		}
 	}
-	return n.handOver(ctx, pid)
+	n, err := processNotifier()
+	if err != nil {
+		return err
+	}
+	return n.send(context.Background(), nil, fields...)
+}
+
+// notifyMu orders this process's notifications against the handover:
+// Notify holds it for reading, the old process's handover for writing
+// while it tells systemd the new main pid and sets retired, so that
+// nothing this process sends reaches systemd after that.
+var notifyMu sync.RWMutex
+
+// mayNotify reports ErrNotMain when this process must not talk to systemd:
+// it was started by a restart and is not the main process yet, or it has
+// handed the service over to a new main process.
+func mayNotify() error {
+	if !isMain.Load() && startedByRestart() || retired.Load() {
+		return ErrNotMain
+	}
+	return nil
 }

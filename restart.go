@@ -1,3 +1,5 @@
+//go:build linux || darwin || freebsd
+
 package shellflip
 
 import (
@@ -9,98 +11,18 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
-	"unicode"
-	"unicode/utf8"
 )
 
-// This file is the old process's side of a restart: the triggers, the
-// restart loop, and the handle that reports how it ended.
-
-var (
-	// ErrNotSupported is returned by every entry point on platforms other
-	// than Linux, darwin and FreeBSD.
-	ErrNotSupported = errors.New("shellflip: not supported on this platform")
-
-	// ErrRestartFailed matches (errors.Is) the error RequestRestart returns
-	// when the service tried to restart and failed.
-	ErrRestartFailed = errors.New("shellflip: restart failed")
-)
-
-// ErrOldProcessGone is returned by Ready when the old process exited or was
-// killed before this process could tell it that it is ready.
-var ErrOldProcessGone = errors.New("shellflip: the old process is gone")
-
-// ErrNotMain is returned by the process-wide SdNotifier of a process started
-// by a restart until systemd knows it as the service's main process.
-var ErrNotMain = errors.New("shellflip: not yet the main process; systemd would drop this message")
-
-// Environment variables that name the library's own fds in a process started
-// by a restart. They follow the LISTEN_FDS block and are removed from the
-// environment as soon as the package is initialised.
-const (
-	envReadyFD   = "SHELLFLIP_READY_FD"   // socketpair end: readiness byte out, "you are main" byte in
-	envStateFD   = "SHELLFLIP_STATE_FD"   // pipe read end: state from the old process
-	envControlFD = "SHELLFLIP_CONTROL_FD" // the control socket's listening socket
-	envControlID = "SHELLFLIP_CONTROL_ID" // DEV:INO of the control socket's file, to tell whether the path still names it
-	envSignal    = "SHELLFLIP_SIGNAL"     // the restart signal's number: caught from init on, so that it cannot kill the new process
-
-	envListenPID     = "LISTEN_PID"
-	envListenFDs     = "LISTEN_FDS"
-	envListenFDNames = "LISTEN_FDNAMES"
-	envWatchdogPID   = "WATCHDOG_PID"
-
-	// listenPIDAuto stands in for the new process's pid in LISTEN_PID and
-	// WATCHDOG_PID, which the old process cannot know before the fork; the
-	// new process replaces it with its own pid at initialisation (see
-	// FixupListenPID).
-	listenPIDAuto = "auto"
-
-	// listenFDsStart is SD_LISTEN_FDS_START from sd-daemon.h.
-	listenFDsStart = 3
-
-	// maxInheritedFDs bounds LISTEN_FDS before anything is allocated for it.
-	maxInheritedFDs = 1 << 16
-)
-
-// Byte values on the readiness socket.
-const (
-	readyByte            = 'R' // new process to old: I am ready
-	mainByte             = 'M' // old process to new: you are the main process now (systemd and the PID file know)
-	mainWritePIDFileByte = 'P' // the same, but writing the PID file failed: write it yourself
-	rejectedByte         = 'X' // old process to new: the restart failed; you are not wanted
-)
-
-// restartFailedError carries the service's explanation, with characters
-// that are not printable escaped (as strconv.Quote escapes them): the text
-// comes from another process, and is printed to terminals and logs.
-type restartFailedError struct{ text string }
-
-func (e *restartFailedError) Error() string {
-	var b []byte
-	for _, r := range e.text {
-		if unicode.IsPrint(r) {
-			b = utf8.AppendRune(b, r)
-			continue
-		}
-		q := strconv.QuoteRuneToASCII(r)
-		b = append(b, q[1:len(q)-1]...)
-	}
-	return string(b)
-}
-
-func (e *restartFailedError) Is(target error) bool { return target == ErrRestartFailed }
-
-// DefaultReadyTimeout is how long a new process has to become ready when
-// Config.ReadyTimeout is zero.
-const DefaultReadyTimeout = time.Minute
+// This file is the old process's side of a restart, and the orchestrator of
+// both sides: the triggers, the restart loop, one restart from spawn to
+// readiness, the handover (PID file, systemd, requesters, the new process),
+// and the Restarter that reports how it ended.
 
 // Config says how and when to restart. The zero value restarts on SIGUSR1
-// into the same command line, with no control socket.
+// into the same program, with no control socket.
 type Config struct {
 	// SocketPath is the control socket's path; "" means no control socket.
 	// The socket file is created with mode 0600 and passed to the new
@@ -111,7 +33,9 @@ type Config struct {
 	Signal os.Signal
 
 	// Env holds extra KEY=value pairs for the new process; they override
-	// variables of the same name in this process's environment.
+	// variables of the same name in this process's environment. The
+	// variables the library sets for the new process (LISTEN_*,
+	// WATCHDOG_PID, SHELLFLIP_*) are refused.
 	Env []string
 
 	// Lifecycle holds hooks into the restart; nil means none.
@@ -124,19 +48,19 @@ type Config struct {
 	ExitOnError bool
 
 	// ReadyTimeout bounds the time from the spawn to the new process's
-	// Ready; a new process that takes longer is killed and reaped. Zero
-	// means DefaultReadyTimeout.
+	// readiness; a new process that takes longer is killed and reaped.
+	// Zero means a minute.
 	ReadyTimeout time.Duration
 
 	// Path is the program to run and Args its full command line, Args[0]
 	// included. By default they are the program and arguments this process
-	// started with, with a relative program path resolved against the
-	// directory it started in (or looked up in $PATH, as the shell did), so
-	// a deploy that replaces the binary at that path is picked up. If no
-	// executable is at that path any more (a binary built by "go run" and
-	// since removed, say), the running executable is used (on Linux
-	// /proc/self/exe, which works even when its file was deleted), and
-	// that is logged.
+	// started with: the path it was started from, as the shell or service
+	// manager resolved it at the time, if that named the running program,
+	// so that a deploy that renames a new binary into place is picked up;
+	// otherwise the path the running program was started from. A program
+	// file that is not executable fails the restart; one that is gone is
+	// replaced by the running executable (on Linux /proc/self/exe, which
+	// works even when its file was deleted).
 	Path string
 	Args []string
 
@@ -144,112 +68,120 @@ type Config struct {
 	// later), which send the unit's ReloadSignal= (SIGHUP by default; set
 	// Signal to match) and then wait for RELOADING=1 and READY=1: a restart
 	// triggered by Signal first sends RELOADING=1 with MONOTONIC_USEC; the
-	// new process's MAINPID and READY=1 end the reload, and so does READY=1
-	// from this process if the restart fails.
+	// new process's READY=1 ends the reload, and so does READY=1 from this
+	// process, with a STATUS= that says why, if the restart fails.
 	NotifyReload bool
 
 	// PIDFile, if set, names the service's main process for supervisors
-	// that read PIDFile=: a fresh process writes its pid there before it
-	// is ready, and after a successful restart the old process writes the
-	// new pid there before it tells systemd or the requester. It is
-	// written atomically (a temporary file in the same directory, then
+	// that read PIDFile=: a fresh process writes its pid there before it is
+	// ready (Start fails if it cannot), and after a successful restart the
+	// old process writes the new pid there before systemd or the requester
+	// learn of it; if it cannot, or dies first, the new process does. It
+	// is written atomically (a temporary file in the same directory, then
 	// rename), so a reader never sees it empty or half written, and no
 	// process removes it.
 	PIDFile string
 
-	// Logger receives the library's logs; nil means none.
+	// Logger receives the library's logs; nil means none. Its keys do not
+	// clash with a program's: the new process's pid is "new_pid".
 	Logger *slog.Logger
 }
 
 // Lifecycle holds hooks into the restart, each optional. They run on the
-// restart loop's goroutine, one restart at a time; ctx is done when the new
-// process's ready timeout passes or the Restarter is stopped.
+// restart loop's goroutine, one restart at a time.
+//
+// A restart that hands over state has a window in which the old process
+// must hold its state still: it opens when SendState is called and closes
+// when NewProcessReady or NewProcessFailed is. Whatever happens after
+// SendState was called (success, a new process that dies or gives up, the
+// ready timeout, Stop), exactly one of those two runs, once.
 type Lifecycle struct {
 	// PreSpawn runs before the new process is started. An error cancels the
-	// restart (NewProcessFailed is not called).
+	// restart, and no other hook runs.
 	PreSpawn func(ctx context.Context) error
 
-	// SendState writes state for the new process, which reads it with
-	// ReceiveState. The stream is closed when SendState returns. If it
-	// returns an error, the new process is killed and the restart fails.
-	// Writes fail rather than block past ctx's deadline.
+	// SendState runs when the new process asks for the state
+	// (ReceiveState), and writes it to w. From this call to the outcome,
+	// the program holds its state still: changes made meanwhile would not
+	// reach the new process. w is closed when SendState returns; writes
+	// fail rather than block past the ready timeout. An error fails the
+	// restart.
 	SendState func(ctx context.Context, w io.Writer) error
 
+	// NewProcessReady runs when the new process is ready and systemd (if
+	// any) knows it as the main process, right before the requesters learn
+	// that the restart succeeded and the new process is told that it is
+	// the main process. Stop accepting here (close this process's
+	// listeners: the new process has its own copies), and from here on
+	// pass requests that would change state through to the new process.
+	// The restart has succeeded whatever the hook does.
+	NewProcessReady func(ctx context.Context, newPid int)
+
 	// NewProcessFailed runs when the new process was started but the
-	// restart failed, so that changes made for the handover can be undone.
+	// restart failed, after the new process was killed and reaped; undo
+	// here what was done for the handover, and release what was held.
+	// Its ctx is the Restarter's, which may be done (Stop): the hook runs
+	// all the same.
 	NewProcessFailed func(ctx context.Context, err error)
-
-	// NewProcessReady runs when the new process is ready, before systemd
-	// and the requesters learn of it. Stop accepting here (close this
-	// process's listeners: the new process has its own copies): both
-	// processes accept on the same sockets, and a client that connects
-	// after the requester was told the restart is done should reach the
-	// new process. The restart has succeeded whatever the hook does.
-	NewProcessReady func(ctx context.Context, pid int)
-}
-
-// Process is a new process that became ready.
-type Process struct {
-	// Pid is the new process's pid.
-	Pid int
-
-	ready *os.File // readiness socket: the "you are main" byte goes out here
-	watch *childWatch
 }
 
 // Restarter serves restart requests until one succeeds or restarts become
 // impossible. Create it with Start.
 type Restarter struct {
 	cfg     Config
+	hooks   Lifecycle
 	log     *slog.Logger
 	ctl     *controlServer // nil without a control socket
 	sig     chan os.Signal
 	spawner *spawner
 	calls   chan *restartRequest // from Restart
+	ctx     context.Context      // Start's, until Stop
+	cancel  context.CancelFunc
 	// notReady is the ready timeout's cause, made once.
 	notReady error
-	ctx      context.Context // Start's, until Stop
-	cancel   context.CancelFunc
 
 	done chan struct{}
-	proc *Process
+	pid  int // the new process, after a successful restart
 	err  error
 }
 
-// Start prepares this process for restarts and declares it ready: it binds
-// (or takes over from the old process) the control socket, starts watching
-// for the restart signal, starts the thread that will fork the new process,
-// and calls Ready. Call it when initialisation is complete: after listeners
-// were claimed and state was received. No restart request is acted on before
-// Start returns; requests that arrive earlier wait.
+// Start prepares this process for restarts and declares it ready. Call it
+// when initialisation is complete: after listeners were claimed and, in a
+// process started by a restart, the state was received (ReceiveState).
+//
+// It binds the control socket (or takes it over from the old process),
+// starts watching for the restart signal, starts the thread that forks new
+// processes, and closes the inherited fds the program did not claim. Then,
+// in a fresh process, it writes the PID file and tells systemd READY=1. In
+// a process started by a restart, it tells the old process that it is
+// ready, and returns only once the old process has made it the service's
+// main process: the commit point, after which the old process will not
+// kill it, and from which on it may serve and change state that the old
+// process also changes. If the old process rejects it instead (the restart
+// failed meanwhile), Start returns an error and the program should exit.
+//
+// A restart signal that arrives before Start returns is dropped: sent to
+// every process of the service, it is meant for the old one.
 //
 // Programs that confine themselves with seccomp, capabilities or Landlock
-// should call Start before doing so; see the package documentation for what
-// that does and does not buy.
+// should call Start before doing so; see the package documentation.
 //
 // The returned Restarter ends when a restart succeeded (Wait returns the new
-// process: drain and exit), when restarts became impossible (Wait returns
-// why), or when ctx is done.
-func Start(ctx context.Context, cfg Config) (*Restarter, error) {
-	if err := platformSupported(); err != nil {
-		return nil, err
-	}
-	if err := inheritanceErr(); err != nil {
+// process's pid: drain and exit), when restarts became impossible (Wait
+// returns why), or when ctx is done.
+func Start(ctx context.Context, cfg Config) (_ *Restarter, err error) {
+	if err := inherited.err; err != nil {
 		return nil, err
 	}
 	r := &Restarter{cfg: cfg, log: cfg.Logger, done: make(chan struct{}), calls: make(chan *restartRequest)}
-	r.ctx, r.cancel = context.WithCancel(ctx)
-	started := false
-	defer func() {
-		if !started {
-			r.cancel()
-		}
-	}()
+	if cfg.Lifecycle != nil {
+		r.hooks = *cfg.Lifecycle
+	}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
 	}
 	if r.cfg.ReadyTimeout <= 0 {
-		r.cfg.ReadyTimeout = DefaultReadyTimeout
+		r.cfg.ReadyTimeout = time.Minute
 	}
 	r.notReady = fmt.Errorf("not ready within %v", r.cfg.ReadyTimeout)
 	if r.cfg.Signal == nil {
@@ -271,90 +203,99 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 		}
 	}
 
-	ctlFD, ctlID := takeControlFD()
-	if cfg.SocketPath != "" {
-		var err error
-		if r.ctl, err = listenControl(cfg.SocketPath, ctlFD, ctlID, r.log); err != nil {
-			return nil, err
-		}
-	} else if ctlFD >= 0 {
-		closeFDNum(ctlFD)
-	}
-
+	r.ctx, r.cancel = context.WithCancel(ctx)
 	r.sig = make(chan os.Signal, 1) // signal.Notify needs a buffer
 	signal.Notify(r.sig, r.cfg.Signal)
 	stopEarlySignals()
-
-	// A fresh process names itself in the PID file before it is ready; a
-	// process started by a restart is named by the old one (handOver),
-	// before systemd learns of it and before the requester does, or, if
-	// the old one died or failed to, names itself once it is main.
-	if cfg.PIDFile != "" && !StartedByRestart() {
-		if err := writePIDFile(cfg.PIDFile, os.Getpid()); err != nil {
+	ctlFD, ctlID := takeControlFD()
+	defer func() {
+		if err != nil {
+			r.cancel()
 			signal.Stop(r.sig)
 			if r.ctl != nil {
 				r.ctl.finish(0, err, false)
 			}
-			return nil, fmt.Errorf("shellflip: writing the PID file: %w", err)
+			r.log.Error("shellflip: start", "err", err)
 		}
-	}
-	if err := Ready(); err != nil {
-		if !errors.Is(err, ErrOldProcessGone) {
-			signal.Stop(r.sig)
-			if r.ctl != nil {
-				r.ctl.finish(0, err, false)
-			}
+	}()
+	if cfg.SocketPath != "" {
+		if r.ctl, err = listenControl(cfg.SocketPath, ctlFD, ctlID, r.log); err != nil {
 			return nil, err
 		}
-		r.log.Warn("shellflip: the old process went away before this one was ready; carrying on alone", "err", err)
+	} else {
+		closeFD(&ctlFD)
 	}
-	// Until the old process has made this one the main process, a restart
-	// signal is meant for the old one (a signal sent to every process, as
-	// pkill or systemctl kill send it): dropped, not acted on.
-	for waiting := true; waiting; {
-		select {
-		case <-MainChan():
-			waiting = false
-		case <-rejected:
-			signal.Stop(r.sig)
-			if r.ctl != nil {
-				r.ctl.finish(0, errRejected, false)
-			}
-			return nil, errRejected
-		case <-r.sig:
-			r.log.Warn("shellflip: restart signal ignored: this process is not the main process yet")
-		}
+	if err := r.becomeMain(); err != nil {
+		return nil, err
 	}
-	if StartedByRestart() {
-		if cfg.PIDFile != "" && mainNeedsPIDFile {
-			if err := writePIDFile(cfg.PIDFile, os.Getpid()); err != nil {
-				r.log.Error("shellflip: writing the PID file", "path", cfg.PIDFile, "err", err)
-			}
-		}
-		// The old process has stopped accepting: the restart is done, and
-		// a reload of Type=notify-reload ends here.
-		r.notify(SdReady())
-	}
-
 	if r.ctl != nil {
 		go r.ctl.serve()
 	}
 	r.spawner = newSpawner()
-	started = true
 	go r.run(r.ctx)
 	return r, nil
+}
+
+// becomeMain declares this process ready and, in a process started by a
+// restart, waits until it is the main process; see Start.
+func (r *Restarter) becomeMain() error {
+	// The inherited fds nobody claimed are closed once this process is
+	// ready, not before: with many fds that is real work, which the old
+	// process need not wait for.
+	defer closeUnclaimed()
+	if !startedByRestart() {
+		if r.cfg.PIDFile != "" {
+			if err := writePIDFile(r.cfg.PIDFile, os.Getpid()); err != nil {
+				return fmt.Errorf("shellflip: writing the PID file: %w", err)
+			}
+		}
+		becomeMain()
+		r.notify("READY=1")
+		return nil
+	}
+	answer, err := ready()
+	if err != nil {
+		return err
+	}
+	for {
+		select {
+		case a := <-answer:
+			switch a.kind {
+			case msgRejected:
+				return fmt.Errorf("shellflip: the old process rejected this process: %s", a.reason)
+			case msgMain:
+			default: // msgMainPID, or end of file: the old process is gone
+				if a.kind != msgMainPID {
+					r.log.Warn("shellflip: the old process went away during the handover; carrying on alone")
+				}
+				if r.cfg.PIDFile != "" {
+					if err := writePIDFile(r.cfg.PIDFile, os.Getpid()); err != nil {
+						r.log.Error("shellflip: writing the PID file", "path", r.cfg.PIDFile, "err", err)
+					}
+				}
+			}
+			becomeMain()
+			// The old process has stopped accepting: the restart is done,
+			// and a reload of Type=notify-reload ends here.
+			r.notify("READY=1")
+			return nil
+		case <-r.sig:
+			r.log.Warn("shellflip: restart signal ignored: this process is not the main process yet")
+		}
+	}
 }
 
 // Done is closed when the Restarter has ended.
 func (r *Restarter) Done() <-chan struct{} { return r.done }
 
-// Wait blocks until the Restarter ends. It returns the new process after a
-// successful restart; the caller should then drain and exit. Otherwise it
-// returns why restarts are no longer possible: the context passed to Start
-// was done, Stop was called, or a restart failed with ExitOnError set.
-func (r *Restarter) Wait() (*Process, error) {
+// Wait blocks until the Restarter ends. It returns the new process's pid
+// after a successful restart; the caller should then drain and exit.
+// Otherwise it returns why restarts are no longer possible: the context
+// passed to Start was done, Stop was called, or a restart failed with
+// ExitOnError set.
+func (r *Restarter) Wait() (newPid int, err error) {
 	<-r.done
-	return r.proc, r.err
+	return r.pid, r.err
 }
 
 // Stop ends the Restarter without restarting, as cancelling Start's context
@@ -363,14 +304,6 @@ func (r *Restarter) Wait() (*Process, error) {
 func (r *Restarter) Stop() {
 	r.cancel()
 	<-r.done
-}
-
-// outcome is how a restart ended: the new process, or why not. pid is
-// proc's, or 0, for requesters.
-type outcome struct {
-	proc *Process
-	pid  int
-	err  error
 }
 
 // Restart restarts now, as the signal or a control-socket request would,
@@ -398,6 +331,14 @@ func (r *Restarter) Restart(ctx context.Context) (int, error) {
 	}
 }
 
+// outcome is how a restart ended: the new process, or why not.
+type outcome struct {
+	pid   int
+	child *childWatch
+	ready *os.File // the readiness socket, to tell the new process it is main
+	err   error
+}
+
 func (r *Restarter) run(ctx context.Context) {
 	var reqs chan *restartRequest // nil, so never ready, without a control socket
 	if r.ctl != nil {
@@ -408,13 +349,15 @@ func (r *Restarter) run(ctx context.Context) {
 		reloading := false
 		select {
 		case <-ctx.Done():
-			r.end(nil, fmt.Errorf("shellflip: restarts stopped: %w", context.Cause(ctx)))
+			r.end(0, fmt.Errorf("shellflip: restarts stopped: %w", context.Cause(ctx)))
 			return
 		case <-r.sig:
 			r.log.Info("shellflip: restart requested by signal")
 			if r.cfg.NotifyReload {
 				reloading = true
-				r.notify(SdReloading())
+				if usec, err := monotonicUsec(); err == nil {
+					r.notify("RELOADING=1", "MONOTONIC_USEC="+strconv.FormatInt(usec, 10))
+				}
 			}
 		case q := <-reqs:
 			r.log.Info("shellflip: restart requested on the control socket")
@@ -425,10 +368,7 @@ func (r *Restarter) run(ctx context.Context) {
 		}
 
 		result := make(chan outcome, 1)
-		go func() {
-			p, err := r.restart(ctx)
-			result <- outcome{proc: p, err: err}
-		}()
+		go func() { result <- r.restart(ctx) }()
 		var out outcome
 	inFlight:
 		for {
@@ -445,24 +385,28 @@ func (r *Restarter) run(ctx context.Context) {
 		}
 
 		if out.err == nil {
-			r.handOver(out.proc, waiting)
-			r.end(out.proc, nil)
+			r.handOver(out, waiting)
+			r.end(out.pid, nil)
 			return
 		}
 		r.log.Error("shellflip: restart failed", "err", out.err)
 		if reloading {
 			// Leave the reloading state: this process carries on.
-			r.notify(SdReady(), SdStatus("restart failed: "+oneLine(out.err.Error())))
+			r.notify("READY=1", "STATUS=restart failed: "+oneLine(out.err.Error()))
 		}
 		for _, q := range waiting {
 			q.respond(r.log, 0, out.err)
 		}
 		if r.cfg.ExitOnError {
-			r.end(nil, out.err)
+			r.end(0, out.err)
 			return
 		}
 	}
 }
+
+// handOverTimeout bounds how long the old process waits for systemd to
+// process the new MAINPID.
+const handOverTimeout = 5 * time.Second
 
 // handOver makes the new process the service's main process. This process
 // keeps serving until the last moment, so that nothing waits on the
@@ -472,43 +416,54 @@ func (r *Restarter) run(ctx context.Context) {
 // learn the new pid; last, the new process learns that it is main, sends
 // systemd READY=1 (which NotifyAccess=main now accepts from it), and its
 // Start returns.
-func (r *Restarter) handOver(p *Process, waiting []*restartRequest) {
-	mainAck := [1]byte{mainByte}
+func (r *Restarter) handOver(out outcome, waiting []*restartRequest) {
+	answer := [1]byte{msgMain}
 	if r.cfg.PIDFile != "" {
-		if err := writePIDFile(r.cfg.PIDFile, p.Pid); err != nil {
+		if err := writePIDFile(r.cfg.PIDFile, out.pid); err != nil {
 			r.log.Error("shellflip: writing the PID file; the new process will try", "path", r.cfg.PIDFile, "err", err)
-			mainAck[0] = mainWritePIDFileByte
+			answer[0] = msgMainPID
 		}
 	}
-	if err := notifyMainPID(p.Pid); err != nil {
-		r.log.Error("shellflip: telling systemd about the new main process", "new_pid", p.Pid, "err", err)
+	if n, err := processNotifier(); err == nil && n.enabled() {
+		ctx, cancel := context.WithTimeout(context.Background(), handOverTimeout)
+		notifyMu.Lock()
+		retired.Store(true)
+		err = n.send(ctx, nil, "MAINPID="+strconv.Itoa(out.pid), "STATUS=")
+		notifyMu.Unlock()
+		if err == nil {
+			err = n.barrier(ctx)
+		}
+		cancel()
+		if err != nil {
+			r.log.Error("shellflip: telling systemd about the new main process", "new_pid", out.pid, "err", err)
+		}
 	}
-	if h := r.cfg.Lifecycle; h != nil && h.NewProcessReady != nil {
-		h.NewProcessReady(r.ctx, p.Pid)
+	if r.hooks.NewProcessReady != nil {
+		r.hooks.NewProcessReady(r.ctx, out.pid)
 	}
 	if r.ctl != nil {
 		// Stop accepting before anyone learns the outcome: a client that
 		// asks again after its answer waits in the socket's backlog for
 		// the new process, and gets a restart of its own.
-		r.ctl.stopAccepting(p.Pid, nil)
+		r.ctl.stopAccepting(out.pid, nil)
 	}
 	for _, q := range waiting {
-		q.respond(r.log, p.Pid, nil)
+		q.respond(r.log, out.pid, nil)
 	}
-	if _, err := p.ready.Write(mainAck[:]); err != nil {
-		r.log.Warn("shellflip: telling the new process it is main", "new_pid", p.Pid, "err", err)
+	if _, err := out.ready.Write(answer[:]); err != nil {
+		r.log.Warn("shellflip: telling the new process it is main", "new_pid", out.pid, "err", err)
 	}
-	p.ready.Close()
-	r.log.Info("shellflip: restart complete", "new_pid", p.Pid)
+	out.ready.Close()
+	r.log.Info("shellflip: restart complete", "new_pid", out.pid)
 }
 
-// notify sends fields to systemd, if this process is managed by it, and
-// logs what went wrong.
-func (r *Restarter) notify(fields ...SdField) {
-	n, err := SystemdNotifier()
+// notify sends fields to systemd, if this process is managed by it and may
+// talk to it, within handOverTimeout, and logs what went wrong.
+func (r *Restarter) notify(fields ...string) {
+	n, err := processNotifier()
 	if err == nil {
-		ctx, cancel := context.WithTimeout(r.ctx, mainPIDTimeout)
-		err = n.sendWithin(ctx, fields...)
+		ctx, cancel := context.WithTimeout(context.Background(), handOverTimeout)
+		err = n.send(ctx, nil, fields...)
 		cancel()
 	}
 	if err != nil {
@@ -553,161 +508,185 @@ func writePIDFile(path string, pid int) error {
 // restart signal stays caught, and from now on is dropped: Go's default for
 // SIGHUP is to exit, and a draining process must not die of a signal meant
 // for its successor (which a signal sent to every process reaches too).
-func (r *Restarter) end(p *Process, err error) {
+func (r *Restarter) end(pid int, err error) {
 	if r.ctl != nil {
-		pid := 0
-		if p != nil {
-			pid = p.Pid
-		}
-		r.ctl.finish(pid, err, p != nil)
+		r.ctl.finish(pid, err, pid != 0)
 	}
 	r.spawner.close()
-	r.proc, r.err = p, err
+	r.pid, r.err = pid, err
 	close(r.done)
-}
-
-// restart starts the new process, sends it the state and waits until it is
-// ready, has failed, or ran out of time.
-func (r *Restarter) restart(ctx context.Context) (_ *Process, err error) {
-	hooks := r.cfg.Lifecycle
-	if hooks == nil {
-		hooks = &Lifecycle{}
-	}
-	if hooks.PreSpawn != nil {
-		if err := hooks.PreSpawn(ctx); err != nil {
-			return nil, fmt.Errorf("pre-spawn hook: %w", err)
-		}
-	}
-	parent, started := ctx, false
-	defer func() {
-		// With the Restarter's context, not the expired ready timeout's:
-		// undoing the handover deserves its own time.
-		if err != nil && started && hooks.NewProcessFailed != nil {
-			hooks.NewProcessFailed(parent, err)
-		}
-	}()
-	ctx, cancel := context.WithTimeoutCause(ctx, r.cfg.ReadyTimeout, r.notReady)
-	defer cancel()
-
-	if os.Getpid() == 1 {
-		return nil, errors.New("this process is PID 1 of its pid namespace: when it exits after a restart, the kernel kills every process in the namespace, the new one too; run it under an init (tini, dumb-init, docker run --init) or from a parent that sets PR_SET_CHILD_SUBREAPER")
-	}
-	path, dir, err := r.program()
-	if err != nil {
-		return nil, err
-	}
-	readyP, readyC, err := newReadyPair()
-	if err != nil {
-		return nil, err
-	}
-	stateR, stateW, err := newStatePipe()
-	if err != nil {
-		closeFDNum(readyP)
-		closeFDNum(readyC)
-		return nil, err
-	}
-
-	// The new process's fds: stdio, the registry's fds from 3 on (as
-	// systemd would pass them), then the library's own; nothing else.
-	if err := sealFDs(); err != nil {
-		closeFDNum(readyP)
-		closeFDNum(readyC)
-		closeFDNum(stateR)
-		closeFDNum(stateW)
-		return nil, err
-	}
-	files, names, unlock := passFDs([]uintptr{0, 1, 2}, nil)
-	nListen := len(files) - 3
-	files = append(files, uintptr(readyC), uintptr(stateR))
-	ctlFD, ctlID := -1, ""
-	if r.ctl != nil {
-		ctlFD, ctlID = len(files), r.ctl.id.String()
-		files = append(files, uintptr(r.ctl.fd))
-	}
-	env := childEnv(os.Environ(), r.cfg.Env, names, 3+nListen, 4+nListen, ctlFD, ctlID, r.cfg.Signal)
-	pid, err := r.spawner.spawn(path, r.cfg.Args, env, dir, files)
-	unlock()
-	closeFDNum(readyC)
-	closeFDNum(stateR)
-	if err != nil {
-		closeFDNum(readyP)
-		closeFDNum(stateW)
-		return nil, fmt.Errorf("starting %s: %w", path, err)
-	}
-	child := watchChild(pid)
-	started = true
-	r.log.Info("shellflip: new process started", "pid", pid, "path", path)
-	ready, err := pollableFile(readyP, "shellflip-ready")
-	if err != nil {
-		closeFDNum(stateW)
-		child.kill()
-		<-child.done
-		return nil, err
-	}
-	failed := func(err error) (*Process, error) {
-		// Say so first: if what was started is a wrapper that runs the
-		// real program as its child, the kill reaches only the wrapper,
-		// and the program must learn that it was rejected, not take the
-		// closed socket for the old process's death. Then kill and reap
-		// before closing the socket, so that the new process never sees
-		// it close while it lives.
-		ready.SetWriteDeadline(time.Now().Add(time.Second))
-		ready.Write([]byte{rejectedByte})
-		child.kill()
-		<-child.done
-		ready.Close()
-		status := child.status()
-		if status != "signal: killed" && (errors.Is(err, errReadyEOF) || errors.Is(err, syscall.EPIPE)) {
-			// It was not our SIGKILL that ended it: it exited, and the
-			// closed socket or pipe is only how we noticed.
-			err = errExited
-		}
-		return nil, fmt.Errorf("new process %d: %w (%s)", pid, err, status)
-	}
-
-	if err := sendState(ctx, stateW, hooks.SendState); err != nil {
-		return failed(fmt.Errorf("sending state: %w", err))
-	}
-
-	// The readiness byte, end of file (the new process exited or gave up),
-	// or ctx: the ready timeout, or Stop. Read here rather than on a
-	// goroutine of its own beside a select: the byte is what the whole
-	// restart waits for, and each extra hop costs it time.
-	stop := context.AfterFunc(ctx, func() { ready.SetReadDeadline(time.Unix(1, 0)) })
-	var b [1]byte
-	n, rerr := ready.Read(b[:])
-	stop()
-	switch {
-	case n == 1 && b[0] == readyByte:
-		select {
-		case <-child.done:
-			// A process that exited is no successor, even if its
-			// readiness byte came first.
-			err = errExited
-		default:
-		}
-	case n == 1:
-		err = fmt.Errorf("unexpected byte %#x on the readiness socket", b[0])
-	case rerr == io.EOF:
-		err = errReadyEOF
-	case ctx.Err() != nil:
-		err = context.Cause(ctx)
-	default:
-		err = rerr
-	}
-	if err != nil {
-		return failed(err)
-	}
-	return &Process{Pid: pid, ready: ready, watch: child}, nil
 }
 
 var (
 	errExited   = errors.New("exited before it was ready")
 	errReadyEOF = errors.New("closed its readiness socket before it was ready")
+	errNoState  = errors.New("did not ask for the state (it never called ReceiveState), which it would lose")
 )
 
-// sendState runs the SendState hook on the write end of the handover pipe,
-// then closes it: the new process reads to EOF.
+// restart starts the new process, serves its requests for the state, and
+// waits until it is ready, has failed, or ran out of time.
+func (r *Restarter) restart(ctx context.Context) (out outcome) {
+	if r.hooks.PreSpawn != nil {
+		if err := r.hooks.PreSpawn(ctx); err != nil {
+			return outcome{err: fmt.Errorf("pre-spawn hook: %w", err)}
+		}
+	}
+	if os.Getpid() == 1 {
+		return outcome{err: errors.New("this process is PID 1 of its pid namespace: when it exits after a restart, the kernel ends the namespace and the new process with it; run it under a supervisor that follows MAINPID or a PID file (systemd), or under a parent that sets PR_SET_CHILD_SUBREAPER and outlives it (an init that exits with its child, as tini and dumb-init do, ends the namespace all the same)")}
+	}
+	parent := ctx
+	ctx, cancel := context.WithTimeoutCause(ctx, r.cfg.ReadyTimeout, r.notReady)
+	defer cancel()
+	path, dir, err := program(r.cfg.Path)
+	if err != nil {
+		return outcome{err: err}
+	}
+	if r.cfg.Path == "" && path != startedAs.program {
+		r.log.Warn("shellflip: no executable at the program's path; restarting the running executable", "path", startedAs.program, "executable", path)
+	}
+	child, ready, stateW, err := r.spawn(path, dir)
+	if err != nil {
+		return outcome{err: err}
+	}
+	defer closeFD(&stateW)
+	r.log.Info("shellflip: new process started", "new_pid", child.pid, "path", path)
+
+	asked, err := r.awaitReady(ctx, child, ready, &stateW)
+	if err == nil && !asked && r.hooks.SendState != nil {
+		err = errNoState
+	}
+	if err == nil {
+		return outcome{pid: child.pid, child: child, ready: ready}
+	}
+
+	// Say so first: if what was started is a wrapper that runs the real
+	// program as its child, the kill reaches only the wrapper, and the
+	// program must learn that it was rejected, not take the closed socket
+	// for the old process's death. Then kill and reap before closing the
+	// socket, so that the new process never sees it close while it lives.
+	ready.SetWriteDeadline(time.Now().Add(time.Second))
+	ready.Write(reasonMsg(msgRejected, err.Error()))
+	child.kill()
+	<-child.done
+	ready.Close()
+	var gaveUp *gaveUpError
+	switch {
+	case errors.As(err, &gaveUp):
+		err = fmt.Errorf("new process %d gave up: %s", child.pid, gaveUp.reason)
+	default:
+		if !child.killed() && errors.Is(err, errReadyEOF) {
+			// It was not our SIGKILL that ended it: it exited, and the
+			// closed socket is only how we noticed.
+			err = errExited
+		}
+		err = fmt.Errorf("new process %d: %w (%s)", child.pid, err, child.status())
+	}
+	if r.hooks.NewProcessFailed != nil {
+		// With the Restarter's context, not the expired ready timeout's:
+		// undoing the handover deserves its own time.
+		r.hooks.NewProcessFailed(parent, err)
+	}
+	return outcome{err: err}
+}
+
+// gaveUpError is the reason a new process gave up with (GiveUp).
+type gaveUpError struct{ reason string }
+
+func (e *gaveUpError) Error() string { return "gave up: " + e.reason }
+
+// spawn starts the new process with exactly its fds: stdio, the registry's
+// fds from 3 on (as systemd would pass them), then the library's own. It
+// returns the child, this process's end of the readiness socket and the
+// write end of the state pipe.
+func (r *Restarter) spawn(path, dir string) (_ *childWatch, ready *os.File, stateW int, err error) {
+	readyP, readyC, err := newReadyPair()
+	if err != nil {
+		return nil, nil, -1, err
+	}
+	stateR, stateW, err := newStatePipe()
+	if err == nil {
+		err = sealFDs()
+	}
+	if err != nil {
+		closeFD(&readyP)
+		closeFD(&readyC)
+		closeFD(&stateR)
+		closeFD(&stateW)
+		return nil, nil, -1, err
+	}
+	files, names, unlock := passFDs([]uintptr{0, 1, 2}, nil)
+	h := handoff{names: names, readyFD: len(files), stateFD: len(files) + 1, ctlFD: -1, signal: r.cfg.Signal}
+	files = append(files, uintptr(readyC), uintptr(stateR))
+	if r.ctl != nil {
+		h.ctlFD, h.ctlID = len(files), r.ctl.id.String()
+		files = append(files, uintptr(r.ctl.fd))
+	}
+	pid, err := r.spawner.spawn(path, r.cfg.Args, h.environ(os.Environ(), r.cfg.Env), dir, files)
+	unlock()
+	closeFD(&readyC)
+	closeFD(&stateR)
+	if err != nil {
+		closeFD(&readyP)
+		closeFD(&stateW)
+		return nil, nil, -1, fmt.Errorf("starting %s: %w", path, err)
+	}
+	child := &childWatch{pid: pid, done: make(chan struct{})}
+	go func() {
+		waitChild(child)
+		close(child.done)
+	}()
+	if ready, err = pollableFile(readyP, "shellflip-ready"); err != nil {
+		closeFD(&stateW)
+		child.kill()
+		<-child.done
+		return nil, nil, -1, err
+	}
+	return child, ready, stateW, nil
+}
+
+// awaitReady serves the new process's messages until it is ready: it sends
+// the state when asked (and reports whether it was), and fails on a
+// process that gave up, exited, sent garbage, or ran out of time (ctx).
+// Read here rather than on a goroutine of its own beside a select: the
+// readiness is what the whole restart waits for, and each hop costs time.
+func (r *Restarter) awaitReady(ctx context.Context, child *childWatch, ready *os.File, stateW *int) (asked bool, err error) {
+	stop := context.AfterFunc(ctx, func() { ready.SetReadDeadline(time.Unix(1, 0)) })
+	defer stop()
+	for {
+		kind, reason, err := readyMsg(ready)
+		switch {
+		case err == io.EOF:
+			return asked, errReadyEOF
+		case err != nil && ctx.Err() != nil:
+			return asked, context.Cause(ctx)
+		case err != nil:
+			return asked, err
+		case kind == msgState && !asked:
+			asked = true
+			if err := sendState(ctx, *stateW, r.hooks.SendState); err != nil {
+				*stateW = -1
+				return asked, fmt.Errorf("sending state: %w", err)
+			}
+			*stateW = -1
+		case kind == msgGiveUp:
+			return asked, &gaveUpError{reason}
+		case kind == msgReady:
+			select {
+			case <-child.done:
+				// A process that exited is no successor, even if its
+				// readiness came first.
+				return asked, errExited
+			default:
+				return asked, nil
+			}
+		default:
+			return asked, fmt.Errorf("unexpected byte %#x on the readiness socket", kind)
+		}
+	}
+}
+
+// sendState runs the SendState hook on the write end of the state pipe,
+// fd, which it closes: the new process reads to end of file.
 func sendState(ctx context.Context, fd int, hook func(context.Context, io.Writer) error) error {
 	w, err := pollableFile(fd, "shellflip-state")
 	if err != nil {
@@ -726,214 +705,4 @@ func sendState(ctx context.Context, fd int, hook func(context.Context, io.Writer
 		return err
 	}
 	return nil
-}
-
-// startedAs records, at initialisation, what a restart runs and where.
-var startedAs struct {
-	program string      // the running program's path; "" if it cannot be found
-	dir     string      // the working directory
-	dirInfo os.FileInfo // the working directory's, to tell a later chdir
-}
-
-func recordStart() {
-	startedAs.dir, _ = os.Getwd()
-	startedAs.dirInfo, _ = os.Stat(".")
-	startedAs.program = findProgram(os.Args[0])
-}
-
-// findProgram returns the path that restarts run: the path this process
-// was started from (argv0, resolved as the shell or service manager
-// resolved it), so that a deploy that replaces the file there is picked up,
-// but only if it names the running executable now, at initialisation. A
-// parent may set argv0 to anything (exec -a, systemd's ExecStart=@), and a
-// bare name is never looked for in the working directory; otherwise the
-// path the running executable was started from.
-func findProgram(argv0 string) string {
-	exe, err := os.Executable()
-	if err != nil {
-		return ""
-	}
-	self, err := os.Stat(exe)
-	if err != nil {
-		return exe
-	}
-	path := argv0
-	if !strings.Contains(path, "/") {
-		path = lookPath(path)
-	} else if !filepath.IsAbs(path) {
-		path = filepath.Join(startedAs.dir, path)
-	}
-	if fi, err := os.Stat(path); err == nil && os.SameFile(fi, self) {
-		return path
-	}
-	return exe
-}
-
-// lookPath finds file in $PATH as a shell (and os/exec, which the library
-// does not use) would, or returns "".
-func lookPath(file string) string {
-	for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
-		p := filepath.Join(dir, file)
-		if !filepath.IsAbs(p) {
-			p = filepath.Join(startedAs.dir, p)
-		}
-		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
-			return p
-		}
-	}
-	return ""
-}
-
-// program returns the path of the program to start and the directory to
-// start it in ("": this process's, which it has not left).
-func (r *Restarter) program() (path, dir string, err error) {
-	if fi, err := os.Stat("."); err != nil || startedAs.dirInfo == nil || !os.SameFile(fi, startedAs.dirInfo) {
-		// The program has changed directory since: go back, as a fresh
-		// start would be, and say so if that is impossible.
-		if _, err := os.Stat(startedAs.dir); err != nil {
-			return "", "", fmt.Errorf("the directory this process started in: %w", err)
-		}
-		dir = startedAs.dir
-	}
-	if path = r.cfg.Path; path != "" {
-		if !filepath.IsAbs(path) {
-			path = filepath.Join(startedAs.dir, path)
-		}
-		return path, dir, nil
-	}
-	path = startedAs.program
-	fi, err := os.Stat(path)
-	switch {
-	case err == nil && !fi.Mode().IsRegular():
-		return "", "", fmt.Errorf("%s is a %v, not a program", path, fi.Mode().Type())
-	case err == nil && fi.Mode().Perm()&0o111 == 0:
-		// A deploy that is not finished: restarting the running
-		// executable instead would report success and run the old code.
-		return "", "", fmt.Errorf("%s is not executable (mode %v)", path, fi.Mode().Perm())
-	case err == nil:
-		return path, dir, nil
-	case path != "" && !errors.Is(err, os.ErrNotExist):
-		return "", "", err
-	}
-	exe, err := runningExecutable()
-	if err != nil {
-		return "", "", fmt.Errorf("no executable at %q, and the running one cannot be found: %w", path, err)
-	}
-	r.log.Warn("shellflip: no executable at the program's path; restarting the running executable", "path", path, "executable", exe)
-	return exe, dir, nil
-}
-
-// childEnv returns the new process's environment: this process's, less the
-// variables that describe this process's own fds, plus extra (which wins
-// over variables of the same name), plus the variables naming the new
-// process's fds. LISTEN_PID is "auto": the new process's init sets its own
-// pid there (FixupListenPID). So is WATCHDOG_PID if systemd set it to this
-// process: the watchdog passes to the new main process with everything else.
-func childEnv(environ, extra, names []string, readyFD, stateFD, ctlFD int, ctlID string, sig os.Signal) []string {
-	ownWatchdog := envWatchdogPID + "=" + strconv.Itoa(os.Getpid())
-	drop := func(kv string) bool {
-		k, _, _ := strings.Cut(kv, "=")
-		switch k {
-		case envListenPID, envListenFDs, envListenFDNames, envReadyFD, envStateFD, envControlFD, envControlID, envSignal:
-			return true
-		}
-		for _, e := range extra {
-			if ek, _, _ := strings.Cut(e, "="); ek == k {
-				return true
-			}
-		}
-		return false
-	}
-	env := make([]string, 0, len(environ)+len(extra)+6)
-	for _, kv := range environ {
-		switch {
-		case kv == ownWatchdog:
-			env = append(env, envWatchdogPID+"="+listenPIDAuto)
-		case !drop(kv):
-			env = append(env, kv)
-		}
-	}
-	env = append(env, extra...)
-	if len(names) > 0 {
-		env = append(env,
-			envListenPID+"="+listenPIDAuto,
-			envListenFDs+"="+strconv.Itoa(len(names)),
-			envListenFDNames+"="+strings.Join(names, ":"))
-	}
-	env = append(env, envReadyFD+"="+strconv.Itoa(readyFD), envStateFD+"="+strconv.Itoa(stateFD))
-	if ctlFD >= 0 {
-		env = append(env, envControlFD+"="+strconv.Itoa(ctlFD), envControlID+"="+ctlID)
-	}
-	if n, ok := sig.(syscall.Signal); ok {
-		env = append(env, envSignal+"="+strconv.Itoa(int(n)))
-	}
-	return env
-}
-
-// reservedEnv reports whether the library sets the variable k for the new
-// process, so that Config.Env may not.
-func reservedEnv(k string) bool {
-	switch k {
-	case envListenPID, envListenFDs, envListenFDNames, envWatchdogPID,
-		envReadyFD, envStateFD, envControlFD, envControlID, envSignal:
-		return true
-	}
-	return false
-}
-
-// spawner forks from one goroutine locked to its own OS thread, the
-// counterpart of shellflip's dedicated restart thread. See the package
-// documentation for what that buys under seccomp.
-type spawner struct {
-	reqs  chan spawnRequest
-	reply chan spawnResult
-}
-
-type spawnRequest struct {
-	path      string
-	argv, env []string
-	dir       string
-	files     []uintptr
-}
-
-type spawnResult struct {
-	pid int
-	err error
-}
-
-func newSpawner() *spawner {
-	s := &spawner{reqs: make(chan spawnRequest), reply: make(chan spawnResult)}
-	go func() {
-		// Never unlocked: when the goroutine returns, the runtime ends the
-		// thread instead of reusing it for other goroutines.
-		runtime.LockOSThread()
-		for q := range s.reqs {
-			pid, err := forkExec(q.path, q.argv, q.env, q.dir, q.files)
-			s.reply <- spawnResult{pid, err}
-		}
-	}()
-	return s
-}
-
-func (s *spawner) spawn(path string, argv, env []string, dir string, files []uintptr) (int, error) {
-	s.reqs <- spawnRequest{path, argv, env, dir, files}
-	res := <-s.reply
-	return res.pid, res.err
-}
-
-func (s *spawner) close() { close(s.reqs) }
-
-// waitStatusString describes how a process ended, as os.ProcessState does.
-func waitStatusString(ws syscall.WaitStatus) string {
-	switch {
-	case ws.Exited():
-		return "exit status " + strconv.Itoa(ws.ExitStatus())
-	case ws.Signaled():
-		s := "signal: " + ws.Signal().String()
-		if ws.CoreDump() {
-			s += " (core dumped)"
-		}
-		return s
-	}
-	return fmt.Sprintf("wait status %v", ws)
 }

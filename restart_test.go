@@ -284,10 +284,10 @@ func TestNewProcessFDs(t *testing.T) {
 }
 
 func TestChildEnv(t *testing.T) {
-	env := childEnv(
+	h := handoff{names: []string{"a", "b"}, readyFD: 5, stateFD: 6, ctlFD: 7, ctlID: "1:2", signal: syscall.SIGHUP}
+	env := h.environ(
 		[]string{"PATH=/bin", "LISTEN_FDS=9", "LISTEN_PID=1", "LISTEN_FDNAMES=x", "SHELLFLIP_READY_FD=4", "KEEP=1", "OVER=old"},
-		[]string{"OVER=new", "EXTRA=1"},
-		[]string{"a", "b"}, 5, 6, 7, "1:2", syscall.SIGHUP)
+		[]string{"OVER=new", "EXTRA=1"})
 	want := []string{"PATH=/bin", "KEEP=1", "OVER=new", "EXTRA=1", "LISTEN_PID=auto", "LISTEN_FDS=2", "LISTEN_FDNAMES=a:b",
 		"SHELLFLIP_READY_FD=5", "SHELLFLIP_STATE_FD=6", "SHELLFLIP_CONTROL_FD=7", "SHELLFLIP_CONTROL_ID=1:2", "SHELLFLIP_SIGNAL=1"}
 	if !slices.Equal(env, want) {
@@ -332,10 +332,9 @@ func init() {
 // once the old process has made it the main process (exiting at once would
 // race the old process's check that its successor is alive).
 func allocReadyChild() int {
-	if err := Ready(); err != nil {
+	if _, err := Start(context.Background(), Config{}); err != nil {
 		return 1
 	}
-	<-MainChan()
 	return 0
 }
 
@@ -398,14 +397,14 @@ func TestAllocsRestart(t *testing.T) {
 
 	var restartErr error
 	restart := func() {
-		p, err := r.restart(ctx)
-		if err != nil {
-			restartErr = err
+		out := r.restart(ctx)
+		if out.err != nil {
+			restartErr = out.err
 			return
 		}
-		r.handOver(p, nil)
+		r.handOver(out, nil)
 		select {
-		case <-p.watch.done:
+		case <-out.child.done:
 		case <-ctx.Done():
 			restartErr = ctx.Err()
 		}

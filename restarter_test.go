@@ -302,20 +302,25 @@ func restarterTestState(t *testing.T, bin string) {
 			readyNew.Close()
 			stateR.Close()
 
-			var b [1]byte
+			// Played by hand, the old process's side: the new process asks
+			// for the state, which is in the pipe already, then says it is
+			// ready, or gives up with the reason.
 			readyOld.SetReadDeadline(time.Now().Add(restarterDeadline))
-			n, rerr := readyOld.Read(b[:])
+			if kind, _, err := readyMsg(readyOld); kind != msgState || err != nil {
+				t.Fatalf("readiness socket: read %q, %v; want %q", kind, err, msgState)
+			}
+			kind, reason, err := readyMsg(readyOld)
 			if tc.gen >= 0 {
-				if n != 1 || b[0] != readyByte {
-					t.Fatalf("readiness socket: read %q, %v; want %q", b[:n], rerr, readyByte)
+				if kind != msgReady || err != nil {
+					t.Fatalf("readiness socket: read %q, %v; want %q", kind, err, msgReady)
 				}
 				// As the old process would: confirm that it is main.
-				readyOld.Write([]byte{mainByte})
+				readyOld.Write([]byte{msgMain})
 				srv.expectInstance(tc.gen, "")
 				return
 			}
-			if rerr != io.EOF {
-				t.Errorf("readiness socket: read %q, %v; want EOF, as the state was refused", b[:n], rerr)
+			if kind != msgGiveUp || reason == "" {
+				t.Errorf("readiness socket: read %q %q, %v; want %q and why the state was refused", kind, reason, err, msgGiveUp)
 			}
 			select {
 			case <-srv.exited:

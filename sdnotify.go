@@ -183,7 +183,7 @@ func SystemdNotifier() (*SdNotifier, error) {
 	sdProcess.once.Do(func() {
 		sdProcess.n, sdProcess.err = NewSdNotifier(os.Getenv("NOTIFY_SOCKET"))
 		if sdProcess.n != nil {
-			sdProcess.n.gated = StartedByRestart()
+			sdProcess.n.gated = startedByRestart()
 		}
 	})
 	return sdProcess.n, sdProcess.err
@@ -191,10 +191,7 @@ func SystemdNotifier() (*SdNotifier, error) {
 
 // notMain reports ErrNotMain while a gated notifier must keep quiet.
 func (n *SdNotifier) notMain() error {
-	if n.gated && !IsMain() || n.retired.Load() {
-		return ErrNotMain
-	}
-	return nil
+	return mayNotify()
 }
 
 // Enabled reports whether n sends anything: whether it was made from a
@@ -242,46 +239,6 @@ func (n *SdNotifier) SendFDs(fds []int, fields ...SdField) error {
 		return err
 	}
 	return n.write(oob, time.Time{})
-}
-
-// sendWithin is Send for the restart path, which must not wait for ever on
-// a manager whose receive queue stays full: the send fails at ctx's
-// deadline.
-func (n *SdNotifier) sendWithin(ctx context.Context, fields ...SdField) error {
-	if !n.Enabled() {
-		return nil
-	}
-	if err := n.notMain(); err != nil {
-		return err
-	}
-	d, _ := ctx.Deadline()
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if err := n.build(fields); err != nil {
-		return err
-	}
-	return n.write(nil, d)
-}
-
-// handOver tells the manager that pid is the main process now, with an
-// empty STATUS= (which clears what a failed reload said) in the same
-// datagram, and waits on a barrier until the manager has processed it.
-// From then on this notifier refuses to send (ErrNotMain): the new main
-// process speaks for the service, and sends READY=1 once this process has
-// stopped accepting (see Start). ctx bounds the sends and the wait.
-func (n *SdNotifier) handOver(ctx context.Context, pid int) error {
-	d, _ := ctx.Deadline()
-	n.mu.Lock()
-	err := n.build([]SdField{SdMainPID(pid), SdStatus("")})
-	if err == nil {
-		n.retired.Store(true)
-		err = n.write(nil, d)
-	}
-	n.mu.Unlock()
-	if err != nil {
-		return err
-	}
-	return n.barrier(ctx)
 }
 
 // Barrier waits until the manager has processed every datagram sent before

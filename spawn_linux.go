@@ -4,15 +4,14 @@ package shellflip
 
 import (
 	"os"
-	"sync"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 )
 
-// This file holds the Linux primitives under the restart path: creating the
-// pipes close-on-exec from birth, fork/exec, watching and reaping the new
-// process, and reading a control-socket peer's credentials.
+// This file holds the Linux primitives under the restart path: fds that are
+// close-on-exec from birth, sealing and closing fds in one system call,
+// reaping the new process without a race against pid reuse, a peer's
+// credentials, and renaming without replacing.
 
 func platformSupported() error { return nil }
 
@@ -60,21 +59,6 @@ func newStatePipe() (r, w int, err error) {
 	return p[0], p[1], nil
 }
 
-// forkExec starts path with exactly files as its fds (child fd i is parent fd
-// files[i]; the runtime's fork code clears close-on-exec on those and only
-// those). It runs on the spawner's locked thread. golang.org/x/sys/unix has
-// no ForkExec of its own: syscall.ForkExec is the runtime's raw fork/exec,
-// which takes syscall.ForkLock so that no fd created without close-on-exec
-// by another goroutine can slip into the child.
-//
-// No Pdeathsig: the new process must outlive the old one, and the signal
-// would follow the forking thread, not the process (golang/go#27505). No new
-// session or process group either: the new process stands where the old one
-// stood, in its session, process group and cgroup.
-func forkExec(path string, argv, env []string, dir string, files []uintptr) (int, error) {
-	return syscall.ForkExec(path, argv, &syscall.ProcAttr{Dir: dir, Env: env, Files: files})
-}
-
 // sealFDs marks every fd above stderr close-on-exec, so that the new
 // process receives exactly the fds listed for it: fds that leaked into this
 // process from its own parent (a shell's, a supervisor's) stop here. Go
@@ -113,62 +97,25 @@ func closeFDs(fds []int) {
 	}
 }
 
-// runningExecutable returns a path to this process's own executable that
-// can be executed even if its file was deleted or replaced since it
-// started: /proc/self/exe, which the kernel resolves to the running image.
-// (os.Executable names the file the image came from, and that may be gone.)
-func runningExecutable() (string, error) {
-	const self = "/proc/self/exe"
-	if err := unix.Access(self, unix.X_OK); err != nil {
-		return os.Executable()
-	}
-	return self, nil
-}
-
-// childWatch waits for one child process and reaps it exactly once.
-type childWatch struct {
-	pid  int
-	done chan struct{} // closed once the child has exited and was reaped
-	mu   sync.Mutex    // orders kill against the reaping wait4
-	gone bool          // reaped: the pid may belong to someone else now
-	ws   unix.WaitStatus
-}
-
-// watchChild starts waiting for pid in the background.
+// waitChild waits for c's process to exit and reaps it.
 //
 // waitid(WNOWAIT) first learns that the child exited while leaving it a
-// zombie, so its pid cannot be reused; only then, under mu, is it reaped. A
-// kill under the same mutex therefore never hits a stranger that inherited
-// the pid, the race that os.Process closes with pidfds. We avoid pidfds: a
-// seccomp policy that answers their probes with SIGSYS kills Go programs
-// (golang/go#69065), and waitid/wait4 are in every policy that allows fork.
-func watchChild(pid int) *childWatch {
-	c := &childWatch{pid: pid, done: make(chan struct{})}
-	go func() {
-		var info unix.Siginfo
-		ignoringEINTR(func() error {
-			return unix.Waitid(unix.P_PID, pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
-		})
-		c.mu.Lock()
-		ignoringEINTRIO(func() (int, error) { return unix.Wait4(pid, &c.ws, 0, nil) })
-		c.gone = true
-		c.mu.Unlock()
-		close(c.done)
-	}()
-	return c
-}
-
-// kill sends SIGKILL unless the child was already reaped.
-func (c *childWatch) kill() {
+// zombie, so its pid cannot be reused; only then, under c.mu, is it reaped.
+// A kill under the same mutex therefore never hits a stranger that
+// inherited the pid, the race that os.Process closes with pidfds. We avoid
+// pidfds: a seccomp policy that answers their probes with SIGSYS kills Go
+// programs (golang/go#69065), and waitid/wait4 are in every policy that
+// allows fork.
+func waitChild(c *childWatch) {
+	var info unix.Siginfo
+	ignoringEINTR(func() (int, error) {
+		return 0, unix.Waitid(unix.P_PID, c.pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
+	})
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.gone {
-		unix.Kill(c.pid, unix.SIGKILL)
-	}
+	ignoringEINTR(func() (int, error) { return unix.Wait4(c.pid, &c.ws, 0, nil) })
+	c.gone = true
 }
-
-// status describes how the child ended; valid after done is closed.
-func (c *childWatch) status() string { return waitStatusString(syscall.WaitStatus(c.ws)) }
 
 // peerUID returns the effective uid of the process at the other end of a
 // connected unix socket, as the kernel recorded it at connect(2).

@@ -4,7 +4,6 @@ package shellflip
 
 import (
 	"os"
-	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -72,11 +71,6 @@ func newStatePipe() (r, w int, err error) {
 	return p[0], p[1], nil
 }
 
-// forkExec: see spawn_linux.go.
-func forkExec(path string, argv, env []string, dir string, files []uintptr) (int, error) {
-	return syscall.ForkExec(path, argv, &syscall.ProcAttr{Dir: dir, Env: env, Files: files})
-}
-
 // sealFDs: see spawn_linux.go. There is no close_range flag here to do it
 // in one call; /dev/fd lists the open fds.
 func sealFDs() error { return sealFDsWith(func() error { return unix.ENOSYS }, "/dev/fd") }
@@ -95,46 +89,18 @@ func closeFDs(fds []int) {
 	}
 }
 
-// runningExecutable: see spawn_linux.go. There is no /proc/self/exe here:
-// the file the running image came from, if it is still there.
-func runningExecutable() (string, error) { return os.Executable() }
-
-// childWatch waits for one child process and reaps it exactly once.
-//
-// Without waitid(WNOWAIT) the reaping wait4 cannot be ordered against kill:
-// a kill that loses the race by microseconds could reach a new process that
-// was given the same pid. os.Process had the same window before pidfds; the
-// window needs the pid space to wrap around in between.
-type childWatch struct {
-	pid  int
-	done chan struct{}
-	mu   sync.Mutex
-	gone bool
-	ws   unix.WaitStatus
-}
-
-func watchChild(pid int) *childWatch {
-	c := &childWatch{pid: pid, done: make(chan struct{})}
-	go func() {
-		var ws unix.WaitStatus
-		ignoringEINTRIO(func() (int, error) { return unix.Wait4(pid, &ws, 0, nil) })
-		c.mu.Lock()
-		c.ws, c.gone = ws, true
-		c.mu.Unlock()
-		close(c.done)
-	}()
-	return c
-}
-
-func (c *childWatch) kill() {
+// waitChild: see spawn_linux.go. Without waitid(WNOWAIT) the reaping
+// wait4 cannot be ordered against kill: a kill that loses the race by
+// microseconds could reach a new process that was given the same pid.
+// os.Process had the same window before pidfds; it needs the pid space to
+// wrap around in between.
+func waitChild(c *childWatch) {
+	var ws unix.WaitStatus
+	ignoringEINTR(func() (int, error) { return unix.Wait4(c.pid, &ws, 0, nil) })
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.gone {
-		unix.Kill(c.pid, unix.SIGKILL)
-	}
+	c.ws, c.gone = ws, true
 }
-
-func (c *childWatch) status() string { return waitStatusString(syscall.WaitStatus(c.ws)) }
 
 // peerUID: see spawn_linux.go. LOCAL_PEERCRED gives the credentials at
 // connect(2), as SO_PEERCRED does on Linux.

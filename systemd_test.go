@@ -152,8 +152,8 @@ func systemdServiceRole() int {
 		report("error pid=%d notifier: %v", pid, err)
 		return 1
 	}
-	report("started pid=%d restarted=%t names=%s", pid, StartedByRestart(), strings.Join(names, ","))
-	if StartedByRestart() {
+	report("started pid=%d restarted=%t names=%s", pid, startedByRestart(), strings.Join(names, ","))
+	if startedByRestart() {
 		report("early pid=%d err=%v", pid, n.Send(SdStatus("early")))
 		if takeKnob(envTestFailFile) {
 			os.Exit(3)
@@ -227,7 +227,6 @@ func systemdServiceRole() int {
 		return 1
 	}
 	go func() {
-		<-MainChan()
 		err := n.Send(SdStatus("main pid=" + strconv.Itoa(pid)))
 		if err == nil {
 			// Once the barrier returns, systemd has read the status: the
@@ -250,7 +249,7 @@ func systemdServiceRole() int {
 		// next connection can only reach the new process.
 		ln.Close()
 	}
-	report("replaced pid=%d new=%d", pid, p.Pid)
+	report("replaced pid=%d new=%d", pid, p)
 	return 0
 }
 
@@ -271,7 +270,6 @@ func (w *systemdWatchdog) run(n *SdNotifier) {
 	if _, ok := os.LookupEnv("WATCHDOG_USEC"); !ok {
 		return
 	}
-	<-MainChan()
 	interval, enabled, err := SdWatchdogInterval()
 	if enabled && err == nil {
 		_, err = w.ping(n)

@@ -120,7 +120,7 @@ func testServer() int {
 		u, _ := strconv.ParseUint(m, 8, 32)
 		syscall.Umask(int(u))
 	}
-	if os.Getenv(envTestWatchdog) != "" && !StartedByRestart() {
+	if os.Getenv(envTestWatchdog) != "" && !startedByRestart() {
 		os.Setenv("WATCHDOG_USEC", "3000000")
 		os.Setenv("WATCHDOG_PID", strconv.Itoa(pid))
 	}
@@ -133,7 +133,8 @@ func testServer() int {
 		br := bufio.NewReader(st)
 		line, err := br.ReadString('\n')
 		if err != nil {
-			report("error pid=%d state: %v", pid, err)
+			// The old process may have failed the restart meanwhile.
+			report("stateerr pid=%d err=%v", pid, err)
 			return 1
 		}
 		g, err := strconv.Atoi(strings.TrimSpace(line))
@@ -181,10 +182,10 @@ func testServer() int {
 		}
 		addrs = append(addrs, a.Network()+"="+a.String())
 	}
-	if StartedByRestart() {
+	if startedByRestart() {
 		waitFIFO(os.Getenv(envTestHoldFIFO))
 	}
-	if StartedByRestart() && takeKnob(envTestFailFile) {
+	if startedByRestart() && takeKnob(envTestFailFile) {
 		switch os.Getenv(envTestFailMode) {
 		case "exit3":
 			os.Exit(3)
@@ -204,10 +205,6 @@ func testServer() int {
 	if os.Getenv(envTestSignal) == "HUP" {
 		sig = syscall.SIGHUP
 	}
-	go func() {
-		<-MainChan()
-		report("main pid=%d", pid)
-	}()
 	r, err := Start(context.Background(), Config{
 		SocketPath:   os.Getenv(envTestSocket),
 		ReadyTimeout: timeout,
@@ -243,6 +240,7 @@ func testServer() int {
 		return 1
 	}
 	wd, wdOn, wdErr := SdWatchdogInterval()
+	report("main pid=%d", pid)
 	report("ready pid=%d gen=%d addrs=%s watchdog=%v/%v/%v", pid, gen, strings.Join(addrs, ","), wd, wdOn, wdErr)
 	if gen == 0 && os.Getenv(envTestSelfRestart) != "" {
 		// The program restarts itself: twice at once, to show that the
@@ -268,7 +266,7 @@ func testServer() int {
 		report("ended pid=%d err=%v", pid, err)
 		return 1
 	}
-	report("replaced pid=%d new=%d", pid, p.Pid)
+	report("replaced pid=%d new=%d", pid, p)
 	if fifo := os.Getenv(envTestLinger); fifo != "" {
 		report("draining pid=%d", pid)
 		waitFIFO(fifo)

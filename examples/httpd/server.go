@@ -102,20 +102,12 @@ func serve(listen, socket string, drain time.Duration, notifyReload, storeFDs bo
 	}
 	go watchdog(ctx, log)
 	if storeFDs {
-		// Once systemd knows this process as the main process: before
-		// that it would drop the message (StoreFDs returns ErrNotMain).
 		// Idempotent: systemd ignores an fd it stores already, so every
-		// generation may do it.
-		go func() {
-			select {
-			case <-shellflip.MainChan():
-			case <-r.Done():
-				return
-			}
-			if err := shellflip.StoreFDs(listenerName); err != nil {
-				log.Warn("cannot keep the listening socket in systemd's fd store", "err", err)
-			}
-		}()
+		// generation may do it. (Start has returned: this process is the
+		// main process, from which systemd takes messages.)
+		if err := shellflip.StoreFDs(listenerName); err != nil {
+			log.Warn("cannot keep the listening socket in systemd's fd store", "err", err)
+		}
 	}
 	served := make(chan error, 1)
 	go func() { served <- s.http.Serve(ln) }()
@@ -123,15 +115,11 @@ func serve(listen, socket string, drain time.Duration, notifyReload, storeFDs bo
 
 	p, err := r.Wait()
 	if err == nil {
-		log.Info("replaced by a new process; draining", "new_pid", p.Pid)
+		log.Info("replaced by a new process; draining", "new_pid", p)
 	} else {
 		log.Info("stopping; draining", "reason", err)
 		s.winding.Store(true)
-		if shellflip.IsMain() {
-			if n, nerr := shellflip.SystemdNotifier(); nerr == nil {
-				n.Send(shellflip.SdStopping())
-			}
-		}
+		shellflip.Notify("STOPPING=1")
 	}
 	// Serve returns once the listener is closed; every connection it
 	// accepted before that is tracked by then.

@@ -25,15 +25,10 @@ func watchdog(ctx context.Context, log *slog.Logger) {
 	if !enabled {
 		return
 	}
-	n, err := shellflip.SystemdNotifier()
-	if err != nil {
-		log.Warn("cannot ping systemd's watchdog", "err", err)
-		return
-	}
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		err := n.Send(shellflip.SdWatchdog())
+		err := shellflip.Notify("WATCHDOG=1")
 		if errors.Is(err, shellflip.ErrNotMain) {
 			return
 		}

@@ -81,8 +81,9 @@ func main() {
 // outcome.
 func requestRestart(socket string) int {
 	// The answer comes once the new process is ready, which the server
-	// allows DefaultReadyTimeout for; give it a little longer than that.
-	ctx, cancel := context.WithTimeout(context.Background(), shellflip.DefaultReadyTimeout+10*time.Second)
+	// allows a minute (Config.ReadyTimeout's default); give it a little
+	// longer than that.
+	ctx, cancel := context.WithTimeout(context.Background(), 70*time.Second)
 	defer cancel()
 	pid, err := shellflip.RequestRestart(ctx, socket)
 	if err != nil {
@@ -106,6 +107,9 @@ func serve(socket, listen string, maxGen uint) int {
 	// which declares this process ready and discards what was not taken.
 	gen, err := receiveGeneration()
 	if err != nil {
+		// The old process fails the restart with this reason, and keeps
+		// serving.
+		shellflip.GiveUp(err)
 		log.Error("cannot take over from the old process", "err", err)
 		return 1
 	}
@@ -180,7 +184,7 @@ func serve(socket, listen string, maxGen uint) int {
 		log.Error("restarts are no longer possible", "err", err)
 		code = 1
 	} else {
-		log.Info("restart successful, waiting for clients to leave", "new_pid", p.Pid, "clients", coord.Active())
+		log.Info("restart successful, waiting for clients to leave", "new_pid", p, "clients", coord.Active())
 	}
 	coord.Shutdown(context.Background())
 	log.Info("exiting")

@@ -1,0 +1,249 @@
+//go:build linux || darwin || freebsd
+
+package shellflip
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// This file starts the new process and watches it, on every platform: what
+// to run and where, the thread that forks, and the child's wait and kill.
+// spawn_linux.go and spawn_other.go hold what differs between platforms.
+
+// startedAs records, at initialisation, what a restart runs and where.
+var startedAs struct {
+	program string      // the running program's path; "" if it cannot be found
+	dir     string      // the working directory
+	dirInfo os.FileInfo // the working directory's, to tell a later chdir
+}
+
+func recordStart() {
+	startedAs.dir, _ = os.Getwd()
+	startedAs.dirInfo, _ = os.Stat(".")
+	startedAs.program = findProgram(os.Args[0])
+}
+
+// findProgram returns the path that restarts run: the path this process
+// was started from (argv0, resolved as the shell or service manager
+// resolved it), so that a deploy that replaces the file there is picked up,
+// but only if it names the running executable now, at initialisation. A
+// parent may set argv0 to anything (exec -a, systemd's ExecStart=@), and a
+// bare name is never looked for in the working directory; otherwise the
+// path the running executable was started from.
+func findProgram(argv0 string) string {
+	exe, err := os.Executable()
+	if err != nil {
+		return ""
+	}
+	self, err := os.Stat(exe)
+	if err != nil {
+		return exe
+	}
+	path := argv0
+	if !strings.Contains(path, "/") {
+		path = lookPath(path)
+	} else if !filepath.IsAbs(path) {
+		path = filepath.Join(startedAs.dir, path)
+	}
+	if fi, err := os.Stat(path); err == nil && os.SameFile(fi, self) {
+		return path
+	}
+	return exe
+}
+
+// lookPath finds file in $PATH as a shell (and os/exec, which the library
+// does not use) would, or returns "".
+func lookPath(file string) string {
+	for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
+		p := filepath.Join(dir, file)
+		if !filepath.IsAbs(p) {
+			p = filepath.Join(startedAs.dir, p)
+		}
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
+			return p
+		}
+	}
+	return ""
+}
+
+// program returns the path of the program to start, given Config.Path, and
+// the directory to start it in ("": this process's, which it has not left).
+func program(configured string) (path, dir string, err error) {
+	if fi, err := os.Stat("."); err != nil || startedAs.dirInfo == nil || !os.SameFile(fi, startedAs.dirInfo) {
+		// The program has changed directory since: go back, as a fresh
+		// start would be, and say so if that is impossible.
+		if _, err := os.Stat(startedAs.dir); err != nil {
+			return "", "", fmt.Errorf("the directory this process started in: %w", err)
+		}
+		dir = startedAs.dir
+	}
+	if configured != "" {
+		if !filepath.IsAbs(configured) {
+			configured = filepath.Join(startedAs.dir, configured)
+		}
+		return configured, dir, nil
+	}
+	path = startedAs.program
+	fi, err := os.Stat(path)
+	switch {
+	case err == nil && !fi.Mode().IsRegular():
+		return "", "", fmt.Errorf("%s is a %v, not a program", path, fi.Mode().Type())
+	case err == nil && fi.Mode().Perm()&0o111 == 0:
+		// A deploy that is not finished: restarting the running
+		// executable instead would report success and run the old code.
+		return "", "", fmt.Errorf("%s is not executable (mode %v)", path, fi.Mode().Perm())
+	case err == nil:
+		return path, dir, nil
+	case path != "" && !errors.Is(err, os.ErrNotExist):
+		return "", "", err
+	}
+	// Gone (a binary that "go run" built and removed): run the running
+	// executable, which on Linux /proc/self/exe reaches even when its file
+	// was deleted. (os.Executable names the file, which may be gone.)
+	if runtime.GOOS == "linux" && unix.Access("/proc/self/exe", unix.X_OK) == nil {
+		return "/proc/self/exe", dir, nil
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return "", "", fmt.Errorf("no executable at %q, and the running one cannot be found: %w", path, err)
+	}
+	return exe, dir, nil
+}
+
+// spawner forks from one goroutine locked to its own OS thread, the
+// counterpart of shellflip's dedicated restart thread. See the package
+// documentation for what that buys under seccomp.
+type spawner struct {
+	reqs  chan spawnRequest
+	reply chan spawnResult
+}
+
+type spawnRequest struct {
+	path      string
+	argv, env []string
+	dir       string
+	files     []uintptr
+}
+
+type spawnResult struct {
+	pid int
+	err error
+}
+
+func newSpawner() *spawner {
+	s := &spawner{reqs: make(chan spawnRequest), reply: make(chan spawnResult)}
+	go func() {
+		// Never unlocked: when the goroutine returns, the runtime ends the
+		// thread instead of reusing it for other goroutines.
+		runtime.LockOSThread()
+		for q := range s.reqs {
+			pid, err := forkExec(q.path, q.argv, q.env, q.dir, q.files)
+			s.reply <- spawnResult{pid, err}
+		}
+	}()
+	return s
+}
+
+func (s *spawner) spawn(path string, argv, env []string, dir string, files []uintptr) (int, error) {
+	s.reqs <- spawnRequest{path, argv, env, dir, files}
+	res := <-s.reply
+	return res.pid, res.err
+}
+
+func (s *spawner) close() { close(s.reqs) }
+
+// forkExec starts path with exactly files as its fds (child fd i is parent fd
+// files[i]; the runtime's fork code clears close-on-exec on those and only
+// those). It runs on the spawner's locked thread. golang.org/x/sys/unix has
+// no ForkExec of its own: syscall.ForkExec is the runtime's raw fork/exec,
+// which takes syscall.ForkLock so that no fd created without close-on-exec
+// by another goroutine can slip into the child.
+//
+// No Pdeathsig: the new process must outlive the old one, and the signal
+// would follow the forking thread, not the process (golang/go#27505). No new
+// session or process group either: the new process stands where the old one
+// stood, in its session, process group and cgroup.
+func forkExec(path string, argv, env []string, dir string, files []uintptr) (int, error) {
+	return syscall.ForkExec(path, argv, &syscall.ProcAttr{Dir: dir, Env: env, Files: files})
+}
+
+// childWatch is the new process, seen from the old one: a goroutine runs
+// waitChild (spawn_linux.go, spawn_other.go), which reaps it exactly once,
+// then closes done; kill never reaches a stranger that was given the pid.
+type childWatch struct {
+	pid  int
+	done chan struct{} // closed once the child has exited and was reaped
+	mu   sync.Mutex    // orders kill against the reaping wait4
+	gone bool          // reaped: the pid may belong to someone else now
+	ws   unix.WaitStatus
+}
+
+// kill sends SIGKILL unless the child was already reaped.
+func (c *childWatch) kill() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.gone {
+		unix.Kill(c.pid, unix.SIGKILL)
+	}
+}
+
+// killed reports whether the child died of SIGKILL; valid after done.
+func (c *childWatch) killed() bool { return c.ws.Signaled() && c.ws.Signal() == unix.SIGKILL }
+
+// status describes how the child ended, as os.ProcessState does; valid
+// after done.
+func (c *childWatch) status() string {
+	switch ws := c.ws; {
+	case ws.Exited():
+		return "exit status " + strconv.Itoa(ws.ExitStatus())
+	case ws.Signaled():
+		s := "signal: " + ws.Signal().String()
+		if ws.CoreDump() {
+			s += " (core dumped)"
+		}
+		return s
+	}
+	return fmt.Sprintf("wait status %#x", uint32(c.ws))
+}
+
+// ignoringEINTR calls fn until it fails with something other than EINTR.
+// Go's runtime installs its signal handlers with SA_RESTART, but some
+// system calls (and seccomp or ptrace stops) still return EINTR; see
+// os/file_posix.go.
+func ignoringEINTR[T any](fn func() (T, error)) (T, error) {
+	for {
+		v, err := fn()
+		if err != unix.EINTR {
+			return v, err
+		}
+	}
+}
+
+// closeFD closes *fd if it is open and marks it closed (-1).
+func closeFD(fd *int) {
+	if *fd >= 0 {
+		unix.Close(*fd)
+		*fd = -1
+	}
+}
+
+// pollableFile wraps fd, which the caller owns and gives up, in an *os.File
+// that the runtime poller serves, so that deadlines work and Close unblocks
+// a pending Read or Write.
+func pollableFile(fd int, name string) (*os.File, error) {
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, os.NewSyscallError("setnonblock", err)
+	}
+	return os.NewFile(uintptr(fd), name), nil
+}
