@@ -574,6 +574,69 @@ func benchRawHandover(attr *syscall.ProcAttr, state []byte) error {
 	return err
 }
 
+// The new process's claims (fdpass.go).
+
+// BenchmarkClaim is a new process claiming what it inherited: one op is one
+// Listen of a name that the registry holds as inherited, with N such names
+// in the registry (fds=N). Duplicates of listeners of this process stand in
+// for the inherited fds: the same kind of socket, non-blocking as the old
+// process's are. Every claimed listener is kept until all N are claimed,
+// as a server keeps them; then they are closed and the registry emptied,
+// outside the timer, for the next round.
+func BenchmarkClaim(b *testing.B) {
+	for _, n := range []int{1, 1000} {
+		b.Run("fds="+strconv.Itoa(n), func(b *testing.B) {
+			benchNoFile(b, 3*uint64(n)+256)
+			if names := Names(); len(names) != 0 {
+				b.Fatalf("the fd registry is not empty: %q", names)
+			}
+			addrs := benchAddrs(n)
+			socks := make([]net.Listener, n)
+			for i, addr := range addrs {
+				ln, err := net.Listen("tcp", addr)
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.Cleanup(func() { ln.Close() })
+				socks[i] = ln
+			}
+			inh := make([]inheritedFD, n)
+			lns := make([]net.Listener, 0, n)
+			b.ReportAllocs()
+			b.ResetTimer()
+			b.StopTimer()
+			for done := 0; done < b.N; {
+				for i, ln := range socks {
+					fd, err := dupConn(ln.(syscall.Conn))
+					if err != nil {
+						b.Fatal(err)
+					}
+					inh[i] = inheritedFD{name: ListenerName("tcp", addrs[i]), fd: fd}
+				}
+				adoptInherited(inh)
+				m := min(n, b.N-done)
+				b.StartTimer()
+				for _, addr := range addrs[:m] {
+					ln, err := Listen("tcp", addr)
+					if err != nil {
+						b.Fatal(err)
+					}
+					lns = append(lns, ln)
+				}
+				b.StopTimer()
+				done += m
+				for _, ln := range lns {
+					ln.Close()
+				}
+				lns = lns[:0]
+				for _, f := range inh {
+					Remove(f.name)
+				}
+			}
+		})
+	}
+}
+
 // The control-socket protocol (wire.go).
 
 // wireBenchText is a 200-byte RestartFailed text without escapes.
