@@ -56,6 +56,13 @@ func (e *fdEntry) close() {
 var fdreg struct {
 	mu      sync.Mutex
 	entries []*fdEntry
+	// byName indexes entries[:indexed] by name, the first entry of each
+	// name, for lookupEntry: a new process that claims a thousand
+	// listeners one by one would otherwise compare half a million names.
+	// Entries are only ever appended, so lookupEntry brings it up to date;
+	// whatever deletes entries sets it to nil.
+	byName  map[string]*fdEntry
+	indexed int
 }
 
 // adoptInherited puts the fds of the LISTEN_FDS block into the registry.
@@ -68,13 +75,19 @@ func adoptInherited(fds []inheritedFD) {
 	}
 }
 
+// lookupEntry returns the first entry named name, or nil.
 func lookupEntry(name string) *fdEntry {
-	for _, e := range fdreg.entries {
-		if e.name == name {
-			return e
+	if fdreg.byName == nil {
+		fdreg.byName = make(map[string]*fdEntry, len(fdreg.entries))
+		fdreg.indexed = 0
+	}
+	for _, e := range fdreg.entries[fdreg.indexed:] {
+		if _, ok := fdreg.byName[e.name]; !ok {
+			fdreg.byName[e.name] = e
 		}
 	}
-	return nil
+	fdreg.indexed = len(fdreg.entries)
+	return fdreg.byName[name]
 }
 
 // ListenerName returns the name under which Listen and ListenPacket register
@@ -324,6 +337,7 @@ func Remove(name string) bool {
 	}
 	fdreg.entries[i].close()
 	fdreg.entries = slices.Delete(fdreg.entries, i, i+1)
+	fdreg.byName = nil
 	return true
 }
 
@@ -358,6 +372,7 @@ func closeUnclaimed() {
 		}
 		return true
 	})
+	fdreg.byName = nil
 	closeFDs(unclaimed)
 }
 
