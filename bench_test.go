@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -64,8 +65,9 @@ import (
 // process in its timed region (<kind>-oldcpu-sec/op: every thread, the
 // runtime's included) and of its new process from exec to exit
 // (<kind>-newcpu-sec/op); each benchmark reports the ratios of the wall
-// times (call/floor: 1.10 is 10% slower than the floor). The built-in
-// sec/op, which would be the sum of the kinds, is suppressed. On a machine
+// times (call/floor: 1.10 is 10% slower than the floor), the median of the
+// iterations' own ratios (benchRatio). The built-in sec/op, which would be
+// the sum of the kinds, is suppressed. On a machine
 // shared with other work the wall time waits for CPUs that others hold; the
 // CPU times suffer far less from that, and say where the work is.
 //
@@ -313,7 +315,8 @@ func benchReap(pid int) error {
 type benchKind struct {
 	name                 string
 	run                  func(*benchTimer) error
-	wall, oldCPU, newCPU time.Duration // totals over b.N iterations
+	wall, oldCPU, newCPU time.Duration   // totals over b.N iterations
+	walls                []time.Duration // each iteration's
 }
 
 // benchTimer runs the benchmark's timer, which only decides b.N, and
@@ -332,7 +335,9 @@ func (t *benchTimer) start() {
 }
 
 func (t *benchTimer) stop() {
-	t.k.wall += time.Since(t.t0)
+	d := time.Since(t.t0)
+	t.k.wall += d
+	t.k.walls = append(t.k.walls, d)
 	t.k.oldCPU += benchRusage(unix.RUSAGE_SELF) - t.cpu0
 	t.b.StopTimer()
 }
@@ -363,9 +368,16 @@ func benchAlternate(b *testing.B, kinds ...*benchKind) {
 	}
 }
 
-// benchRatio reports the ratio of two kinds' wall times, as "a/c".
+// benchRatio reports the ratio of two kinds' wall times, as "a/c": the
+// median over the iterations of each iteration's ratio, which a stall in a
+// few iterations does not move, as it moves the times themselves.
 func benchRatio(b *testing.B, a, c *benchKind) {
-	b.ReportMetric(a.wall.Seconds()/c.wall.Seconds(), a.name+"/"+c.name)
+	r := make([]float64, len(a.walls))
+	for i := range r {
+		r[i] = a.walls[i].Seconds() / c.walls[i].Seconds()
+	}
+	slices.Sort(r)
+	b.ReportMetric(r[len(r)/2], a.name+"/"+c.name)
 }
 
 // benchRusage returns the user and system time of who (RUSAGE_SELF or

@@ -40,9 +40,10 @@ package compare
 // run, their ratios hold still. Each kind reports its wall time
 // (<kind>-sec/op), the CPU time of this process in its timed region
 // (<kind>-oldcpu-sec/op, every thread) and of its new process from exec to
-// exit (<kind>-newcpu-sec/op); the ratios of wall times are
-// tableflip/shellflip, shellflip/floor and (claim=all) shellflip/net. The
-// built-in sec/op, which would be the sum of the kinds, is suppressed.
+// exit (<kind>-newcpu-sec/op); the ratios of wall times, the median of the
+// iterations' own ratios, are tableflip/shellflip, shellflip/floor and
+// (claim=all) shellflip/net. The built-in sec/op, which would be the sum of
+// the kinds, is suppressed.
 //
 // Why the release pipe: neither library may see its new process exit
 // before it has taken that process for its successor. shellflip fails a
@@ -88,6 +89,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"syscall"
 	"testing"
@@ -285,7 +287,8 @@ func BenchmarkUpgradeToReady(b *testing.B) {
 type kind struct {
 	name                 string
 	run                  func(*timer) error
-	wall, oldCPU, newCPU time.Duration // totals over b.N iterations
+	wall, oldCPU, newCPU time.Duration   // totals over b.N iterations
+	walls                []time.Duration // each iteration's
 }
 
 // timer runs the benchmark's timer, which only decides b.N, and accounts
@@ -304,7 +307,9 @@ func (t *timer) start() {
 }
 
 func (t *timer) stop() {
-	t.k.wall += time.Since(t.t0)
+	d := time.Since(t.t0)
+	t.k.wall += d
+	t.k.walls = append(t.k.walls, d)
 	t.k.oldCPU += rusage(unix.RUSAGE_SELF) - t.cpu0
 	t.b.StopTimer()
 }
@@ -343,9 +348,16 @@ func alternate(b *testing.B, claimed int, kinds ...*kind) {
 	}
 }
 
-// ratio reports the ratio of two kinds' wall times, as "a/c".
+// ratio reports the ratio of two kinds' wall times, as "a/c": the median
+// over the iterations of each iteration's ratio, which a stall in a few
+// iterations does not move, as it moves the times themselves.
 func ratio(b *testing.B, a, c *kind) {
-	b.ReportMetric(a.wall.Seconds()/c.wall.Seconds(), a.name+"/"+c.name)
+	r := make([]float64, len(a.walls))
+	for i := range r {
+		r[i] = a.walls[i].Seconds() / c.walls[i].Seconds()
+	}
+	slices.Sort(r)
+	b.ReportMetric(r[len(r)/2], a.name+"/"+c.name)
 }
 
 // floorKind is the floor, or with role "net" the floor whose child claims
