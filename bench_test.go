@@ -4,6 +4,7 @@ package shellflip
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -61,15 +62,16 @@ import (
 // that no longer serves them. The floor passes the same fds to a child that
 // ignores them.
 //
-// Each kind reports its wall time (<kind>-sec/op), the CPU time of this
+// Each kind reports its wall time (<kind>-sec/op: the median iteration's,
+// which a stall in a few iterations does not move), the CPU time of this
 // process in its timed region (<kind>-oldcpu-sec/op: every thread, the
 // runtime's included) and of its new process from exec to exit
 // (<kind>-newcpu-sec/op); each benchmark reports the ratios of the wall
 // times (call/floor: 1.10 is 10% slower than the floor), the median of the
 // iterations' own ratios (benchRatio). The built-in sec/op, which would be
-// the sum of the kinds, is suppressed. On a machine
-// shared with other work the wall time waits for CPUs that others hold; the
-// CPU times suffer far less from that, and say where the work is.
+// the sum of the kinds, is suppressed. On a machine shared with other work
+// the wall time waits for CPUs that others hold; the CPU times suffer far
+// less from that, and say where the work is.
 //
 // Run them with
 //
@@ -313,10 +315,10 @@ func benchReap(pid int) error {
 // that is timed, and returns once its new process was reaped, so that the
 // process's CPU time is counted for this kind.
 type benchKind struct {
-	name                 string
-	run                  func(*benchTimer) error
-	wall, oldCPU, newCPU time.Duration   // totals over b.N iterations
-	walls                []time.Duration // each iteration's
+	name           string
+	run            func(*benchTimer) error
+	walls          []time.Duration // each iteration's wall time
+	oldCPU, newCPU time.Duration   // totals over b.N iterations
 }
 
 // benchTimer runs the benchmark's timer, which only decides b.N, and
@@ -335,9 +337,7 @@ func (t *benchTimer) start() {
 }
 
 func (t *benchTimer) stop() {
-	d := time.Since(t.t0)
-	t.k.wall += d
-	t.k.walls = append(t.k.walls, d)
+	t.k.walls = append(t.k.walls, time.Since(t.t0))
 	t.k.oldCPU += benchRusage(unix.RUSAGE_SELF) - t.cpu0
 	t.b.StopTimer()
 }
@@ -362,7 +362,7 @@ func benchAlternate(b *testing.B, kinds ...*benchKind) {
 	b.ReportMetric(0, "ns/op")
 	n := float64(b.N)
 	for _, k := range kinds {
-		b.ReportMetric(float64(k.wall.Nanoseconds())/n, k.name+"-ns/op")
+		b.ReportMetric(float64(benchMedian(k.walls)), k.name+"-ns/op")
 		b.ReportMetric(float64(k.oldCPU.Nanoseconds())/n, k.name+"-oldcpu-ns/op")
 		b.ReportMetric(float64(k.newCPU.Nanoseconds())/n, k.name+"-newcpu-ns/op")
 	}
@@ -376,8 +376,14 @@ func benchRatio(b *testing.B, a, c *benchKind) {
 	for i := range r {
 		r[i] = a.walls[i].Seconds() / c.walls[i].Seconds()
 	}
-	slices.Sort(r)
-	b.ReportMetric(r[len(r)/2], a.name+"/"+c.name)
+	b.ReportMetric(benchMedian(r), a.name+"/"+c.name)
+}
+
+// benchMedian returns the median of v (the upper one of an even count),
+// leaving v as it was.
+func benchMedian[T cmp.Ordered](v []T) T {
+	s := slices.Sorted(slices.Values(v))
+	return s[len(s)/2]
 }
 
 // benchRusage returns the user and system time of who (RUSAGE_SELF or
@@ -544,7 +550,7 @@ func BenchmarkHandover(b *testing.B) {
 	benchAlternate(b, kPipe, kLib)
 	benchRatio(b, kLib, kPipe)
 	for _, k := range []*benchKind{kPipe, kLib} {
-		b.ReportMetric(float64(benchStateSize)*float64(b.N)/k.wall.Seconds()/1e6, k.name+"-MB/s")
+		b.ReportMetric(float64(benchStateSize)/benchMedian(k.walls).Seconds()/1e6, k.name+"-MB/s")
 	}
 }
 

@@ -38,12 +38,13 @@ package compare
 // with another kind each time, so that whatever else loads the machine
 // loads all kinds alike: on a noisy machine the times move from run to
 // run, their ratios hold still. Each kind reports its wall time
-// (<kind>-sec/op), the CPU time of this process in its timed region
-// (<kind>-oldcpu-sec/op, every thread) and of its new process from exec to
-// exit (<kind>-newcpu-sec/op); the ratios of wall times, the median of the
-// iterations' own ratios, are tableflip/shellflip, shellflip/floor and
-// (claim=all) shellflip/net. The built-in sec/op, which would be the sum of
-// the kinds, is suppressed.
+// (<kind>-sec/op: the median iteration's, which a stall in a few
+// iterations does not move), the CPU time of this process in its timed
+// region (<kind>-oldcpu-sec/op, every thread) and of its new process from
+// exec to exit (<kind>-newcpu-sec/op); the ratios of wall times, the median
+// of the iterations' own ratios, are tableflip/shellflip, shellflip/floor
+// and (claim=all) shellflip/net. The built-in sec/op, which would be the
+// sum of the kinds, is suppressed.
 //
 // Why the release pipe: neither library may see its new process exit
 // before it has taken that process for its successor. shellflip fails a
@@ -81,6 +82,7 @@ package compare
 // command line.
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -285,10 +287,10 @@ func BenchmarkUpgradeToReady(b *testing.B) {
 // timed, and returns once its new process was reaped, so that the process's
 // CPU time is counted for this kind.
 type kind struct {
-	name                 string
-	run                  func(*timer) error
-	wall, oldCPU, newCPU time.Duration   // totals over b.N iterations
-	walls                []time.Duration // each iteration's
+	name           string
+	run            func(*timer) error
+	walls          []time.Duration // each iteration's wall time
+	oldCPU, newCPU time.Duration   // totals over b.N iterations
 }
 
 // timer runs the benchmark's timer, which only decides b.N, and accounts
@@ -307,9 +309,7 @@ func (t *timer) start() {
 }
 
 func (t *timer) stop() {
-	d := time.Since(t.t0)
-	t.k.wall += d
-	t.k.walls = append(t.k.walls, d)
+	t.k.walls = append(t.k.walls, time.Since(t.t0))
 	t.k.oldCPU += rusage(unix.RUSAGE_SELF) - t.cpu0
 	t.b.StopTimer()
 }
@@ -342,7 +342,7 @@ func alternate(b *testing.B, claimed int, kinds ...*kind) {
 	b.ReportMetric(0, "ns/op")
 	n := float64(b.N)
 	for _, k := range kinds {
-		b.ReportMetric(float64(k.wall.Nanoseconds())/n, k.name+"-ns/op")
+		b.ReportMetric(float64(median(k.walls)), k.name+"-ns/op")
 		b.ReportMetric(float64(k.oldCPU.Nanoseconds())/n, k.name+"-oldcpu-ns/op")
 		b.ReportMetric(float64(k.newCPU.Nanoseconds())/n, k.name+"-newcpu-ns/op")
 	}
@@ -356,8 +356,14 @@ func ratio(b *testing.B, a, c *kind) {
 	for i := range r {
 		r[i] = a.walls[i].Seconds() / c.walls[i].Seconds()
 	}
-	slices.Sort(r)
-	b.ReportMetric(r[len(r)/2], a.name+"/"+c.name)
+	b.ReportMetric(median(r), a.name+"/"+c.name)
+}
+
+// median returns the median of v (the upper one of an even count), leaving
+// v as it was.
+func median[T cmp.Ordered](v []T) T {
+	s := slices.Sorted(slices.Values(v))
+	return s[len(s)/2]
 }
 
 // floorKind is the floor, or with role "net" the floor whose child claims
