@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -2203,7 +2204,8 @@ func TestFDPassNameRules(t *testing.T) {
 // package's dup would set it non-blocking), a socket of another type or
 // family, a stream socket that is not listening. What fits is claimed, and
 // claimed again. No fd leaks from a refusal. The fds are registered with
-// Add in this process; a claim of an inherited fd takes the same path.
+// Add in this process; a claim of an inherited fd takes the same path, and
+// one that was refused is closed by Ready.
 func TestFDPassClaimKinds(t *testing.T) {
 	fdpassWarmUp(t)
 	before := countFDs(t)
@@ -2291,15 +2293,59 @@ func TestFDPassClaimKinds(t *testing.T) {
 			}
 		}
 		Remove(name)
+		fdpassNoStaleFile(t, "Remove")
 	}
 	if fl, err := unix.FcntlInt(uintptr(p[0]), unix.F_GETFL, 0); err != nil || fl&unix.O_NONBLOCK != 0 {
 		t.Errorf("the pipe's flags after refused claims: %#x, %v; want it left blocking", fl, err)
 	}
+
+	// An inherited listener whose claim was refused stays unclaimed, and
+	// Ready closes it (closeUnclaimed), through the file its claim
+	// wrapped it in.
+	fd, err := dupConn(tcp4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := fmt.Sprintf("fdpass-kinds-refused-%d", time.Now().UnixNano())
+	adoptInherited([]inheritedFD{{name: name, fd: fd}})
+	if l, err := ListenNamed(name, nil, "unix", ""); err == nil {
+		l.Close()
+		t.Errorf("a tcp4 listener claimed as unix")
+	}
+	closeUnclaimed()
+	if slices.Contains(Names(), name) {
+		t.Errorf("%q still registered after closeUnclaimed", name)
+		Remove(name)
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err != unix.EBADF {
+		t.Errorf("fd %d after closeUnclaimed: %v, want it closed", fd, err)
+	}
+	fdpassNoStaleFile(t, "closeUnclaimed")
+
 	for _, c := range closers {
 		c.Close()
 	}
 	closers = nil
 	if after := countFDs(t); after != before {
 		t.Errorf("%d fds open before, %d after", before, after)
+	}
+}
+
+// fdpassNoStaleFile checks that what the registry closed, after what, it
+// closed through the *os.File that wrapped it, if any: otherwise that
+// file's finalizer closes the fd again once the file is garbage, whatever
+// holds the number by then, here a file opened at once, which takes the
+// lowest free number.
+func fdpassNoStaleFile(t *testing.T, after string) {
+	t.Helper()
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	runtime.GC()
+	runtime.GC()
+	if _, err := f.Stat(); err != nil {
+		t.Errorf("a file opened after %s: %v; a finalizer closed its fd", after, err)
 	}
 }
