@@ -247,12 +247,14 @@ func getOrCreate(name string, want sockKind, create func() (syscall.Conn, error)
 			e.file = os.NewFile(uintptr(e.fd), name)
 		}
 		c, err := fromFile(e.file)
-		if err == nil && !want.fits(c) {
-			c.(io.Closer).Close()
-			err = fmt.Errorf("the inherited socket does not fit network %q", want.network)
-		}
 		if err != nil {
-			return nil, fmt.Errorf("shellflip: fd %q: %w", name, err)
+			// A socket of a family the net package does not know, say,
+			// or no fd left for the dup.
+			return nil, fmt.Errorf("shellflip: fd %q: claiming it for network %q: %w", name, want.network, err)
+		}
+		if !want.fits(c) {
+			c.(io.Closer).Close()
+			return nil, fmt.Errorf("shellflip: fd %q: the inherited socket does not fit network %q", name, want.network)
 		}
 		e.claimed = true
 		return c, nil
