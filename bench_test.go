@@ -78,6 +78,8 @@ import (
 //	go test -run '^$' -bench 'RestartToReady|Handover' -count 6 -benchtime 20x
 //
 // and compare with benchstat. They are fast enough for CI with -benchtime 3x.
+// BenchmarkClaim, further down, times the new process's claim of one
+// inherited listener alone; it wants more iterations (-benchtime 5000x).
 
 const (
 	// benchEnvSocket names the control socket for the new process's Start.
