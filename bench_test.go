@@ -4,12 +4,15 @@ package shellflip
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -20,8 +23,6 @@ import (
 )
 
 // A restart against its physical floor, and the state handover.
-
-// Benchmarks of a whole restart against its physical floor.
 //
 // Every benchmark here starts the test binary itself as the new process: the
 // re-executed binary sees $SHELLFLIP_TEST_ROLE in TestMain and runs one of
@@ -30,42 +31,62 @@ import (
 // environment and command line, so the differences between them are what
 // the library adds.
 //
-//	BenchmarkForkExecFloor   syscall.ForkExec, a one-byte pipe write, wait4:
-//	                         starting a Go binary and hearing from it, with
-//	                         no library code.
-//	BenchmarkRestartToReady  RequestRestart on the control socket, the
-//	                         spawn, the new process's Start (and so Ready),
-//	                         the handover, the response with the pid, and
-//	                         the reaping of the new process, which exits as
-//	                         soon as the old one has taken it for its
-//	                         successor (see benchReadyChild).
-//	BenchmarkHandover        64 MiB through Lifecycle.SendState and
-//	                         ReceiveState, against the same 64 MiB through a
-//	                         raw pipe between the same two processes.
+// Each benchmark compares kinds of start in one run: every iteration of its
+// b.N loop runs each kind once, in turn, and starts with another kind each
+// time, so that whatever else loads the machine loads all kinds alike. On a
+// noisy machine the times move from run to run; their ratio holds still.
 //
-// The fds=N sub-benchmarks pass N listening TCP sockets (on distinct
-// loopback addresses, so that cloudflare/tableflip, which keys listeners by
-// address, can be given the same set: see bench/compare). The new process
-// does not claim them: it closes them at Ready, as a new version that no
-// longer serves them would. The floor passes the same number of fds to a
-// child that ignores them, so fds=N against fds=N is the library's cost of
-// passing them.
+//	BenchmarkRestartToReady  floor:  syscall.ForkExec, a one-byte pipe
+//	                                 write, wait4: starting a Go binary and
+//	                                 hearing from it, with no library code.
+//	                         call:   Restarter.Restart: the spawn, the new
+//	                                 process's Start (and so Ready), the
+//	                                 handover, the pid, and the reaping of
+//	                                 the new process, which exits as soon as
+//	                                 the old one has taken it for its
+//	                                 successor (see benchReadyChild).
+//	                         socket: the same restart requested with
+//	                                 RequestRestart on the control socket,
+//	                                 answered with the new pid.
+//	BenchmarkHandover        pipe:   64 MiB through a raw pipe to a new
+//	                                 process;
+//	                         shellflip: the same 64 MiB through
+//	                                 Lifecycle.SendState and ReceiveState.
 //
-// Besides the wall time (sec/op), each reports the CPU time of the old
-// process in the timed region (oldcpu-us/op: every thread, the runtime's
-// included) and of the new process from exec to exit (newcpu-us/op). On a
-// machine shared with other work the wall time waits for CPUs that others
-// hold; the CPU times suffer far less from that, and say where the work is.
+// The claim=all/fds=N and claim=none/fds=N sub-benchmarks pass N listening
+// TCP sockets (on distinct loopback addresses, so that cloudflare/tableflip,
+// which keys listeners by address, can be given the same set: see
+// bench/compare). With claim=all the new process claims every one with
+// Listen before it calls Start, as a server does with what it serves. With
+// claim=none it claims none, and Ready closes them, as for a new version
+// that no longer serves them. The floor passes the same fds to a child that
+// ignores them.
+//
+// Each kind reports its wall time (<kind>-sec/op: the median iteration's,
+// which a stall in a few iterations does not move), the CPU time of this
+// process in its timed region (<kind>-oldcpu-sec/op: every thread, the
+// runtime's included) and of its new process from exec to exit
+// (<kind>-newcpu-sec/op); each benchmark reports the ratios of the wall
+// times (call/floor: 1.10 is 10% slower than the floor), the median of the
+// iterations' own ratios (benchRatio). The built-in sec/op, which would be
+// the sum of the kinds, is suppressed. On a machine shared with other work
+// the wall time waits for CPUs that others hold; the CPU times suffer far
+// less from that, and say where the work is.
 //
 // Run them with
 //
-//	go test -run '^$' -bench . -count 6 -benchtime 20x
+//	go test -run '^$' -bench 'RestartToReady|Handover' -count 6 -benchtime 20x
 //
 // and compare with benchstat. They are fast enough for CI with -benchtime 3x.
+// BenchmarkClaim, further down, times the new process's claim of one
+// inherited listener alone; it wants more iterations (-benchtime 5000x).
 
 const (
 	// benchEnvSocket names the control socket for the new process's Start.
 	benchEnvSocket = "SHELLFLIP_BENCH_SOCKET"
+	// benchEnvClaim is how many listeners of benchAddrs the new process
+	// claims.
+	benchEnvClaim = "SHELLFLIP_BENCH_CLAIM"
 	// benchEnvSize is the number of state bytes the new process must read.
 	benchEnvSize = "SHELLFLIP_BENCH_SIZE"
 
@@ -103,9 +124,10 @@ func benchFloorChild() int {
 	return 0
 }
 
-// benchReadyChild is the new process of BenchmarkRestartToReady: Start (which
-// takes over the control socket and calls Ready), then exit as soon as the
-// old process has taken it for its successor.
+// benchReadyChild is the new process of a restart: it claims the first
+// $SHELLFLIP_BENCH_CLAIM listeners of benchAddrs with Listen, calls Start
+// (which takes over the control socket and calls Ready), and exits as soon
+// as the old process has taken it for its successor.
 //
 // It cannot exit at once: a new process that exits is no successor, and
 // the old process, which watches for both its readiness byte and its exit,
@@ -115,10 +137,27 @@ func benchFloorChild() int {
 // arrives, which the old process sends once it has taken this process for
 // its successor (handOver).
 func benchReadyChild() int {
+	n, _ := strconv.Atoi(os.Getenv(benchEnvClaim))
+	if got := len(Names()); got < n {
+		// Listen would bind new sockets and the benchmark would
+		// measure that instead.
+		fmt.Fprintf(os.Stderr, "bench-ready: %d fds inherited, %d to claim\n", got, n)
+		return 1
+	}
+	lns := make([]net.Listener, 0, n)
+	for _, addr := range benchAddrs(n) {
+		ln, err := Listen("tcp", addr)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "bench-ready: %v\n", err)
+			return 1
+		}
+		lns = append(lns, ln)
+	}
 	if _, err := Start(context.Background(), Config{SocketPath: os.Getenv(benchEnvSocket)}); err != nil {
 		fmt.Fprintf(os.Stderr, "bench-ready: %v\n", err)
 		return 1
 	}
+	runtime.KeepAlive(lns) // a server serves them until it exits
 	return 0
 }
 
@@ -212,35 +251,16 @@ func benchNoFile(b *testing.B, need uint64) {
 	}
 }
 
-// benchRawListeners opens n TCP listeners with the net package alone and
-// returns their fds, valid until the benchmark ends.
-func benchRawListeners(b *testing.B, n int) []uintptr {
-	benchNoFile(b, uint64(n)+256)
-	fds := make([]uintptr, 0, n)
-	for _, addr := range benchAddrs(n) {
-		ln, err := net.Listen("tcp", addr)
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { ln.Close() })
-		rc, err := ln.(*net.TCPListener).SyscallConn()
-		if err != nil {
-			b.Fatal(err)
-		}
-		// The fd stays valid after Control returns because ln stays open
-		// until Cleanup; it is never used after that.
-		rc.Control(func(fd uintptr) { fds = append(fds, fd) })
-	}
-	return fds
-}
-
-// benchRegister registers n TCP listeners with Listen, to be passed at each
-// restart, and removes them from the registry when the benchmark ends.
-func benchRegister(b *testing.B, n int) {
+// benchRegister registers n TCP listeners on benchAddrs with Listen, to be
+// passed at each restart, and returns their fds for the floor to pass,
+// valid until the benchmark ends, when they are closed and removed from the
+// registry.
+func benchRegister(b *testing.B, n int) []uintptr {
 	benchNoFile(b, 2*uint64(n)+256) // the listener and the registry's duplicate
 	if names := Names(); len(names) != 0 {
 		b.Fatalf("the fd registry is not empty: %q", names)
 	}
+	fds := make([]uintptr, 0, n)
 	for _, addr := range benchAddrs(n) {
 		ln, err := Listen("tcp", addr)
 		if err != nil {
@@ -250,7 +270,15 @@ func benchRegister(b *testing.B, n int) {
 			ln.Close()
 			Remove(ListenerName("tcp", addr))
 		})
+		rc, err := ln.(*net.TCPListener).SyscallConn()
+		if err != nil {
+			b.Fatal(err)
+		}
+		// The fd stays valid after Control returns because ln stays open
+		// until Cleanup; it is never used after that.
+		rc.Control(func(fd uintptr) { fds = append(fds, fd) })
 	}
+	return fds
 }
 
 // benchEnv returns this process's environment with kv added.
@@ -283,38 +311,80 @@ func benchReap(pid int) error {
 	return nil
 }
 
-// benchClock runs the benchmark timer and accounts CPU time: this
-// process's while the timer runs, and that of the children reaped since
-// newBenchClock. The timer is stopped when newBenchClock returns.
-type benchClock struct {
-	b              *testing.B
-	old, oldMark   time.Duration
-	childrenAtZero time.Duration
+// benchKind is one of the things a benchmark compares. run does one
+// iteration: it calls start and stop of its benchTimer around the part
+// that is timed, and returns once its new process was reaped, so that the
+// process's CPU time is counted for this kind.
+type benchKind struct {
+	name           string
+	run            func(*benchTimer) error
+	walls          []time.Duration // each iteration's wall time
+	oldCPU, newCPU time.Duration   // totals over b.N iterations
 }
 
-func newBenchClock(b *testing.B) *benchClock {
-	b.ReportAllocs()
+// benchTimer runs the benchmark's timer, which only decides b.N, and
+// accounts the wall time and this process's CPU time to its kind.
+type benchTimer struct {
+	b    *testing.B
+	k    *benchKind
+	t0   time.Time
+	cpu0 time.Duration
+}
+
+func (t *benchTimer) start() {
+	t.b.StartTimer()
+	t.cpu0 = benchRusage(unix.RUSAGE_SELF)
+	t.t0 = time.Now()
+}
+
+func (t *benchTimer) stop() {
+	t.k.walls = append(t.k.walls, time.Since(t.t0))
+	t.k.oldCPU += benchRusage(unix.RUSAGE_SELF) - t.cpu0
+	t.b.StopTimer()
+}
+
+// benchAlternate runs b.N iterations of every kind: one of each per
+// iteration, iteration i starting with kind i mod len(kinds), so that no
+// kind always follows the same one. It reports each kind's times per
+// iteration, and suppresses ns/op, which would be their sum.
+func benchAlternate(b *testing.B, kinds ...*benchKind) {
 	b.ResetTimer()
 	b.StopTimer()
-	return &benchClock{b: b, childrenAtZero: benchRusage(unix.RUSAGE_CHILDREN)}
+	for i := range b.N {
+		for j := range kinds {
+			k := kinds[(i+j)%len(kinds)]
+			children := benchRusage(unix.RUSAGE_CHILDREN)
+			if err := k.run(&benchTimer{b: b, k: k}); err != nil {
+				b.Fatalf("%s: %v", k.name, err)
+			}
+			k.newCPU += benchRusage(unix.RUSAGE_CHILDREN) - children
+		}
+	}
+	b.ReportMetric(0, "ns/op")
+	n := float64(b.N)
+	for _, k := range kinds {
+		b.ReportMetric(float64(benchMedian(k.walls)), k.name+"-ns/op")
+		b.ReportMetric(float64(k.oldCPU.Nanoseconds())/n, k.name+"-oldcpu-ns/op")
+		b.ReportMetric(float64(k.newCPU.Nanoseconds())/n, k.name+"-newcpu-ns/op")
+	}
 }
 
-func (c *benchClock) start() {
-	c.b.StartTimer()
-	c.oldMark = benchRusage(unix.RUSAGE_SELF)
+// benchRatio reports the ratio of two kinds' wall times, as "a/c": the
+// median over the iterations of each iteration's ratio, which a stall in a
+// few iterations does not move, as it moves the times themselves.
+func benchRatio(b *testing.B, a, c *benchKind) {
+	r := make([]float64, len(a.walls))
+	for i := range r {
+		r[i] = a.walls[i].Seconds() / c.walls[i].Seconds()
+	}
+	b.ReportMetric(benchMedian(r), a.name+"/"+c.name)
 }
 
-func (c *benchClock) stop() {
-	c.old += benchRusage(unix.RUSAGE_SELF) - c.oldMark
-	c.b.StopTimer()
-}
-
-// report adds the CPU times per iteration; call it once every new process
-// was reaped.
-func (c *benchClock) report() {
-	n := float64(c.b.N)
-	c.b.ReportMetric(float64(c.old.Microseconds())/n, "oldcpu-us/op")
-	c.b.ReportMetric(float64((benchRusage(unix.RUSAGE_CHILDREN)-c.childrenAtZero).Microseconds())/n, "newcpu-us/op")
+// benchMedian returns the median of v (the upper one of an even count),
+// leaving v as it was.
+func benchMedian[T cmp.Ordered](v []T) T {
+	s := slices.Sorted(slices.Values(v))
+	return s[len(s)/2]
 }
 
 // benchRusage returns the user and system time of who (RUSAGE_SELF or
@@ -327,157 +397,160 @@ func benchRusage(who int) time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-// BenchmarkForkExecFloor is the floor of a restart: fork and exec the same
-// binary with the same command line and environment, wait for a byte it
-// writes as its first act, and reap it. The pipe is created inside the
-// timed region; the environment is built once, outside it.
-func BenchmarkForkExecFloor(b *testing.B) {
-	for _, n := range benchFDCounts {
-		b.Run("fds="+strconv.Itoa(n), func(b *testing.B) {
-			extra := benchRawListeners(b, n)
-			attr := &syscall.ProcAttr{
-				Env:   benchEnv(envTestRole + "=bench-floor"),
-				Files: append([]uintptr{0, 1, 2, 0}, extra...),
-			}
-			clk := newBenchClock(b)
-			clk.start()
-			for range b.N {
-				var p [2]int
-				if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
-					b.Fatal(err)
-				}
-				attr.Files[benchFloorFD] = uintptr(p[1])
-				pid, err := syscall.ForkExec(os.Args[0], os.Args, attr)
-				unix.Close(p[1])
-				if err != nil {
-					unix.Close(p[0])
-					b.Fatal(err)
-				}
-				err = benchWaitByte(p[0])
-				unix.Close(p[0])
-				if rerr := benchReap(pid); err == nil {
-					err = rerr
-				}
-				if err != nil {
-					b.Fatal(err)
-				}
-			}
-			clk.stop()
-			clk.report()
-		})
+// benchFloor is one iteration of the floor: fork and exec the same binary
+// with the same command line and environment as a restart, wait for the
+// byte it writes as its first act, and reap it. The pipe is created inside
+// the timed region; attr is built once, outside it.
+func benchFloor(t *benchTimer, attr *syscall.ProcAttr) error {
+	t.start()
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		return err
 	}
+	attr.Files[benchFloorFD] = uintptr(p[1])
+	pid, err := syscall.ForkExec(os.Args[0], os.Args, attr)
+	unix.Close(p[1])
+	if err != nil {
+		unix.Close(p[0])
+		return err
+	}
+	err = benchWaitByte(p[0])
+	unix.Close(p[0])
+	if rerr := benchReap(pid); err == nil {
+		err = rerr
+	}
+	t.stop()
+	return err
 }
 
-// benchRestarts runs b.N restarts of this process into a new process that
-// runs role. Each iteration calls Start (outside the timer: it binds the
-// control socket, replacing the stale one the previous new process left,
-// and starts the spawner's thread), then, timed: RequestRestart, Wait for
-// the Restarter to end (it closes the control socket and stops its
-// spawner thread after answering), and wait until the new process was
-// reaped. The timed region therefore also holds the control server's
-// goroutines, the allocations of the client and the server, and whatever
-// the runtime does concurrently (GC included).
-func benchRestarts(b *testing.B, role string, lc *Lifecycle) {
-	dir := b.TempDir()
-	sock := filepath.Join(dir, "ctl.sock")
-	cfg := Config{
-		SocketPath:   sock,
-		Env:          []string{envTestRole + "=" + role, benchEnvSocket + "=" + sock, benchEnvSize + "=" + strconv.Itoa(benchStateSize)},
-		ReadyTimeout: benchTimeout,
-		Lifecycle:    lc,
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*benchTimeout)
+// benchRestart is one restart of this process into a new one. It calls
+// Start outside the timer (Start binds the control socket, replacing the
+// stale one the previous new process left, and starts the spawner's
+// thread), then, timed: the request (Restarter.Restart, or RequestRestart
+// on the control socket if bySocket), Wait for the Restarter to end (it
+// closes the control socket and stops its spawner thread after
+// answering), and the wait until the new process was reaped. The timed
+// region therefore also holds the control server's goroutines, the
+// allocations of the client and the server, and whatever the runtime does
+// concurrently (GC included).
+func benchRestart(t *benchTimer, cfg Config, bySocket bool) error {
+	ctx, cancel := context.WithTimeout(context.Background(), benchTimeout)
 	defer cancel()
-	clk := newBenchClock(b)
-	for range b.N {
-		r, err := Start(context.Background(), cfg)
-		if err != nil {
-			b.Fatal(err)
-		}
-		clk.start()
-
-		pid, err := RequestRestart(ctx, sock)
-		if err != nil {
-			r.Stop()
-			b.Fatal(err)
-		}
-		newPid, err := r.Wait()
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := benchWaitExited(ctx, pid); err != nil {
-			b.Fatalf("new process %d: %v", pid, err)
-		}
-		clk.stop()
-
-		if newPid != pid {
-			b.Fatalf("RequestRestart answered pid %d, the Restarter reports %d", pid, newPid)
-		}
+	r, err := Start(ctx, cfg)
+	if err != nil {
+		return err
 	}
-	clk.report()
+	t.start()
+	var pid int
+	if bySocket {
+		pid, err = RequestRestart(ctx, cfg.SocketPath)
+	} else {
+		pid, err = r.Restart(ctx)
+	}
+	if err != nil {
+		r.Stop()
+		return err
+	}
+	newPid, err := r.Wait()
+	if err != nil {
+		return err
+	}
+	if err := benchWaitExited(ctx, pid); err != nil {
+		return fmt.Errorf("new process %d: %v", pid, err)
+	}
+	t.stop()
+	if newPid != pid {
+		return fmt.Errorf("the restart answered pid %d, the Restarter reports %d", pid, newPid)
+	}
+	return nil
 }
 
-// BenchmarkRestartToReady is a whole restart, from the request on the
-// control socket to the response with the new pid and the reaping of the
-// new process, which calls Start and exits once it is the main process
-// (benchReadyChild). See benchRestarts for what is inside the timer.
+// BenchmarkRestartToReady is a whole restart, from the request to the new
+// pid and the reaping of the new process, against the floor; see the top
+// of this file for the kinds, and benchRestart for what is inside the
+// timer.
 func BenchmarkRestartToReady(b *testing.B) {
-	for _, n := range benchFDCounts {
-		b.Run("fds="+strconv.Itoa(n), func(b *testing.B) {
-			benchRegister(b, n)
-			benchRestarts(b, "bench-ready", nil)
-		})
+	for _, claim := range []string{"all", "none"} {
+		for _, n := range benchFDCounts {
+			b.Run("claim="+claim+"/fds="+strconv.Itoa(n), func(b *testing.B) {
+				fds := benchRegister(b, n)
+				claimed := n
+				if claim == "none" {
+					claimed = 0
+				}
+				floor := &syscall.ProcAttr{
+					Env:   benchEnv(envTestRole + "=bench-floor"),
+					Files: append([]uintptr{0, 1, 2, 0}, fds...),
+				}
+				config := func(sock string) Config {
+					return Config{
+						SocketPath:   sock,
+						Env:          []string{envTestRole + "=bench-ready", benchEnvSocket + "=" + sock, benchEnvClaim + "=" + strconv.Itoa(claimed)},
+						ReadyTimeout: benchTimeout,
+					}
+				}
+				call, socket := config(""), config(filepath.Join(b.TempDir(), "ctl.sock"))
+				kFloor := &benchKind{name: "floor", run: func(t *benchTimer) error { return benchFloor(t, floor) }}
+				kCall := &benchKind{name: "call", run: func(t *benchTimer) error { return benchRestart(t, call, false) }}
+				kSocket := &benchKind{name: "socket", run: func(t *benchTimer) error { return benchRestart(t, socket, true) }}
+				benchAlternate(b, kFloor, kCall, kSocket)
+				benchRatio(b, kCall, kFloor)
+				benchRatio(b, kSocket, kFloor)
+			})
+		}
 	}
 }
 
 // BenchmarkHandover moves 64 MiB from the old process to the new one.
 //
-// via=raw-pipe: fork/exec the new process with a pipe at fd 3 (its buffer
-// set to 1 MiB, as the library sets the state pipe's) and an answer pipe at
-// fd 4; write the state with blocking writes, close, wait for the new
-// process's byte, which it writes once it has read everything, and reap it.
+// pipe: fork/exec the new process with a pipe at fd 3 (its buffer set to
+// 1 MiB, as the library sets the state pipe's) and an answer pipe at fd 4;
+// write the state with blocking writes, close, wait for the new process's
+// byte, which it writes once it has read everything, and reap it.
 //
-// via=shellflip: a restart as in BenchmarkRestartToReady whose SendState
-// writes the state in one Write, and whose new process reads it with
-// ReceiveState before it calls Start.
+// shellflip: a restart by Restarter.Restart, as in BenchmarkRestartToReady,
+// whose SendState writes the state in one Write, and whose new process
+// reads it with ReceiveState before it calls Start.
 //
-// Both readers read 1 MiB at a time. Both include the process start, so the
-// difference between the two is the library's whole cost (the restart's
-// overhead, as in BenchmarkRestartToReady against BenchmarkForkExecFloor,
-// plus its poller-driven pipe I/O) on top of the same copy.
+// Both readers read 1 MiB at a time. Both include the process start, so
+// the difference between the two is the library's whole cost (the
+// restart's overhead, as in BenchmarkRestartToReady, plus its
+// poller-driven pipe I/O) on top of the same copy. Besides the times, each
+// kind reports its throughput (<kind>-B/s).
 func BenchmarkHandover(b *testing.B) {
 	state := make([]byte, benchStateSize)
 	for i := range state {
 		state[i] = byte(i)
 	}
-	b.Run("via=raw-pipe", func(b *testing.B) {
-		attr := &syscall.ProcAttr{
-			Env:   benchEnv(envTestRole+"=bench-sink", benchEnvSize+"="+strconv.Itoa(benchStateSize)),
-			Files: []uintptr{0, 1, 2, 0, 0},
-		}
-		b.SetBytes(benchStateSize)
-		clk := newBenchClock(b)
-		clk.start()
-		for range b.N {
-			if err := benchRawHandover(attr, state); err != nil {
-				b.Fatal(err)
-			}
-		}
-		clk.stop()
-		clk.report()
-	})
-	b.Run("via=shellflip", func(b *testing.B) {
-		b.SetBytes(benchStateSize)
-		benchRestarts(b, "bench-state", &Lifecycle{
+	attr := &syscall.ProcAttr{
+		Env:   benchEnv(envTestRole+"=bench-sink", benchEnvSize+"="+strconv.Itoa(benchStateSize)),
+		Files: []uintptr{0, 1, 2, 0, 0},
+	}
+	cfg := Config{
+		Env:          []string{envTestRole + "=bench-state", benchEnvSize + "=" + strconv.Itoa(benchStateSize)},
+		ReadyTimeout: benchTimeout,
+		Lifecycle: &Lifecycle{
 			SendState: func(ctx context.Context, w io.Writer) error {
 				_, err := w.Write(state)
 				return err
 			},
-		})
-	})
+		},
+	}
+	kPipe := &benchKind{name: "pipe", run: func(t *benchTimer) error {
+		t.start()
+		err := benchRawHandover(attr, state)
+		t.stop()
+		return err
+	}}
+	kLib := &benchKind{name: "shellflip", run: func(t *benchTimer) error { return benchRestart(t, cfg, false) }}
+	benchAlternate(b, kPipe, kLib)
+	benchRatio(b, kLib, kPipe)
+	for _, k := range []*benchKind{kPipe, kLib} {
+		b.ReportMetric(float64(benchStateSize)/benchMedian(k.walls).Seconds()/1e6, k.name+"-MB/s")
+	}
 }
 
-// benchRawHandover is one iteration of BenchmarkHandover/via=raw-pipe.
+// benchRawHandover is one iteration of BenchmarkHandover's pipe.
 func benchRawHandover(attr *syscall.ProcAttr, state []byte) error {
 	var data, ack [2]int
 	if err := unix.Pipe2(data[:], unix.O_CLOEXEC); err != nil {
@@ -513,6 +586,69 @@ func benchRawHandover(attr *syscall.ProcAttr, state []byte) error {
 		err = rerr
 	}
 	return err
+}
+
+// The new process's claims (fdpass.go).
+
+// BenchmarkClaim is a new process claiming what it inherited: one op is one
+// Listen of a name that the registry holds as inherited, with N such names
+// in the registry (fds=N). Duplicates of listeners of this process stand in
+// for the inherited fds: the same kind of socket, non-blocking as the old
+// process's are. Every claimed listener is kept until all N are claimed,
+// as a server keeps them; then they are closed and the registry emptied,
+// outside the timer, for the next round.
+func BenchmarkClaim(b *testing.B) {
+	for _, n := range []int{1, 1000} {
+		b.Run("fds="+strconv.Itoa(n), func(b *testing.B) {
+			benchNoFile(b, 3*uint64(n)+256)
+			if names := Names(); len(names) != 0 {
+				b.Fatalf("the fd registry is not empty: %q", names)
+			}
+			addrs := benchAddrs(n)
+			socks := make([]net.Listener, n)
+			for i, addr := range addrs {
+				ln, err := net.Listen("tcp", addr)
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.Cleanup(func() { ln.Close() })
+				socks[i] = ln
+			}
+			inh := make([]inheritedFD, n)
+			lns := make([]net.Listener, 0, n)
+			b.ReportAllocs()
+			b.ResetTimer()
+			b.StopTimer()
+			for done := 0; done < b.N; {
+				for i, ln := range socks {
+					fd, err := dupConn(ln.(syscall.Conn))
+					if err != nil {
+						b.Fatal(err)
+					}
+					inh[i] = inheritedFD{name: ListenerName("tcp", addrs[i]), fd: fd}
+				}
+				adoptInherited(inh)
+				m := min(n, b.N-done)
+				b.StartTimer()
+				for _, addr := range addrs[:m] {
+					ln, err := Listen("tcp", addr)
+					if err != nil {
+						b.Fatal(err)
+					}
+					lns = append(lns, ln)
+				}
+				b.StopTimer()
+				done += m
+				for _, ln := range lns {
+					ln.Close()
+				}
+				lns = lns[:0]
+				for _, f := range inh {
+					Remove(f.name)
+				}
+			}
+		})
+	}
 }
 
 // The control-socket protocol (wire.go).

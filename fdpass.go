@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"net"
 	"os"
@@ -31,10 +32,24 @@ var ErrNameTaken = errors.New("shellflip: fd name already registered")
 // Ready. The program's net.Listener and friends hold duplicates of their
 // own, so closing those never closes what the next process inherits.
 type fdEntry struct {
-	name      string
-	fd        int
+	name string
+	fd   int
+	// file, once set, owns fd, and fd is closed through it. The net
+	// package makes a listener only from an *os.File, so the first claim
+	// of a socket wraps fd in one, and later claims reuse it (see
+	// getOrCreate).
+	file      *os.File
 	inherited bool // came from LISTEN_FDS
 	claimed   bool // the program asked for it by name
+}
+
+// close closes the registry's copy of the fd.
+func (e *fdEntry) close() {
+	if e.file != nil {
+		e.file.Close()
+		return
+	}
+	unix.Close(e.fd)
 }
 
 // fdreg is the process's registry. After Ready it holds no inherited fd
@@ -43,6 +58,13 @@ var fdreg struct {
 	mu      sync.Mutex
 	adopted bool // the inherited fds are in entries
 	entries []*fdEntry
+	// byName indexes entries[:indexed] by name, the first entry of each
+	// name, for lookupEntry: a new process that claims a thousand
+	// listeners one by one would otherwise compare half a million names.
+	// Entries are only ever appended, so lookupEntry brings it up to date;
+	// whatever deletes entries sets it to nil.
+	byName  map[string]*fdEntry
+	indexed int
 }
 
 // lockRegistry locks the registry. The first time, it puts the fds of the
@@ -57,13 +79,19 @@ func lockRegistry() {
 	}
 }
 
+// lookupEntry returns the first entry named name, or nil.
 func lookupEntry(name string) *fdEntry {
-	for _, e := range fdreg.entries {
-		if e.name == name {
-			return e
+	if fdreg.byName == nil {
+		fdreg.byName = make(map[string]*fdEntry, len(fdreg.entries))
+		fdreg.indexed = 0
+	}
+	for _, e := range fdreg.entries[fdreg.indexed:] {
+		if _, ok := fdreg.byName[e.name]; !ok {
+			fdreg.byName[e.name] = e
 		}
 	}
-	return nil
+	fdreg.indexed = len(fdreg.entries)
+	return fdreg.byName[name]
 }
 
 // ListenerName returns the name under which Listen and ListenPacket register
@@ -181,6 +209,29 @@ func ListenPacketNamed(name string, lc *net.ListenConfig, network, address strin
 // getOrCreate is the common part of ListenNamed and ListenPacketNamed:
 // claim the fd registered under name, or create a socket and register a
 // duplicate of it.
+//
+// A claim costs what the net package needs to make a listener of an fd,
+// and one syscall more: want.check, which tells a socket of the right sort
+// from any other fd before the net package touches it. The net package's
+// own report, the type of what it made and its address, says the rest
+// (want.fits). Claiming a TCP listener inherited non-blocking, as strace
+// shows it (fd 3 the registry's, 7 the new listener's):
+//
+//	getsockopt(3, SOL_SOCKET, SO_ACCEPTCONN, [1])  want.check
+//	fcntl(3, F_GETFL)                              os.NewFile, first claim only
+//	epoll_ctl(EPOLL_CTL_ADD, 3)                    os.NewFile, first claim only
+//	fcntl(3, F_DUPFD_CLOEXEC, 0) = 7               net.FileListener: the one dup
+//	fcntl(7, F_GETFL)                              (already non-blocking: no F_SETFL)
+//	getsockopt(7, SOL_SOCKET, SO_TYPE)
+//	getsockname(7)
+//	getpeername(7) = -1 ENOTCONN
+//	epoll_ctl(EPOLL_CTL_ADD, 7)                    the listener's, its only one
+//
+// Nine syscalls, seven for a name claimed before. os.NewFile registers a
+// non-blocking fd with the runtime's poller, and has no way not to; so the
+// registry wraps its copy once and keeps the file, rather than wrap a
+// duplicate at each claim and close it again (a dup, an EPOLL_CTL_DEL and
+// a close more per claim).
 func getOrCreate(name string, want sockKind, create func() (syscall.Conn, error),
 	fromFile func(*os.File) (syscall.Conn, error)) (syscall.Conn, error) {
 	if !fdnameValid(name) {
@@ -192,14 +243,22 @@ func getOrCreate(name string, want sockKind, create func() (syscall.Conn, error)
 		if err := want.check(e.fd); err != nil {
 			return nil, fmt.Errorf("shellflip: fd %q: %w", name, err)
 		}
-		f, err := dupFile(e.fd, name)
-		if err != nil {
-			return nil, err
+		if e.file == nil {
+			// Only fromFile calls Fd on this file, and that is safe: Fd
+			// switches a file to blocking mode only if os made it
+			// non-blocking itself, which os.NewFile never does
+			// (golang/go#29277).
+			e.file = os.NewFile(uintptr(e.fd), name)
 		}
-		defer f.Close()
-		c, err := fromFile(f)
+		c, err := fromFile(e.file)
 		if err != nil {
-			return nil, fmt.Errorf("shellflip: fd %q: %w", name, err)
+			// A socket of a family the net package does not know, say,
+			// or no fd left for the dup.
+			return nil, fmt.Errorf("shellflip: fd %q: claiming it for network %q: %w", name, want.network, err)
+		}
+		if !want.fits(c) {
+			c.(io.Closer).Close()
+			return nil, fmt.Errorf("shellflip: fd %q: the inherited socket does not fit network %q", name, want.network)
 		}
 		e.claimed = true
 		return c, nil
@@ -282,8 +341,9 @@ func Remove(name string) bool {
 	if i < 0 {
 		return false
 	}
-	unix.Close(fdreg.entries[i].fd)
+	fdreg.entries[i].close()
 	fdreg.entries = slices.Delete(fdreg.entries, i, i+1)
+	fdreg.byName = nil
 	return true
 }
 
@@ -311,9 +371,14 @@ func closeUnclaimed() {
 			return false
 		}
 		unlinkListenerPath(e.fd)
-		unclaimed = append(unclaimed, e.fd)
+		if e.file != nil {
+			e.close() // a claim of it was refused
+		} else {
+			unclaimed = append(unclaimed, e.fd)
+		}
 		return true
 	})
+	fdreg.byName = nil
 	closeFDs(unclaimed)
 }
 
@@ -386,79 +451,89 @@ func dupFile(fd int, name string) (*os.File, error) {
 // sockKind is what an inherited fd must be to serve a network.
 type sockKind struct {
 	network   string
-	typ       int
-	inet      bool // AF_INET or AF_INET6 (family 0: either)
-	family    int  // 0, unix.AF_INET, unix.AF_INET6 or unix.AF_UNIX
 	listening bool
 }
 
 func socketWant(network string, listener bool) (sockKind, error) {
-	k := sockKind{network: network, listening: listener}
+	ok := false
 	switch network {
-	case "tcp", "tcp4", "tcp6", "udp", "udp4", "udp6":
-		k.inet = true
-		k.typ = unix.SOCK_STREAM
-		if network[:3] == "udp" {
-			k.typ = unix.SOCK_DGRAM
-		}
-		switch network[len(network)-1] {
-		case '4':
-			k.family = unix.AF_INET
-		case '6':
-			k.family = unix.AF_INET6
-		}
-	case "unix":
-		k.family, k.typ = unix.AF_UNIX, unix.SOCK_STREAM
-	case "unixpacket":
-		k.family, k.typ = unix.AF_UNIX, unix.SOCK_SEQPACKET
-	case "unixgram":
-		k.family, k.typ = unix.AF_UNIX, unix.SOCK_DGRAM
+	case "tcp", "tcp4", "tcp6", "unix", "unixpacket":
+		ok = listener
+	case "udp", "udp4", "udp6", "unixgram":
+		ok = !listener
 	}
-	if k.typ == 0 || listener != (k.typ != unix.SOCK_DGRAM) {
+	if !ok {
 		kind := "packet conn"
 		if listener {
 			kind = "listener"
 		}
-		return k, fmt.Errorf("shellflip: network %q is not supported for a %s", network, kind)
+		return sockKind{}, fmt.Errorf("shellflip: network %q is not supported for a %s", network, kind)
 	}
-	return k, nil
+	return sockKind{network: network, listening: listener}, nil
 }
 
-// check verifies that fd is a socket of the wanted family and type, and
-// listening if a listener is wanted.
+// check verifies, with one syscall, that fd is a listening socket if a
+// listener is wanted, and a datagram socket otherwise. It runs before the
+// net package's dup sets the file description non-blocking, so that an fd
+// of another sort (a pipe, say) is refused untouched; and it is the one
+// thing about a listener that the net package does not look at.
 func (k sockKind) check(fd int) error {
-	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
-	if err != nil {
-		return fmt.Errorf("not a socket: %w", os.NewSyscallError("getsockopt SO_TYPE", err))
-	}
-	sa, err := unix.Getsockname(fd)
-	if err != nil {
-		return os.NewSyscallError("getsockname", err)
-	}
-	family := 0
-	switch sa.(type) {
-	case *unix.SockaddrInet4:
-		family = unix.AF_INET
-	case *unix.SockaddrInet6:
-		family = unix.AF_INET6
-	case *unix.SockaddrUnix:
-		family = unix.AF_UNIX
-	}
-	ok := typ == k.typ
-	if k.inet {
-		ok = ok && (family == unix.AF_INET || family == unix.AF_INET6) && (k.family == 0 || family == k.family)
-	} else {
-		ok = ok && family == k.family
-	}
-	if !ok {
-		return fmt.Errorf("the inherited socket does not fit network %q", k.network)
-	}
+	opt, name := unix.SO_TYPE, "getsockopt SO_TYPE"
 	if k.listening {
-		if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || v == 0 {
-			return fmt.Errorf("the inherited %s socket is not listening", k.network)
-		}
+		opt, name = unix.SO_ACCEPTCONN, "getsockopt SO_ACCEPTCONN"
+	}
+	v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, opt)
+	if err != nil {
+		return fmt.Errorf("the inherited fd does not fit network %q: %w", k.network, os.NewSyscallError(name, err))
+	}
+	// Non-zero, not 1: BSD kernels descended from 4.4BSD answer
+	// SO_ACCEPTCONN with the option's bit.
+	if k.listening && v == 0 {
+		return fmt.Errorf("the inherited socket does not fit network %q: it is not listening", k.network)
+	}
+	if !k.listening && v != unix.SOCK_DGRAM {
+		return fmt.Errorf("the inherited socket does not fit network %q: it is not a datagram socket", k.network)
 	}
 	return nil
+}
+
+// fits reports whether c, which the net package made of a socket that
+// passed check, serves network k.network. The net package read the
+// socket's type (SO_TYPE) and address (getsockname) to make c, and says
+// what it found in c's address: *net.TCPAddr for a stream socket of
+// AF_INET or AF_INET6, *net.UDPAddr for a datagram one, and a
+// *net.UnixAddr whose Net is "unix", "unixpacket" or "unixgram" for
+// AF_UNIX. The IP of an AF_INET address is 4 bytes long, of an AF_INET6
+// one 16, even when it holds an IPv4-mapped address (sockaddrToTCP in
+// net/tcpsock_posix.go), which tells tcp4 from tcp6.
+func (k sockKind) fits(c syscall.Conn) bool {
+	var a net.Addr
+	switch c := c.(type) {
+	case net.Listener:
+		a = c.Addr()
+	case net.PacketConn:
+		a = c.LocalAddr()
+	}
+	var ip net.IP
+	switch a := a.(type) {
+	case *net.UnixAddr:
+		return a.Net == k.network
+	case *net.TCPAddr:
+		ip = a.IP
+	case *net.UDPAddr:
+		ip = a.IP
+	default:
+		return false
+	}
+	switch k.network {
+	case a.Network():
+		return len(ip) == net.IPv4len || len(ip) == net.IPv6len
+	case a.Network() + "4":
+		return len(ip) == net.IPv4len
+	case a.Network() + "6":
+		return len(ip) == net.IPv6len
+	}
+	return false
 }
 
 // sealFDsWith marks every fd above stderr close-on-exec: with closeRange

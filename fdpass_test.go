@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -2193,5 +2194,158 @@ func TestFDPassNameRules(t *testing.T) {
 	}
 	if after := countFDs(t); after != before {
 		t.Errorf("%d fds open before, %d after", before, after)
+	}
+}
+
+// TestFDPassClaimKinds: a claim takes the kind of an fd from the net
+// package's report and one getsockopt of its own, and must still refuse
+// every fd that does not serve the network asked for, with an error that
+// names the network: a pipe (left in blocking mode: refused before the net
+// package's dup would set it non-blocking), a socket of another type or
+// family, a stream socket that is not listening. What fits is claimed, and
+// claimed again. No fd leaks from a refusal. The fds are registered with
+// Add in this process; a claim of an inherited fd takes the same path, and
+// one that was refused is closed by Ready.
+func TestFDPassClaimKinds(t *testing.T) {
+	fdpassWarmUp(t)
+	before := countFDs(t)
+	dir := t.TempDir()
+	var closers []io.Closer
+	defer func() {
+		for _, c := range closers {
+			c.Close()
+		}
+	}()
+	keep := func(c io.Closer, err error) syscall.Conn {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+		closers = append(closers, c)
+		return c.(syscall.Conn)
+	}
+	// Not os.Pipe, which sets the pipe non-blocking.
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	keep(os.NewFile(uintptr(p[1]), "w"), nil)
+	pipe := keep(os.NewFile(uintptr(p[0]), "r"), nil)
+	tcp4 := keep(net.Listen("tcp4", "127.0.0.1:0"))
+	peer := keep(net.Dial("tcp", tcp4.(net.Listener).Addr().String()))
+	udp4 := keep(net.ListenPacket("udp4", "127.0.0.1:0"))
+	unixStream := keep(net.Listen("unix", filepath.Join(dir, "s.sock")))
+	unixPacket := keep(net.Listen("unixpacket", filepath.Join(dir, "p.sock")))
+	unixgram := keep(net.ListenPacket("unixgram", filepath.Join(dir, "g.sock")))
+	type sock struct {
+		name string
+		c    syscall.Conn
+		fits []string // the networks it serves; every other is refused
+	}
+	socks := []sock{
+		{"pipe", pipe, nil},
+		{"tcp4", tcp4, []string{"tcp", "tcp4"}},
+		{"connected tcp", peer, nil},
+		{"udp4", udp4, []string{"udp", "udp4"}},
+		{"unix", unixStream, []string{"unix"}},
+		{"unixpacket", unixPacket, []string{"unixpacket"}},
+		{"unixgram", unixgram, []string{"unixgram"}},
+	}
+	if ok, _ := fdpassHaveIPv6(); ok {
+		tcp6 := keep(net.Listen("tcp6", "[::1]:0"))
+		udp6 := keep(net.ListenPacket("udp6", "[::1]:0"))
+		socks = append(socks, sock{"tcp6", tcp6, []string{"tcp", "tcp6"}}, sock{"udp6", udp6, []string{"udp", "udp6"}})
+	}
+	for _, s := range socks {
+		name := fmt.Sprintf("fdpass-kinds-%s-%d", s.name, time.Now().UnixNano())
+		if err := Add(name, s.c); err != nil {
+			t.Fatal(err)
+		}
+		for _, network := range []string{"tcp", "tcp4", "tcp6", "unix", "unixpacket", "udp", "udp4", "udp6", "unixgram"} {
+			// Twice: the first claim of a name wraps the registry's
+			// copy, the second reuses it.
+			for range 2 {
+				var c io.Closer
+				var err error
+				switch network {
+				case "udp", "udp4", "udp6", "unixgram":
+					c, err = ListenPacketNamed(name, nil, network, "")
+				default:
+					c, err = ListenNamed(name, nil, network, "")
+				}
+				if slices.Contains(s.fits, network) {
+					if err != nil {
+						t.Errorf("%s claimed as %s: %v", s.name, network, err)
+						continue
+					}
+					if _, ino, _ := fdpassInspect(c.(syscall.Conn)); ino == 0 {
+						t.Errorf("%s claimed as %s: no inode", s.name, network)
+					}
+					c.Close()
+					continue
+				}
+				if err == nil {
+					c.Close()
+					t.Errorf("%s claimed as %s: want it refused", s.name, network)
+				} else if !strings.Contains(err.Error(), strconv.Quote(network)) {
+					t.Errorf("%s claimed as %s: %v; want an error naming the network", s.name, network, err)
+				}
+			}
+		}
+		Remove(name)
+		fdpassNoStaleFile(t, "Remove")
+	}
+	if fl, err := unix.FcntlInt(uintptr(p[0]), unix.F_GETFL, 0); err != nil || fl&unix.O_NONBLOCK != 0 {
+		t.Errorf("the pipe's flags after refused claims: %#x, %v; want it left blocking", fl, err)
+	}
+
+	// An inherited listener whose claim was refused stays unclaimed, and
+	// Ready closes it (closeUnclaimed), through the file its claim
+	// wrapped it in.
+	fd, err := dupConn(tcp4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := fmt.Sprintf("fdpass-kinds-refused-%d", time.Now().UnixNano())
+	adoptInherited([]inheritedFD{{name: name, fd: fd}})
+	if l, err := ListenNamed(name, nil, "unix", ""); err == nil {
+		l.Close()
+		t.Errorf("a tcp4 listener claimed as unix")
+	}
+	closeUnclaimed()
+	if slices.Contains(Names(), name) {
+		t.Errorf("%q still registered after closeUnclaimed", name)
+		Remove(name)
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err != unix.EBADF {
+		t.Errorf("fd %d after closeUnclaimed: %v, want it closed", fd, err)
+	}
+	fdpassNoStaleFile(t, "closeUnclaimed")
+
+	for _, c := range closers {
+		c.Close()
+	}
+	closers = nil
+	if after := countFDs(t); after != before {
+		t.Errorf("%d fds open before, %d after", before, after)
+	}
+}
+
+// fdpassNoStaleFile checks that what the registry closed, after what, it
+// closed through the *os.File that wrapped it, if any: otherwise that
+// file's finalizer closes the fd again once the file is garbage, whatever
+// holds the number by then, here a file opened at once, which takes the
+// lowest free number.
+func fdpassNoStaleFile(t *testing.T, after string) {
+	t.Helper()
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	runtime.GC()
+	runtime.GC()
+	if _, err := f.Stat(); err != nil {
+		t.Errorf("a file opened after %s: %v; a finalizer closed its fd", after, err)
 	}
 }

@@ -741,3 +741,12 @@ func copyExecutable(src, dst string) error {
 	}
 	return os.WriteFile(dst, b, 0o755)
 }
+
+// adoptInherited puts fds into the registry as if they had been inherited.
+func adoptInherited(fds []inheritedFD) {
+	lockRegistry()
+	defer fdreg.mu.Unlock()
+	for _, f := range fds {
+		fdreg.entries = append(fdreg.entries, &fdEntry{name: f.name, fd: f.fd, inherited: true})
+	}
+}
