@@ -138,7 +138,7 @@ func benchFloorChild() int {
 // its successor (handOver).
 func benchReadyChild() int {
 	n, _ := strconv.Atoi(os.Getenv(benchEnvClaim))
-	if got := len(Names()); got < n {
+	if got := len(registryNames()); got < n {
 		// Listen would bind new sockets and the benchmark would
 		// measure that instead.
 		fmt.Fprintf(os.Stderr, "bench-ready: %d fds inherited, %d to claim\n", got, n)
@@ -257,7 +257,7 @@ func benchNoFile(b *testing.B, need uint64) {
 // registry.
 func benchRegister(b *testing.B, n int) []uintptr {
 	benchNoFile(b, 2*uint64(n)+256) // the listener and the registry's duplicate
-	if names := Names(); len(names) != 0 {
+	if names := registryNames(); len(names) != 0 {
 		b.Fatalf("the fd registry is not empty: %q", names)
 	}
 	fds := make([]uintptr, 0, n)
@@ -601,7 +601,7 @@ func BenchmarkClaim(b *testing.B) {
 	for _, n := range []int{1, 1000} {
 		b.Run("fds="+strconv.Itoa(n), func(b *testing.B) {
 			benchNoFile(b, 3*uint64(n)+256)
-			if names := Names(); len(names) != 0 {
+			if names := registryNames(); len(names) != 0 {
 				b.Fatalf("the fd registry is not empty: %q", names)
 			}
 			addrs := benchAddrs(n)

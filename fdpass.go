@@ -4,7 +4,6 @@ package shellflip
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"math"
@@ -23,9 +22,6 @@ import (
 // LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID set as systemd sets them, so fds
 // from a restart and fds from socket activation arrive the same way and join
 // the same registry under their names.
-
-// ErrNameTaken is returned when adding an fd under a name already in use.
-var ErrNameTaken = errors.New("shellflip: fd name already registered")
 
 // fdEntry is one named fd. The registry owns fd (a close-on-exec duplicate)
 // and closes it only in Remove or, for inherited fds nobody claimed, in
@@ -116,41 +112,49 @@ func ListenerName(network, address string) string {
 	return string(b)
 }
 
+// Listen is ListenConfig.Listen with the zero ListenConfig: a listener on
+// network and address registered under ListenerName(network, address).
+func Listen(network, address string) (net.Listener, error) {
+	return (&ListenConfig{}).Listen(context.Background(), network, address)
+}
+
+// ListenPacket is ListenConfig.ListenPacket with the zero ListenConfig.
+func ListenPacket(network, address string) (net.PacketConn, error) {
+	return (&ListenConfig{}).ListenPacket(context.Background(), network, address)
+}
+
+// ListenConfig makes listeners and packet sockets that are passed on at
+// every restart, as net.ListenConfig makes them, whose options (Control for
+// SO_REUSEPORT, KeepAlive, ...) apply when a socket is created here, not
+// when it was inherited.
+type ListenConfig struct {
+	net.ListenConfig
+
+	// Name is the socket's name in the registry, such as the
+	// FileDescriptorName= of a systemd socket unit; "" means
+	// ListenerName(network, address). Names are the registry's keys: if
+	// systemd passes several fds under one name (a socket unit with
+	// several Listen lines and one FileDescriptorName=), only the first
+	// can be claimed. Give each its own unit, or its own name.
+	Name string
+}
+
 // Listen returns a listener for network ("tcp", "tcp4", "tcp6", "unix" or
-// "unixpacket") and address, registered under ListenerName(network,
-// address). If this process inherited a listener of that name, from the old
-// process or from systemd, Listen returns it and binds nothing; otherwise it
-// creates one with net.Listen. Either way the listener is passed on at the
-// next restart. Inherited listeners must be claimed before Ready.
+// "unixpacket") and address. If this process inherited a socket of that
+// name, from the old process or from systemd, Listen returns a listener on
+// it and binds nothing; the socket must then be a listening socket of
+// network's kind. Otherwise it creates one. Either way the socket is passed
+// on at the next restart. Inherited sockets must be claimed before Start,
+// which closes those that were not. Asking again for a name already claimed
+// returns another listener on the same socket; address is then not looked
+// at.
 //
 // The caller owns the returned listener; closing it does not close the
 // registry's copy (see Remove). A unix listener never unlinks its socket
 // file on Close: the next process is still serving on it.
-func Listen(network, address string) (net.Listener, error) {
-	return ListenNamed(ListenerName(network, address), nil, network, address)
-}
-
-// ListenNamed is Listen with an explicit name, such as the FileDescriptorName=
-// of a systemd socket unit, and an optional ListenConfig (nil means the zero
-// ListenConfig) for options such as SO_REUSEPORT, applied only when the
-// listener is created here. An inherited fd of that name must be a listening
-// socket of network's kind. Asking again for a name already claimed returns
-// another listener on the same socket; address is then not looked at.
-//
-// Names are the registry's keys: if systemd passes several fds under one
-// name (a socket unit with several Listen lines and one
-// FileDescriptorName=), only the first can be claimed, and the others are
-// closed by Ready. Give each its own unit, or its own name.
-func ListenNamed(name string, lc *net.ListenConfig, network, address string) (net.Listener, error) {
-	want, err := socketWant(network, true)
-	if err != nil {
-		return nil, err
-	}
-	c, err := getOrCreate(name, want, func() (syscall.Conn, error) {
-		if lc == nil {
-			lc = &net.ListenConfig{}
-		}
-		l, err := lc.Listen(context.Background(), network, address)
+func (lc *ListenConfig) Listen(ctx context.Context, network, address string) (net.Listener, error) {
+	c, err := getOrCreate(lc.name(network, address), network, true, func() (syscall.Conn, error) {
+		l, err := lc.ListenConfig.Listen(ctx, network, address)
 		if err != nil {
 			return nil, err
 		}
@@ -173,22 +177,9 @@ func ListenNamed(name string, lc *net.ListenConfig, network, address string) (ne
 
 // ListenPacket is Listen for packet sockets: network "udp", "udp4", "udp6"
 // or "unixgram".
-func ListenPacket(network, address string) (net.PacketConn, error) {
-	return ListenPacketNamed(ListenerName(network, address), nil, network, address)
-}
-
-// ListenPacketNamed is ListenPacket with an explicit name and ListenConfig,
-// as ListenNamed.
-func ListenPacketNamed(name string, lc *net.ListenConfig, network, address string) (net.PacketConn, error) {
-	want, err := socketWant(network, false)
-	if err != nil {
-		return nil, err
-	}
-	c, err := getOrCreate(name, want, func() (syscall.Conn, error) {
-		if lc == nil {
-			lc = &net.ListenConfig{}
-		}
-		c, err := lc.ListenPacket(context.Background(), network, address)
+func (lc *ListenConfig) ListenPacket(ctx context.Context, network, address string) (net.PacketConn, error) {
+	c, err := getOrCreate(lc.name(network, address), network, false, func() (syscall.Conn, error) {
+		c, err := lc.ListenConfig.ListenPacket(ctx, network, address)
 		if err != nil {
 			return nil, err
 		}
@@ -204,6 +195,13 @@ func ListenPacketNamed(name string, lc *net.ListenConfig, network, address strin
 		return nil, err
 	}
 	return c.(net.PacketConn), nil
+}
+
+func (lc *ListenConfig) name(network, address string) string {
+	if lc.Name != "" {
+		return lc.Name
+	}
+	return ListenerName(network, address)
 }
 
 // getOrCreate is the common part of ListenNamed and ListenPacketNamed:
@@ -232,8 +230,12 @@ func ListenPacketNamed(name string, lc *net.ListenConfig, network, address strin
 // registry wraps its copy once and keeps the file, rather than wrap a
 // duplicate at each claim and close it again (a dup, an EPOLL_CTL_DEL and
 // a close more per claim).
-func getOrCreate(name string, want sockKind, create func() (syscall.Conn, error),
+func getOrCreate(name, network string, listener bool, create func() (syscall.Conn, error),
 	fromFile func(*os.File) (syscall.Conn, error)) (syscall.Conn, error) {
+	want, err := socketWant(network, listener)
+	if err != nil {
+		return nil, err
+	}
 	if !fdnameValid(name) {
 		return nil, fmt.Errorf("shellflip: %q is not a valid fd name (printable ASCII but ':', at most 255 bytes)", name)
 	}
@@ -276,16 +278,17 @@ func getOrCreate(name string, want sockKind, create func() (syscall.Conn, error)
 	return c, nil
 }
 
-// File returns a new *os.File for the fd registered under name, claiming it
-// if it was inherited, or (nil, nil) if there is none. Use it for fds that
-// are not listeners: connections, pipes, memfds, regular files. The caller
-// owns the returned file.
-func File(name string) (*os.File, error) {
+// FD returns a new *os.File for the fd registered under name, claiming it
+// if it was inherited (so that Start does not close it), or an error
+// wrapping os.ErrNotExist if there is none. Use it for fds that are not
+// listeners: connections (net.FileConn), pipes, memfds, regular files. The
+// caller owns the returned file.
+func FD(name string) (*os.File, error) {
 	lockRegistry()
 	defer fdreg.mu.Unlock()
 	e := lookupEntry(name)
 	if e == nil {
-		return nil, nil
+		return nil, fmt.Errorf("shellflip: no fd named %q: %w", name, os.ErrNotExist)
 	}
 	f, err := dupFile(e.fd, name)
 	if err != nil {
@@ -295,25 +298,10 @@ func File(name string) (*os.File, error) {
 	return f, nil
 }
 
-// Conn is File for a connected socket: it returns a net.Conn for the fd
-// registered under name, or (nil, nil) if there is none.
-func Conn(name string) (net.Conn, error) {
-	f, err := File(name)
-	if f == nil || err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	c, err := net.FileConn(f)
-	if err != nil {
-		return nil, fmt.Errorf("shellflip: fd %q: %w", name, err)
-	}
-	return c, nil
-}
-
 // Add registers a duplicate of c's fd under name, to be passed on at the
 // next restart. c is anything with a SyscallConn method: *os.File,
 // *net.TCPConn, *net.UnixListener and so on; the caller keeps ownership of
-// c. Add fails with ErrNameTaken if the name is in use.
+// c. If the name is in use, Add fails with an error wrapping os.ErrExist.
 func Add(name string, c syscall.Conn) error {
 	if !fdnameValid(name) {
 		return fmt.Errorf("shellflip: %q is not a valid fd name (printable ASCII but ':', at most 255 bytes)", name)
@@ -321,7 +309,7 @@ func Add(name string, c syscall.Conn) error {
 	lockRegistry()
 	defer fdreg.mu.Unlock()
 	if lookupEntry(name) != nil {
-		return fmt.Errorf("%w: %q", ErrNameTaken, name)
+		return fmt.Errorf("shellflip: fd name %q: %w", name, os.ErrExist)
 	}
 	fd, err := dupConn(c)
 	if err != nil {
@@ -347,21 +335,9 @@ func Remove(name string) bool {
 	return true
 }
 
-// Names lists the names in the registry, in the order the fds will be
-// passed on.
-func Names() []string {
-	lockRegistry()
-	defer fdreg.mu.Unlock()
-	names := make([]string, len(fdreg.entries))
-	for i, e := range fdreg.entries {
-		names[i] = e.name
-	}
-	return names
-}
-
 // closeUnclaimed closes the inherited fds the program did not claim, and
 // unlinks the socket file of such a unix listener, since no one serves on it
-// any more. Called by Ready.
+// any more. Called by Start.
 func closeUnclaimed() {
 	lockRegistry()
 	defer fdreg.mu.Unlock()
@@ -571,22 +547,17 @@ func sealFDsWith(closeRange func() error, dir string) error {
 // through LISTEN_FDS and LISTEN_FDNAMES, and with them joins the registry
 // under the same names. The unit needs FileDescriptorStoreMax= large enough.
 // Without $NOTIFY_SOCKET it does nothing. systemd ignores an fd it already
-// stores, so storing again after a restart is harmless. A process started
-// by a restart gets ErrNotMain until it is the main process: wait for
-// MainChan first.
+// stores, so storing again after a restart is harmless. It returns
+// ErrNotMain where Notify does. (To take an fd out of the store:
+// Notify("FDSTOREREMOVE=1", "FDNAME="+name).)
 func StoreFDs(names ...string) error {
-	return sendRegistryFDs(names, true)
-}
-
-// UnstoreFDs removes the fds stored under names from systemd's fd store
-// (FDSTOREREMOVE=1). The registry keeps its own copies.
-func UnstoreFDs(names ...string) error {
-	return sendRegistryFDs(names, false)
-}
-
-func sendRegistryFDs(names []string, store bool) error {
-	n, err := SystemdNotifier()
-	if err != nil || !n.Enabled() {
+	notifyMu.RLock()
+	defer notifyMu.RUnlock()
+	if err := mayNotify(); err != nil {
+		return err
+	}
+	n, err := processNotifier()
+	if err != nil || !n.enabled() {
 		return err
 	}
 	lockRegistry()
@@ -598,16 +569,10 @@ func sendRegistryFDs(names []string, store bool) error {
 	}
 	for _, name := range names {
 		e := lookupEntry(name)
-		if !store {
-			if err := n.Send(SdFDStoreRemove(name)); err != nil {
-				return err
-			}
-			continue
-		}
 		if e == nil {
-			return fmt.Errorf("shellflip: no fd named %q in the registry", name)
+			return fmt.Errorf("shellflip: no fd named %q: %w", name, os.ErrNotExist)
 		}
-		if err := n.SendFDs([]int{e.fd}, SdFDStore(name)); err != nil {
+		if err := n.send(context.Background(), []int{e.fd}, "FDSTORE=1", "FDNAME="+name); err != nil {
 			return fmt.Errorf("shellflip: storing fd %q: %w", name, err)
 		}
 	}

@@ -481,7 +481,7 @@ func fdpassRole() int {
 	if err != nil {
 		return fdpassFail("%v", err)
 	}
-	inheritedNames := Names()
+	inheritedNames := registryNames()
 	order := make([]int, len(specs))
 	for i := range order {
 		order[i] = i
@@ -498,12 +498,12 @@ func fdpassRole() int {
 		}
 		desc, c, err := fdpassClaim(sp, gen)
 		if err != nil {
-			return fdpassFail("%s: %v (registry %q)", sp, err, Names())
+			return fdpassFail("%s: %v (registry %q)", sp, err, registryNames())
 		}
 		descs[i] = desc
 		held = append(held, c)
 	}
-	socks := []string{"gen", strconv.Itoa(gen), "inherited", strings.Join(inheritedNames, ":"), "names", strings.Join(Names(), ":")}
+	socks := []string{"gen", strconv.Itoa(gen), "inherited", strings.Join(inheritedNames, ":"), "names", strings.Join(registryNames(), ":")}
 	for i, d := range descs {
 		socks = append(socks, "s"+strconv.Itoa(i), d)
 	}
@@ -541,7 +541,7 @@ func fdpassRole() int {
 	}
 	return fdpassServe(gen, fdpassTail{
 		afterStart: afterStart,
-		ready:      func() []string { return []string{"names", strings.Join(Names(), ":")} },
+		ready:      func() []string { return []string{"names", strings.Join(registryNames(), ":")} },
 		retire: func() {
 			// Close everything this process holds, listeners included:
 			// closing them must neither unlink a socket file nor stop the
@@ -571,7 +571,7 @@ func fdpassClaim(sp fdpassSpec, gen int) (string, io.Closer, error) {
 		if sp.name == "-" {
 			ln, err = Listen(sp.network, sp.address)
 		} else {
-			ln, err = ListenNamed(sp.name, nil, sp.network, sp.address)
+			ln, err = listenNamed(sp.name, nil, sp.network, sp.address)
 		}
 		if err != nil {
 			return "", nil, err
@@ -584,7 +584,7 @@ func fdpassClaim(sp fdpassSpec, gen int) (string, io.Closer, error) {
 		if sp.name == "-" {
 			pc, err = ListenPacket(sp.network, sp.address)
 		} else {
-			pc, err = ListenPacketNamed(sp.name, nil, sp.network, sp.address)
+			pc, err = listenPacketNamed(sp.name, nil, sp.network, sp.address)
 		}
 		if err != nil {
 			return "", nil, err
@@ -610,8 +610,8 @@ func fdpassClaim(sp fdpassSpec, gen int) (string, io.Closer, error) {
 			if err := Add(name, conn.(syscall.Conn)); err != nil {
 				return "", nil, err
 			}
-		} else if conn, err = Conn(name); err != nil || conn == nil {
-			return "", nil, fmt.Errorf("Conn(%q) = %v, %v", name, conn, err)
+		} else if conn, err = fdConn(name); err != nil || conn == nil {
+			return "", nil, fmt.Errorf("fdConn(%q) = %v, %v", name, conn, err)
 		}
 		go func() {
 			sc := bufio.NewScanner(conn)
@@ -631,7 +631,7 @@ func fdpassClaim(sp fdpassSpec, gen int) (string, io.Closer, error) {
 			if err := Add(name, f); err != nil {
 				return "", nil, err
 			}
-		} else if f, err = File(name); err != nil || f == nil {
+		} else if f, err = FD(name); err != nil || f == nil {
 			return "", nil, fmt.Errorf("File(%q) = %v, %v", name, f, err)
 		}
 		fi, err := f.Stat()
@@ -853,7 +853,7 @@ func fdpassHaveIPv6() (bool, error) {
 // listeners (tcp, tcp4, tcp6, unix, unixpacket), packet conns (udp,
 // unixgram), a connected TCP socket (Add/Conn), a fifo and a regular file
 // (Add/File). Each generation must hold the same socket or open file (same
-// inode, same address), under the same name, with Names() in the order of
+// inode, same address), under the same name, with registryNames() in the order of
 // generation 0 although generation 1 claims in reverse order; sockets stay
 // non-blocking; and what the test sends after a restart reaches the new
 // process: a greeting from each listener, each datagram, data on the
@@ -1005,7 +1005,7 @@ func fdpassWantRecv(t *testing.T, c *testCluster, pid string, gen int, name, dat
 // TestFDPassListenEnv checks LISTEN_* as a process started by a restart
 // observes them:
 //   - as execve passed them (/proc/self/environ): LISTEN_FDS the number of
-//     fds, LISTEN_FDNAMES their names in the old process's Names() order,
+//     fds, LISTEN_FDNAMES their names in the old process's registryNames() order,
 //     joined by ':' (sd_listen_fds_with_names(3)), and LISTEN_PID either
 //     this pid or "auto", the placeholder the library documents (the old
 //     process cannot know the pid before the fork); never the old pid;
@@ -1535,11 +1535,11 @@ func fdpassHookRole() int {
 		}
 		return serr
 	}}
-	ln, err := ListenNamed("hook-tcp", lc, "tcp", "127.0.0.1:0")
+	ln, err := listenNamed("hook-tcp", lc, "tcp", "127.0.0.1:0")
 	if err != nil {
 		return fdpassFail("listen: %v", err)
 	}
-	pc, err := ListenPacketNamed("hook-udp", lc, "udp", "127.0.0.1:0")
+	pc, err := listenPacketNamed("hook-udp", lc, "udp", "127.0.0.1:0")
 	if err != nil {
 		return fdpassFail("listen packet: %v", err)
 	}
@@ -1641,7 +1641,7 @@ func fdpassManyRole() int {
 	name := func(i int) string { return fmt.Sprintf("many%04d", i) }
 	addr := func(i int) string { return fmt.Sprintf("@%s-%04d", tag, i) }
 	bad := ""
-	names := Names()
+	names := registryNames()
 	if gen > 0 && len(names) != fdpassManyN {
 		bad = fmt.Sprintf("inherited %d names", len(names))
 	}
@@ -1650,7 +1650,7 @@ func fdpassManyRole() int {
 			bad = fmt.Sprintf("name %d is %q", i, names[i])
 			break
 		}
-		ln, err := ListenNamed(name(i), nil, "unix", addr(i))
+		ln, err := listenNamed(name(i), nil, "unix", addr(i))
 		if err != nil {
 			bad = fmt.Sprintf("%s: %v", name(i), err)
 			break
@@ -1666,7 +1666,7 @@ func fdpassManyRole() int {
 		ln.Close()
 	}
 	return fdpassServe(gen, fdpassTail{
-		ready: func() []string { return []string{"n", strconv.Itoa(len(Names())), "bad", bad} },
+		ready: func() []string { return []string{"n", strconv.Itoa(len(registryNames())), "bad", bad} },
 	})
 }
 
@@ -1710,7 +1710,7 @@ func TestFDPassThousand(t *testing.T) {
 // Ready, and whether a fresh Listen works.
 func fdpassHostileRole() int {
 	v := url.Values{}
-	v.Set("names", strings.Join(Names(), ":"))
+	v.Set("names", strings.Join(registryNames(), ":"))
 	v.Set("main", fdpassListenEnv(os.LookupEnv).Encode())
 	fds := map[int]fdpassFD{}
 	for fd, id := range fdpassAtInit.fds {
@@ -1735,7 +1735,7 @@ func fdpassHostileRole() int {
 		if name == "" {
 			continue
 		}
-		ln, err := ListenNamed(name, nil, "tcp", "127.0.0.1:0")
+		ln, err := listenNamed(name, nil, "tcp", "127.0.0.1:0")
 		if err != nil {
 			v.Set("claim"+strconv.Itoa(i), "error: "+err.Error())
 			continue
@@ -2006,7 +2006,7 @@ func TestFDPassListenTwice(t *testing.T) {
 	if l1.Addr().String() != l2.Addr().String() || ino1 != ino2 {
 		t.Errorf("second Listen: %s inode %d, first %s inode %d; want the same socket", l2.Addr(), ino2, l1.Addr(), ino1)
 	}
-	if n := fdpassCount(Names(), name); n != 1 {
+	if n := fdpassCount(registryNames(), name); n != 1 {
 		t.Errorf("%q registered %d times", name, n)
 	}
 	fdpassAcceptOne(t, l2, "unix", path)
@@ -2020,10 +2020,10 @@ func TestFDPassListenTwice(t *testing.T) {
 	} else {
 		conn.Close()
 	}
-	if _, err := ListenPacketNamed(name, nil, "unixgram", path); err == nil {
+	if _, err := listenPacketNamed(name, nil, "unixgram", path); err == nil {
 		t.Errorf("ListenPacketNamed under a stream listener's name succeeded")
 	}
-	if _, err := ListenNamed(name, nil, "tcp", "127.0.0.1:0"); err == nil {
+	if _, err := listenNamed(name, nil, "tcp", "127.0.0.1:0"); err == nil {
 		t.Errorf("ListenNamed tcp under a unix listener's name succeeded")
 	}
 	if !Remove(name) || Remove(name) {
@@ -2036,11 +2036,11 @@ func TestFDPassListenTwice(t *testing.T) {
 	// ListenNamed twice with different addresses: the second address is
 	// not looked at.
 	tname := fmt.Sprintf("fdpass-twice-%d", time.Now().UnixNano())
-	t1, err := ListenNamed(tname, nil, "tcp", "127.0.0.1:0")
+	t1, err := listenNamed(tname, nil, "tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t2, err := ListenNamed(tname, nil, "tcp", "127.0.0.1:1")
+	t2, err := listenNamed(tname, nil, "tcp", "127.0.0.1:1")
 	if err != nil {
 		t.Fatalf("second ListenNamed with another address: %v", err)
 	}
@@ -2104,7 +2104,7 @@ func fdpassWarmUp(t *testing.T) {
 // characters, non-ASCII, over 255 bytes) are refused by ListenNamed,
 // ListenPacketNamed and Add without creating anything; ListenerName encodes
 // an address so that it is always a valid name; Add refuses a name in use
-// with ErrNameTaken without leaking its duplicate; unknown names give
+// with os.ErrExist without leaking its duplicate; unknown names give
 // (nil, nil) from File and Conn; networks of the wrong kind are refused.
 func TestFDPassNameRules(t *testing.T) {
 	fdpassWarmUp(t)
@@ -2117,18 +2117,18 @@ func TestFDPassNameRules(t *testing.T) {
 	defer devnull.Close()
 	before++ // devnull
 	for _, bad := range []string{"a:b", ":", "tab\there", "new\nline", "del\x7f", "caf\u00e9", strings.Repeat("x", 256)} {
-		if ln, err := ListenNamed(bad, nil, "tcp", "127.0.0.1:0"); err == nil {
+		if ln, err := listenNamed(bad, nil, "tcp", "127.0.0.1:0"); err == nil {
 			ln.Close()
-			t.Errorf("ListenNamed(%q) succeeded", bad)
+			t.Errorf("listenNamed(%q) succeeded", bad)
 		}
-		if pc, err := ListenPacketNamed(bad, nil, "udp", "127.0.0.1:0"); err == nil {
+		if pc, err := listenPacketNamed(bad, nil, "udp", "127.0.0.1:0"); err == nil {
 			pc.Close()
-			t.Errorf("ListenPacketNamed(%q) succeeded", bad)
+			t.Errorf("listenPacketNamed(%q) succeeded", bad)
 		}
-		if err := Add(bad, devnull); err == nil || errors.Is(err, ErrNameTaken) {
+		if err := Add(bad, devnull); err == nil || errors.Is(err, os.ErrExist) {
 			t.Errorf("Add(%q) = %v, want an invalid-name error", bad, err)
 		}
-		if slices.Contains(Names(), bad) {
+		if slices.Contains(registryNames(), bad) {
 			t.Errorf("%q registered", bad)
 			Remove(bad)
 		}
@@ -2137,10 +2137,10 @@ func TestFDPassNameRules(t *testing.T) {
 	if err := Add(longest, devnull); err != nil {
 		t.Errorf("Add of a 255-byte name: %v", err)
 	}
-	if err := Add(longest, devnull); !errors.Is(err, ErrNameTaken) {
-		t.Errorf("second Add(%q) = %v, want ErrNameTaken", longest, err)
+	if err := Add(longest, devnull); !errors.Is(err, os.ErrExist) {
+		t.Errorf("second Add(%q) = %v, want os.ErrExist", longest, err)
 	}
-	f, err := File(longest)
+	f, err := FD(longest)
 	if err != nil || f == nil {
 		t.Errorf("File(%q) = %v, %v", longest, f, err)
 	} else {
@@ -2158,21 +2158,18 @@ func TestFDPassNameRules(t *testing.T) {
 	if want := "unix/" + strings.NewReplacer(":", "%3A", "%", "%25").Replace(path); name != want {
 		t.Errorf("ListenerName = %q, want %q", name, want)
 	}
-	if !slices.Contains(Names(), name) {
-		t.Errorf("%q not in the registry %q", name, Names())
+	if !slices.Contains(registryNames(), name) {
+		t.Errorf("%q not in the registry %q", name, registryNames())
 	}
-	if err := Add(name, devnull); !errors.Is(err, ErrNameTaken) {
-		t.Errorf("Add under a listener's name = %v, want ErrNameTaken", err)
+	if err := Add(name, devnull); !errors.Is(err, os.ErrExist) {
+		t.Errorf("Add under a listener's name = %v, want os.ErrExist", err)
 	}
 	ln.Close()
 	Remove(name)
 
 	unknown := fmt.Sprintf("fdpass-unknown-%d", time.Now().UnixNano())
-	if f, err := File(unknown); f != nil || err != nil {
-		t.Errorf("File(unknown) = %v, %v; want nil, nil", f, err)
-	}
-	if c, err := Conn(unknown); c != nil || err != nil {
-		t.Errorf("Conn(unknown) = %v, %v; want nil, nil", c, err)
+	if f, err := FD(unknown); f != nil || !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("FD(unknown) = %v, %v; want an error wrapping os.ErrNotExist", f, err)
 	}
 	closed, _ := os.Open(os.DevNull)
 	closed.Close()
@@ -2269,9 +2266,9 @@ func TestFDPassClaimKinds(t *testing.T) {
 				var err error
 				switch network {
 				case "udp", "udp4", "udp6", "unixgram":
-					c, err = ListenPacketNamed(name, nil, network, "")
+					c, err = listenPacketNamed(name, nil, network, "")
 				default:
-					c, err = ListenNamed(name, nil, network, "")
+					c, err = listenNamed(name, nil, network, "")
 				}
 				if slices.Contains(s.fits, network) {
 					if err != nil {
@@ -2308,12 +2305,12 @@ func TestFDPassClaimKinds(t *testing.T) {
 	}
 	name := fmt.Sprintf("fdpass-kinds-refused-%d", time.Now().UnixNano())
 	adoptInherited([]inheritedFD{{name: name, fd: fd}})
-	if l, err := ListenNamed(name, nil, "unix", ""); err == nil {
+	if l, err := listenNamed(name, nil, "unix", ""); err == nil {
 		l.Close()
 		t.Errorf("a tcp4 listener claimed as unix")
 	}
 	closeUnclaimed()
-	if slices.Contains(Names(), name) {
+	if slices.Contains(registryNames(), name) {
 		t.Errorf("%q still registered after closeUnclaimed", name)
 		Remove(name)
 	}

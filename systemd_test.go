@@ -146,7 +146,7 @@ func init() {
 // status 3 right after its early report, before Ready.
 func systemdServiceRole() int {
 	pid := os.Getpid()
-	names := Names()
+	names := registryNames()
 	n, err := SystemdNotifier()
 	if err != nil {
 		report("error pid=%d notifier: %v", pid, err)

@@ -174,7 +174,7 @@ func testServer() int {
 		} else {
 			ln, err := Listen(network, address)
 			if err != nil {
-				report("error pid=%d listen: %v (registry: %q)", pid, err, Names())
+				report("error pid=%d listen: %v (registry: %q)", pid, err, registryNames())
 				return 1
 			}
 			a = ln.Addr()
@@ -749,4 +749,42 @@ func adoptInherited(fds []inheritedFD) {
 	for _, f := range fds {
 		fdreg.entries = append(fdreg.entries, &fdEntry{name: f.name, fd: f.fd, inherited: true})
 	}
+}
+
+// listenNamed and listenPacketNamed claim or create a socket under name.
+func listenNamed(name string, lc *net.ListenConfig, network, address string) (net.Listener, error) {
+	c := ListenConfig{Name: name}
+	if lc != nil {
+		c.ListenConfig = *lc
+	}
+	return c.Listen(context.Background(), network, address)
+}
+
+func listenPacketNamed(name string, lc *net.ListenConfig, network, address string) (net.PacketConn, error) {
+	c := ListenConfig{Name: name}
+	if lc != nil {
+		c.ListenConfig = *lc
+	}
+	return c.ListenPacket(context.Background(), network, address)
+}
+
+// fdConn is FD for a connected socket.
+func fdConn(name string) (net.Conn, error) {
+	f, err := FD(name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return net.FileConn(f)
+}
+
+// registryNames lists the registry's names, in the order they are passed on.
+func registryNames() []string {
+	lockRegistry()
+	defer fdreg.mu.Unlock()
+	var names []string
+	for _, e := range fdreg.entries {
+		names = append(names, e.name)
+	}
+	return names
 }

@@ -54,7 +54,7 @@ package compare
 // iteration succeed and puts the same serial step (release, exit, wait) at
 // the end of every kind, the floor included, so the kinds differ only in
 // what each library does. The new processes of both libraries claim the
-// release pipe by name (shellflip.File, Upgrader.Fds.File) before Ready, so
+// release pipe by name (shellflip.FD, Upgrader.Fds.File) before Ready, so
 // both pass N+1 fds and do one more dup than the floor.
 //
 // The N listeners are TCP sockets on distinct loopback addresses, opened
@@ -189,13 +189,9 @@ func floorChild(n int) error {
 }
 
 // shellflipChild claims n listeners with shellflip.Listen and the release
-// pipe with shellflip.File, calls Start (which adopts the control socket and
+// pipe with shellflip.FD, calls Start (which adopts the control socket and
 // calls Ready), and exits when released.
 func shellflipChild(n int) error {
-	if got := len(shellflip.Names()); got < n+1 {
-		// shellflip.Listen would bind new sockets, and be measured.
-		return fmt.Errorf("%d fds inherited, want %d listeners and the release pipe", got, n)
-	}
 	lns := make([]net.Listener, 0, n)
 	for _, addr := range addrs(n) {
 		ln, err := shellflip.Listen("tcp", addr)
@@ -204,7 +200,7 @@ func shellflipChild(n int) error {
 		}
 		lns = append(lns, ln)
 	}
-	rel, err := shellflip.File(releaseName)
+	rel, err := shellflip.FD(releaseName)
 	if err != nil || rel == nil {
 		return fmt.Errorf("release pipe: %v", err)
 	}

@@ -57,7 +57,7 @@ func serve(listen, socket string, drain time.Duration, notifyReload, storeFDs bo
 		log.Error("cannot take over from the old process", "err", err)
 		return 1
 	}
-	ln, err := shellflip.ListenNamed(listenerName, nil, "tcp", listen)
+	ln, err := (&shellflip.ListenConfig{Name: listenerName}).Listen(context.Background(), "tcp", listen)
 	if err != nil {
 		log.Error("cannot listen", "addr", listen, "err", err)
 		return 1
