@@ -1,11 +1,13 @@
 package shellflip_test
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log"
+	"net"
 	"net/http"
 	"os"
 	"time"
@@ -162,24 +164,37 @@ func ExampleShutdownCoordinator_Shutdown() {
 	// <nil>
 }
 
-// Context carries the shutdown signal into code that takes a context.
-func ExampleShutdownCoordinator_Context() {
+// Serve runs an accept loop that Shutdown waits for: each connection's
+// handler holds a handle, and the loop ends when shutdown begins.
+func ExampleShutdownCoordinator_Serve() {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		log.Fatal(err)
+	}
 	coord := shellflip.NewShutdownCoordinator()
-	h := coord.Acquire()
+	served := make(chan error, 1)
+	go func() {
+		served <- coord.Serve(ln, func(c net.Conn, h *shellflip.ShutdownHandle) {
+			defer c.Close()
+			io.WriteString(c, "hello\n")
+			<-h.Done() // a long-lived connection, until shutdown begins
+		})
+	}()
 
-	done := make(chan struct{})
-	go func(ctx context.Context) {
-		defer close(done)
-		defer h.Release()
-		<-ctx.Done()
-		fmt.Println("handler:", ctx.Err())
-	}(coord.Context())
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		log.Fatal(err)
+	}
+	greeting, _ := bufio.NewReader(c).ReadString('\n')
+	fmt.Print(greeting)
 
+	// The restart succeeded: stop accepting, let the handler finish.
 	if err := coord.Shutdown(context.Background()); err != nil {
 		fmt.Println(err)
 	}
-	<-done
+	fmt.Println("Serve returned", <-served)
 
 	// Output:
-	// handler: context canceled
+	// hello
+	// Serve returned <nil>
 }

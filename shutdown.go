@@ -2,8 +2,11 @@ package shellflip
 
 import (
 	"context"
+	"errors"
+	"net"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // A ShutdownCoordinator lets the old process drain after a restart: it tells
@@ -11,18 +14,18 @@ import (
 // waits until every one of them has finished or a deadline passes.
 //
 // Each task calls Acquire before it starts and Release on the returned
-// handle when it is done. Shutdown closes Done, cancels Context and then
-// waits until no handle is left unreleased. The coordinator starts no
-// goroutines, so there is nothing to stop if Shutdown gives up at its
-// deadline.
+// handle when it is done; Serve does both for the connections of a
+// listener. Shutdown closes the handles' Done and then waits until no
+// handle is left unreleased. The coordinator starts no goroutines of its
+// own, so there is nothing to stop if Shutdown gives up at its deadline.
 //
 // Acquire keeps returning handles after shutdown has begun, until the last
 // handle has been released; from then on the coordinator is drained and
 // Acquire returns nil. This lets a running task register work it depends on
 // while shutdown waits for it, but it also means that a caller who keeps
 // acquiring for new work after Done is closed postpones the drain until the
-// Shutdown deadline. Accept loops should therefore stop accepting when Done
-// is closed.
+// Shutdown deadline. Accept loops should therefore stop accepting when
+// shutdown begins, as Serve does.
 //
 // Create one with NewShutdownCoordinator; the zero value is not usable. All
 // methods are safe for concurrent use.
@@ -83,22 +86,40 @@ func (c *ShutdownCoordinator) Acquire() *ShutdownHandle {
 	return &ShutdownHandle{c: c}
 }
 
-// Done returns a channel that is closed when shutdown begins, that is when
-// Shutdown is first called. It is the same channel as Context().Done().
-func (c *ShutdownCoordinator) Done() <-chan struct{} {
-	return c.ctx.Done()
+// Serve accepts connections on ln and runs handle for each on a goroutine
+// of its own, with a handle that Shutdown waits for and that Serve releases
+// when handle returns; handle should return soon after the handle's Done
+// is closed. Serve closes ln when shutdown begins, and returns nil once ln
+// is closed (by Serve, or by the program: in Lifecycle.NewProcessReady, say,
+// which is where the old process stops accepting). A connection that
+// arrives once the coordinator is drained is closed at once. Accept errors
+// other than a closed listener (out of fds, say) are retried after a short
+// pause, as net/http's Server.Serve does; Serve gives up on none of them.
+func (c *ShutdownCoordinator) Serve(ln net.Listener, handle func(net.Conn, *ShutdownHandle)) error {
+	stop := context.AfterFunc(c.ctx, func() { ln.Close() })
+	defer stop()
+	for {
+		conn, err := ln.Accept()
+		if errors.Is(err, net.ErrClosed) {
+			return nil
+		}
+		if err != nil {
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		h := c.Acquire()
+		if h == nil {
+			conn.Close()
+			continue
+		}
+		go func() {
+			defer h.Release()
+			handle(conn, h)
+		}()
+	}
 }
 
-// Context returns a context that is cancelled, with context.Canceled, when
-// shutdown begins. It is meant to be passed to handlers and to anything
-// they call that accepts a context. The same context is returned on every
-// call.
-func (c *ShutdownCoordinator) Context() context.Context {
-	return c.ctx
-}
-
-// Shutdown begins shutdown, closing Done and cancelling Context, and then
-// waits until every acquired handle has been released or ctx is done,
+// Shutdown begins shutdown, closing every handle's Done, and then waits until every acquired handle has been released or ctx is done,
 // whichever comes first. It returns nil if all handles were released, and
 // ctx.Err() otherwise; if both have happened by the time it looks, it
 // returns nil.
@@ -118,8 +139,7 @@ func (c *ShutdownCoordinator) Shutdown(ctx context.Context) error {
 	c.mu.Unlock()
 
 	// Cancelling outside mu keeps whatever runs on cancellation away from
-	// the lock. A task that sees Done closed before it is cancelled here
-	// cannot tell the difference, because Done is ctx.Done.
+	// the lock.
 	c.cancel()
 
 	select {
@@ -179,9 +199,8 @@ var shutdownClosed = func() chan struct{} {
 	return ch
 }()
 
-// Done returns a channel that is closed when shutdown begins; it is the
-// coordinator's Done channel. A task selects on it to learn that it should
-// finish its current work and return.
+// Done returns a channel that is closed when shutdown begins. A task selects
+// on it to learn that it should finish its current work and return.
 //
 // On a nil handle, which Acquire returns only once shutdown has finished,
 // Done returns a closed channel.
@@ -189,7 +208,7 @@ func (h *ShutdownHandle) Done() <-chan struct{} {
 	if h == nil {
 		return shutdownClosed
 	}
-	return h.c.Done()
+	return h.c.ctx.Done()
 }
 
 // Release tells the coordinator that the task has finished. Only the first

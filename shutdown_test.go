@@ -223,7 +223,7 @@ func TestShutdownAcquireDuringShutdown(t *testing.T) {
 		c := NewShutdownCoordinator()
 		h := c.Acquire()
 		errc := shutdownStart(c, context.Background())
-		<-c.Done()
+		<-c.ctx.Done()
 
 		sub := c.Acquire()
 		if sub == nil {
@@ -334,11 +334,8 @@ func shutdownRaceRound(t *testing.T, acquirers, shutdowns int) {
 func TestShutdownSignals(t *testing.T) {
 	c := NewShutdownCoordinator()
 	h := c.Acquire()
-	ctx := c.Context()
-	if c.Context() != ctx {
-		t.Fatal("Context returned different contexts")
-	}
-	if shutdownIsClosed(c.Done()) || shutdownIsClosed(h.Done()) || ctx.Err() != nil {
+	ctx := c.ctx
+	if shutdownIsClosed(c.ctx.Done()) || shutdownIsClosed(h.Done()) || ctx.Err() != nil {
 		t.Fatal("shutdown signalled before Shutdown was called")
 	}
 
@@ -347,9 +344,8 @@ func TestShutdownSignals(t *testing.T) {
 	timeout, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
 	for name, ch := range map[string]<-chan struct{}{
-		"coordinator Done": c.Done(),
-		"handle Done":      h.Done(),
-		"Context Done":     ctx.Done(),
+		"handle Done":  h.Done(),
+		"Context Done": ctx.Done(),
 	} {
 		select {
 		case <-ch:
@@ -403,7 +399,6 @@ func TestShutdownAllocs(t *testing.T) {
 	defer h.Release()
 	if n := testing.AllocsPerRun(100, func() {
 		_ = h.Done()
-		_ = c.Done()
 		_ = c.Active()
 	}); n != 0 {
 		t.Errorf("Done and Active allocate %v times, want 0", n)

@@ -154,27 +154,7 @@ func serve(socket, listen string, maxGen uint) int {
 		return 1
 	}
 	coord := shellflip.NewShutdownCoordinator()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			if err != nil {
-				// EMFILE and the like: back off briefly rather than
-				// spin, as net/http's Server.Serve does.
-				log.Warn("accept failed", "err", err)
-				time.Sleep(50 * time.Millisecond)
-				continue
-			}
-			h := coord.Acquire()
-			if h == nil { // already drained: this process is on its way out
-				c.Close()
-				continue
-			}
-			go echo(coord.Context(), c, h, log)
-		}
-	}()
+	go coord.Serve(ln, func(c net.Conn, h *shellflip.ShutdownHandle) { echo(c, h, log) })
 	fmt.Printf("Instance no. %d listening on %s\n", gen, ln.Addr())
 
 	p, err := r.Wait()
@@ -222,18 +202,22 @@ func receiveGeneration() (uint32, error) {
 }
 
 // echo greets the client with this process's pid, then sends back whatever
-// it receives until the client leaves. It holds h, so that the old process
-// waits for it after a restart; shutdown, which begins then (the shutdown
-// context is done), is only logged.
-func echo(shutdown context.Context, c net.Conn, h *shellflip.ShutdownHandle, log *slog.Logger) {
-	defer h.Release()
+// it receives until the client leaves. Its connection holds h, so that the
+// old process waits for it after a restart; shutdown, which begins then
+// (h.Done is closed), is only logged.
+func echo(c net.Conn, h *shellflip.ShutdownHandle, log *slog.Logger) {
 	defer c.Close()
 	peer := c.RemoteAddr().String()
 	log.Info("received connection", "client", peer)
-	stop := context.AfterFunc(shutdown, func() {
-		log.Info("shutdown requested but client is still active", "client", peer)
-	})
-	defer stop()
+	left := make(chan struct{})
+	defer close(left)
+	go func() {
+		select {
+		case <-h.Done():
+			log.Info("shutdown requested but client is still active", "client", peer)
+		case <-left:
+		}
+	}()
 
 	if _, err := fmt.Fprintf(c, "Hello, this is process %d\n", os.Getpid()); err != nil {
 		log.Error("write failed", "client", peer, "err", err)
