@@ -13,179 +13,69 @@ import (
 )
 
 // This file lets programs that vendor the package build on platforms without
-// fork/exec or unix sockets (windows, plan9, js, wasip1, ...): every entry
-// point returns ErrNotSupported, or reports that there is nothing to do.
+// fork/exec or unix sockets (windows, plan9, js, wasip1, ...): the API is the
+// one documented in the other files, and every entry point returns
+// ErrNotSupported or does nothing. .ci/run checks that it declares exactly
+// what the Linux build declares.
 
-func platformSupported() error { return ErrNotSupported }
-
-var defaultSignal os.Signal = os.Interrupt
-
-func inheritanceErr() error        { return ErrNotSupported }
-func takeControlFD() (int, string) { return -1, "" }
-func closeFDNum(int)               {}
-func sealFDs() error               { return ErrNotSupported }
-func notifyMainPID(int) error {
-	return ErrNotSupported
+type Config struct {
+	SocketPath   string
+	Signal       os.Signal
+	Env          []string
+	Lifecycle    *Lifecycle
+	ExitOnError  bool
+	ReadyTimeout time.Duration
+	Path         string
+	Args         []string
+	NotifyReload bool
+	PIDFile      string
+	Logger       *slog.Logger
 }
-func pollableFile(int, string) (*os.File, error) { return nil, ErrNotSupported }
-func newReadyPair() (int, int, error)            { return -1, -1, ErrNotSupported }
-func newStatePipe() (int, int, error)            { return -1, -1, ErrNotSupported }
-func forkExec(string, []string, []string, string, []uintptr) (int, error) {
+
+type Lifecycle struct {
+	PreSpawn         func(ctx context.Context) error
+	SendState        func(ctx context.Context, w io.Writer) error
+	NewProcessReady  func(ctx context.Context, newPid int)
+	NewProcessFailed func(ctx context.Context, err error)
+}
+
+type Restarter struct{}
+
+type ListenConfig struct {
+	net.ListenConfig
+	Name string
+}
+
+func Start(ctx context.Context, cfg Config) (*Restarter, error) { return nil, ErrNotSupported }
+
+func (r *Restarter) Done() <-chan struct{}                    { return nil }
+func (r *Restarter) Wait() (newPid int, err error)            { return 0, ErrNotSupported }
+func (r *Restarter) Stop()                                    {}
+func (r *Restarter) Restart(ctx context.Context) (int, error) { return 0, ErrNotSupported }
+
+func RequestRestart(ctx context.Context, socketPath string) (int, error) {
 	return 0, ErrNotSupported
 }
-func passFDs(files []uintptr, names []string) ([]uintptr, []string, func()) {
-	return files, names, func() {}
-}
 
-type childWatch struct{ done chan struct{} }
+func ReceiveState() (io.ReadCloser, error) { return nil, nil }
+func GiveUp(reason error) error            { return nil }
 
-func watchChild(int) *childWatch {
-	c := &childWatch{done: make(chan struct{})}
-	close(c.done)
-	return c
-}
-func (*childWatch) kill()          {}
-func (*childWatch) status() string { return "" }
-func fdnameValid(string) bool      { return false }
-func closeUnclaimed()              {}
+func Listen(network, address string) (net.Listener, error)         { return nil, ErrNotSupported }
+func ListenPacket(network, address string) (net.PacketConn, error) { return nil, ErrNotSupported }
 
-type restartRequest struct{ reply chan outcome }
-
-func (q *restartRequest) respond(_ *slog.Logger, pid int, err error) {
-	q.reply <- outcome{pid: pid, err: err}
-}
-
-type controlServer struct {
-	fd   int
-	id   noID
-	reqs chan *restartRequest
-}
-
-type noID struct{}
-
-func (noID) String() string { return "" }
-
-func listenControl(string, int, string, *slog.Logger) (*controlServer, error) {
+func (lc *ListenConfig) Listen(ctx context.Context, network, address string) (net.Listener, error) {
 	return nil, ErrNotSupported
 }
-func (*controlServer) finish(int, error, bool)  {}
-func (*controlServer) stopAccepting(int, error) {}
-func (*controlServer) serve()                   {}
 
-var (
-	rejected         chan struct{}
-	mainNeedsPIDFile bool
-	errRejected      = ErrNotSupported
-)
+func (lc *ListenConfig) ListenPacket(ctx context.Context, network, address string) (net.PacketConn, error) {
+	return nil, ErrNotSupported
+}
 
-func stopEarlySignals() {}
-
-// FixupListenPID does nothing on this platform.
-func FixupListenPID() {}
-
-// StartedByRestart reports false on this platform.
-func StartedByRestart() bool { return false }
-
-// ReceiveState returns ErrNotSupported on this platform.
-func ReceiveState() (io.ReadCloser, error) { return nil, ErrNotSupported }
-
-// Ready returns ErrNotSupported on this platform.
-func Ready() error { return ErrNotSupported }
-
-// IsMain reports true on this platform: there is no one else.
-func IsMain() bool { return true }
-
-// RequestRestart returns ErrNotSupported on this platform.
-func RequestRestart(context.Context, string) (int, error) { return 0, ErrNotSupported }
-
-// ListenerName is as on Linux; see fdpass.go.
 func ListenerName(network, address string) string { return network + "/" + address }
+func FD(name string) (*os.File, error)            { return nil, ErrNotSupported }
+func Add(name string, c syscall.Conn) error       { return ErrNotSupported }
+func Remove(name string) bool                     { return false }
+func StoreFDs(names ...string) error              { return nil }
+func Notify(fields ...string) error               { return nil }
 
-// Listen returns ErrNotSupported on this platform.
-func Listen(string, string) (net.Listener, error) { return nil, ErrNotSupported }
-
-// ListenNamed returns ErrNotSupported on this platform.
-func ListenNamed(string, *net.ListenConfig, string, string) (net.Listener, error) {
-	return nil, ErrNotSupported
-}
-
-// ListenPacket returns ErrNotSupported on this platform.
-func ListenPacket(string, string) (net.PacketConn, error) { return nil, ErrNotSupported }
-
-// ListenPacketNamed returns ErrNotSupported on this platform.
-func ListenPacketNamed(string, *net.ListenConfig, string, string) (net.PacketConn, error) {
-	return nil, ErrNotSupported
-}
-
-// File returns ErrNotSupported on this platform.
-func File(string) (*os.File, error) { return nil, ErrNotSupported }
-
-// Conn returns ErrNotSupported on this platform.
-func Conn(string) (net.Conn, error) { return nil, ErrNotSupported }
-
-// Add returns ErrNotSupported on this platform.
-func Add(string, syscall.Conn) error { return ErrNotSupported }
-
-// Remove reports false on this platform.
-func Remove(string) bool { return false }
-
-// Names returns nothing on this platform.
-func Names() []string { return nil }
-
-// MainChan returns a closed channel on this platform.
-func MainChan() <-chan struct{} { c := make(chan struct{}); close(c); return c }
-
-// SdNotifier does nothing on this platform; see sdnotify.go.
-type SdNotifier struct{}
-
-// SdField is a field of an sd_notify message; see sdnotify.go.
-type SdField struct{}
-
-// NewSdNotifier returns ErrNotSupported on this platform.
-func NewSdNotifier(string) (*SdNotifier, error) { return nil, ErrNotSupported }
-
-// SystemdNotifier returns ErrNotSupported on this platform.
-func SystemdNotifier() (*SdNotifier, error) { return nil, ErrNotSupported }
-
-// Enabled reports false on this platform.
-func (*SdNotifier) Enabled() bool { return false }
-
-// Send returns ErrNotSupported on this platform.
-func (*SdNotifier) Send(...SdField) error { return ErrNotSupported }
-
-// SendFDs returns ErrNotSupported on this platform.
-func (*SdNotifier) SendFDs([]int, ...SdField) error { return ErrNotSupported }
-
-// Barrier returns ErrNotSupported on this platform.
-func (*SdNotifier) Barrier(context.Context) error { return ErrNotSupported }
-
-// Close does nothing on this platform.
-func (*SdNotifier) Close() error { return nil }
-
-func SdReady() SdField                      { return SdField{} }
-func SdReloading() SdField                  { return SdField{} }
-func SdStopping() SdField                   { return SdField{} }
-func SdStatus(string) SdField               { return SdField{} }
-func SdMainPID(int) SdField                 { return SdField{} }
-func SdErrno(syscall.Errno) SdField         { return SdField{} }
-func SdExtendTimeout(time.Duration) SdField { return SdField{} }
-func SdWatchdog() SdField                   { return SdField{} }
-func SdWatchdogTrigger() SdField            { return SdField{} }
-func SdFDStore(string) SdField              { return SdField{} }
-func SdFDStoreRemove(string) SdField        { return SdField{} }
-func SdFDPollOff() SdField                  { return SdField{} }
-
-// SdWatchdogInterval returns ErrNotSupported on this platform.
-func SdWatchdogInterval() (time.Duration, bool, error) { return 0, false, ErrNotSupported }
-
-// StoreFDs returns ErrNotSupported on this platform.
-func StoreFDs(...string) error { return ErrNotSupported }
-
-// UnstoreFDs returns ErrNotSupported on this platform.
-func UnstoreFDs(...string) error { return ErrNotSupported }
-
-func runningExecutable() (string, error) { return "", ErrNotSupported }
-
-const mainPIDTimeout = 0
-
-func (*SdNotifier) sendWithin(context.Context, ...SdField) error { return ErrNotSupported }
+func WatchdogInterval() (interval time.Duration, enabled bool, err error) { return 0, false, nil }
