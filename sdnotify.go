@@ -5,13 +5,10 @@
 // One AF_UNIX datagram per message to the socket $NOTIFY_SOCKET names:
 // VARIABLE=value fields separated by '\n', fds attached as SCM_RIGHTS. The
 // manager reads at most 4096 bytes, drops a datagram holding a NUL, splits
-// the rest on '\n' and '\r', and mostly reads a variable's first assignment
-// only (manager_dispatch_notify_fd in src/core/manager.c). So a field is a
-// string, and whatever the manager would drop or misread, above all a value
-// that would split off a second assignment such as MAINPID=, is refused
-// before anything is sent. The socket is net's (close-on-exec, non-blocking:
-// a full queue waits in the poller); the datagram goes out by sendmsg(2) in
-// RawConn.Write, as net's WriteMsgUnix refuses connected datagram sockets.
+// the rest on '\n' and '\r', and mostly reads only a variable's first
+// assignment (src/core/manager.c, src/core/service.c). So a field is a
+// string, and send refuses whatever the manager would drop or misread, above
+// all a value that would split off a second assignment (MAINPID=).
 
 package shellflip
 
@@ -44,6 +41,11 @@ const (
 // notifier sends datagrams to the service manager. Safe for concurrent use.
 // A nil *notifier is disabled: its methods do nothing and return nil.
 // Nothing closes it: a process keeps its notifier for its whole life.
+//
+// The socket is net's: close-on-exec from birth, and non-blocking, so that a
+// send to a full queue waits in the poller. The datagram goes out by
+// sendmsg(2) in RawConn.Write: net's WriteMsgUnix refuses connected datagram
+// sockets, and an unconnected one would cost a sockaddr per send.
 type notifier struct {
 	conn *net.UnixConn
 	raw  syscall.RawConn // conn's, made once: SyscallConn allocates
@@ -88,16 +90,14 @@ func newNotifier(addr string) (*notifier, error) {
 // checkNotifyAddr applies the rules of sd_notify(3) and of sun_path, so that
 // a bad NOTIFY_SOCKET is reported as such and not as an errno from connect.
 func checkNotifyAddr(addr string) error {
-	if strings.HasPrefix(addr, "vsock:") || strings.HasPrefix(addr, "vsock-") {
-		return fmt.Errorf("vsock notify sockets: %w", ErrNotSupported)
-	}
-	if strings.IndexByte(addr, 0) >= 0 {
-		return errors.New("contains a NUL byte")
-	}
 	// sun_path holds a path and its terminating NUL, or an abstract name
-	// (the '@' stands for the leading NUL) with no terminator.
+	// (the '@' stands for its leading NUL) with no terminator.
 	limit := len(unix.RawSockaddrUnix{}.Path)
 	switch {
+	case strings.HasPrefix(addr, "vsock:"), strings.HasPrefix(addr, "vsock-"):
+		return fmt.Errorf("vsock notify sockets: %w", ErrNotSupported)
+	case strings.IndexByte(addr, 0) >= 0:
+		return errors.New("contains a NUL byte")
 	case addr[0] == '/':
 		limit--
 	case addr[0] != '@':
@@ -206,29 +206,29 @@ func checkField(f string) (string, error) {
 	if !ok || key == "" || strings.TrimLeft(key, "ABCDEFGHIJKLMNOPQRSTUVWXYZ_") != "" {
 		return "", fmt.Errorf("%.40q is not VARIABLE=value with VARIABLE in [A-Z_]+", f)
 	}
-	ok = true
+	valid := true
 	switch key {
 	case "READY", "STOPPING", "RELOADING", "FDSTORE", "FDSTOREREMOVE", "BARRIER":
-		ok = val == "1"
+		valid = val == "1"
 	case "WATCHDOG":
-		ok = val == "1" || val == "trigger"
+		valid = val == "1" || val == "trigger"
 	case "FDPOLL":
-		ok = val == "0"
+		valid = val == "0"
 	case "MAINPID":
-		pid, err := strconv.ParseUint(val, 10, 31) // pid_t
-		ok = err == nil && pid > 0
+		pid, err := strconv.ParseUint(val, 10, 31) // a positive pid_t
+		valid = err == nil && pid > 0
 	case "ERRNO":
 		e, err := strconv.ParseUint(val, 10, 64)
-		ok = err == nil && e <= sdErrnoMax
+		valid = err == nil && e <= sdErrnoMax
 	case "EXTEND_TIMEOUT_USEC", "WATCHDOG_USEC", "MONOTONIC_USEC":
 		_, err := strconv.ParseUint(val, 10, 64)
-		ok = err == nil
+		valid = err == nil
 	case "STATUS":
-		ok = utf8.ValidString(val) // the manager ignores a status that is not
+		valid = utf8.ValidString(val) // the manager ignores a status that is not
 	case "FDNAME":
-		ok = fdnameValid(val)
+		valid = fdnameValid(val)
 	}
-	if !ok {
+	if !valid {
 		return "", fmt.Errorf("%s=%.40q: not a valid value (see sd_notify(3))", key, val)
 	}
 	return key, nil
@@ -278,19 +278,14 @@ func (n *notifier) barrier(ctx context.Context) error {
 	}
 	stop := context.AfterFunc(ctx, func() { r.SetReadDeadline(time.Unix(1, 0)) })
 	defer stop()
-	var b [1]byte
-	for {
-		_, err := r.Read(b[:])
-		switch {
-		case err == io.EOF:
-			return nil
-		case err == nil:
-			continue // the manager never writes, and bytes are not a hang-up
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			err = ctx.Err() // set before AfterFunc ran
-		}
+	_, err = io.Copy(io.Discard, r) // nil at EOF; the manager writes nothing
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		err = ctx.Err() // set before AfterFunc ran
+	}
+	if err != nil {
 		return fmt.Errorf("shellflip: sd_notify barrier: %w", err)
 	}
+	return nil
 }
 
 // monotonicUsec returns CLOCK_MONOTONIC in microseconds, for the
