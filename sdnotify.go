@@ -38,14 +38,12 @@ const (
 	sdErrnoMax    = 4095 // ERRNO_MAX: the manager ignores a larger ERRNO
 )
 
-// notifier sends datagrams to the service manager. Safe for concurrent use.
-// A nil *notifier is disabled: its methods do nothing and return nil.
-// Nothing closes it: a process keeps its notifier for its whole life.
-//
-// The socket is net's: close-on-exec from birth, and non-blocking, so that a
-// send to a full queue waits in the poller. The datagram goes out by
-// sendmsg(2) in RawConn.Write: net's WriteMsgUnix refuses connected datagram
-// sockets, and an unconnected one would cost a sockaddr per send.
+// notifier sends datagrams to the service manager; safe for concurrent use,
+// never closed. A nil *notifier is disabled: its methods return nil. The
+// socket is net's: close-on-exec from birth, non-blocking so that a full
+// queue is waited for in the poller. Datagrams go by sendmsg(2) in
+// RawConn.Write: net's WriteMsgUnix refuses connected datagram sockets, and
+// an unconnected one would cost a sockaddr per send.
 type notifier struct {
 	conn *net.UnixConn
 	raw  syscall.RawConn // conn's, made once: SyscallConn allocates
@@ -57,19 +55,16 @@ type notifier struct {
 	sendFn func(fd uintptr) bool // n.sendmsg, bound once: a method value per send would allocate
 }
 
-// processNotifier returns the notifier for $NOTIFY_SOCKET, made on the first
-// call; every call returns the same notifier and error. Without
-// NOTIFY_SOCKET it returns nil, nil. It does not unset NOTIFY_SOCKET, so the
-// processes a restart starts inherit it.
+// processNotifier returns the notifier for $NOTIFY_SOCKET (nil, nil without
+// it), the same notifier and error at every call. NOTIFY_SOCKET stays set,
+// for the processes a restart starts.
 var processNotifier = sync.OnceValues(func() (*notifier, error) {
 	return newNotifier(os.Getenv("NOTIFY_SOCKET"))
 })
 
-// newNotifier connects to addr, a value of NOTIFY_SOCKET ("" gives nil, nil):
-// an absolute path or, on Linux, an @abstract name, that fits in sun_path. A
-// vsock address (systemd 254) is an error wrapping ErrNotSupported. Datagrams
-// go to the socket addr names now, even if the path is replaced later
-// (systemd keeps its socket across daemon-reexec).
+// newNotifier connects to addr, a value of NOTIFY_SOCKET ("" gives nil, nil).
+// Datagrams go to the socket addr names now, even if the path is replaced
+// later: systemd keeps its socket across daemon-reexec.
 func newNotifier(addr string) (*notifier, error) {
 	if addr == "" {
 		return nil, nil
@@ -88,19 +83,20 @@ func newNotifier(addr string) (*notifier, error) {
 }
 
 // checkNotifyAddr applies the rules of sd_notify(3) and of sun_path, so that
-// a bad NOTIFY_SOCKET is reported as such and not as an errno from connect.
+// a bad NOTIFY_SOCKET is reported as such, not as an errno from connect: an
+// absolute path or, on Linux, an @abstract name; vsock (systemd 254) is
+// ErrNotSupported. sun_path holds a path and its terminating NUL, or an
+// abstract name ('@' stands for its leading NUL) and no terminator.
 func checkNotifyAddr(addr string) error {
-	// sun_path holds a path and its terminating NUL, or an abstract name
-	// (the '@' stands for its leading NUL) with no terminator.
 	limit := len(unix.RawSockaddrUnix{}.Path)
 	switch {
 	case strings.HasPrefix(addr, "vsock:"), strings.HasPrefix(addr, "vsock-"):
 		return fmt.Errorf("vsock notify sockets: %w", ErrNotSupported)
 	case strings.IndexByte(addr, 0) >= 0:
 		return errors.New("contains a NUL byte")
-	case addr[0] == '/':
+	case strings.HasPrefix(addr, "/"):
 		limit--
-	case addr[0] != '@':
+	case !strings.HasPrefix(addr, "@"):
 		return errors.New("not an absolute path or an @abstract name")
 	case runtime.GOOS != "linux" && runtime.GOOS != "android":
 		return fmt.Errorf("abstract sockets exist only on Linux: %w", ErrNotSupported)
@@ -111,14 +107,12 @@ func checkNotifyAddr(addr string) error {
 	return nil
 }
 
-// send sends fields, joined by '\n' with no trailing newline (as
-// systemd-notify does), in one datagram with fds attached as SCM_RIGHTS. The
-// caller keeps its fds: the manager receives duplicates.
-//
-// Each field must be VARIABLE=value, VARIABLE in [A-Z_]+, with no '\n', '\r'
-// or NUL, and a variable may appear only once; the values of the variables
-// sd_notify(3) defines are checked. An invalid field, no field, more than
-// 253 fds or more than 4096 bytes is an error, and nothing is sent.
+// send sends fields joined by '\n', no trailing newline (as systemd-notify
+// does), in one datagram, with duplicates of fds as SCM_RIGHTS (the caller
+// keeps its own). A field is VARIABLE=value, VARIABLE in [A-Z_]+, with no
+// '\n', '\r' or NUL, a variable appears once, and the values of those
+// sd_notify(3) defines are checked; otherwise, or with no field, more than
+// 253 fds or 4096 bytes, send returns an error and sends nothing.
 //
 // Like sd_notify(3), send waits while the manager's queue is full, but only
 // until ctx's deadline, if it has one: a restart must not hang on a manager
@@ -234,10 +228,9 @@ func checkField(f string) (string, error) {
 	return key, nil
 }
 
-// checkUserField refuses a field that only the package may send, as a
-// program that sent it would contradict the package: a restart sends MAINPID=
-// and the MONOTONIC_USEC= of its RELOADING=1, StoreFDs sends FDSTORE=1, and
-// barrier BARRIER=1.
+// checkUserField refuses what only the package may send, lest a program
+// contradict it: a restart sends MAINPID= and the MONOTONIC_USEC= of its
+// RELOADING=1, StoreFDs FDSTORE=1, barrier BARRIER=1.
 func checkUserField(f string) error {
 	switch key, _, _ := strings.Cut(f, "="); key {
 	case "MAINPID", "MONOTONIC_USEC", "FDSTORE", "BARRIER":
@@ -246,14 +239,11 @@ func checkUserField(f string) error {
 	return nil
 }
 
-// barrier waits until the manager has processed every datagram sent before
-// it, as sd_notify_barrier(3) does: it sends BARRIER=1 alone (or the manager
-// ignores it: manager_process_barrier_fd) with the write end of a fresh pipe,
-// closes its own copy, and waits for EOF on the read end, which comes when
-// the manager closes the copy it received.
-//
-// ctx bounds the send and the wait; when ctx ends, barrier returns an error
-// wrapping ctx.Err(). Both pipe ends are closed on every path.
+// barrier waits until the manager has processed every datagram sent before,
+// as sd_notify_barrier(3): it sends BARRIER=1 alone (or the manager ignores
+// it) with a fresh pipe's write end, closes its copy, and waits for EOF on
+// the read end: the manager closed its copy. When ctx ends, barrier returns
+// an error wrapping ctx.Err(). Both pipe ends are closed on every path.
 func (n *notifier) barrier(ctx context.Context) error {
 	if n == nil {
 		return nil
@@ -263,16 +253,14 @@ func (n *notifier) barrier(ctx context.Context) error {
 		return fmt.Errorf("shellflip: sd_notify barrier: %w", err)
 	}
 	defer r.Close()
-	// Fd switches w to blocking mode, as libsystemd's pipe is; that is
-	// harmless on an fd that is ours and closed right after.
+	// Fd makes w blocking, like libsystemd's pipe: harmless, w is ours.
 	err = n.send(ctx, []int{int(w.Fd())}, "BARRIER=1")
 	w.Close() // on every path: while our copy is open, r never reports EOF
 	if err != nil {
 		return err
 	}
-	// The wait holds no thread: r is in the poller (else no deadline could
-	// end the read: refuse), and a past deadline set when ctx is done wakes
-	// it. If that runs after we return, its error on the closed r is moot.
+	// No thread waits: r is in the poller (or no deadline could end the
+	// read: refuse), and a past deadline set once ctx is done wakes it.
 	if err := r.SetReadDeadline(time.Time{}); err != nil {
 		return fmt.Errorf("shellflip: sd_notify barrier: %w", err)
 	}
@@ -288,10 +276,9 @@ func (n *notifier) barrier(ctx context.Context) error {
 	return nil
 }
 
-// monotonicUsec returns CLOCK_MONOTONIC in microseconds, for the
-// MONOTONIC_USEC= that goes with RELOADING=1 (sd_notify(3), systemd 253):
-// the manager compares it with its own clock to tell this reload from an
-// older one, so read it just before sending.
+// monotonicUsec returns CLOCK_MONOTONIC in µs for the MONOTONIC_USEC= of
+// RELOADING=1 (systemd 253), by which the manager tells this reload from an
+// older one: read it just before sending.
 func monotonicUsec() (int64, error) {
 	var ts unix.Timespec
 	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
@@ -300,10 +287,8 @@ func monotonicUsec() (int64, error) {
 	return ts.Nano() / 1e3, nil
 }
 
-// fdnameValid reports whether s is a valid systemd fd name, as
-// fdname_is_valid in src/basic/fd-util.c decides: bytes 0x20..0x7e except
-// ':' (the separator in $LISTEN_FDNAMES), at most 255 bytes. The empty name
-// is valid.
+// fdnameValid is systemd's fdname_is_valid (src/basic/fd-util.c): at most
+// 255 bytes 0x20..0x7e except ':', $LISTEN_FDNAMES's separator; "" is valid.
 func fdnameValid(s string) bool {
 	if len(s) > fdnameMax {
 		return false
@@ -318,12 +303,11 @@ func fdnameValid(s string) bool {
 
 // WatchdogInterval reads WATCHDOG_USEC and WATCHDOG_PID as
 // sd_watchdog_enabled(3) does and returns how often to send WATCHDOG=1: half
-// the timeout, as that page advises.
-//
-// enabled is false, with a nil error, if WATCHDOG_USEC is unset or
-// WATCHDOG_PID names another process (the variables were meant for a parent).
-// A WATCHDOG_USEC that is not a positive number of microseconds, or a
-// WATCHDOG_PID that is not a pid, is an error. The variables are not unset.
+// the timeout, as that page advises. enabled is false, with a nil error, if
+// WATCHDOG_USEC is unset or WATCHDOG_PID names another process (the
+// variables were meant for a parent). A WATCHDOG_USEC that is not a positive
+// number of microseconds, or a WATCHDOG_PID that is not a pid, is an error.
+// The variables are not unset.
 func WatchdogInterval() (interval time.Duration, enabled bool, err error) {
 	s, ok := os.LookupEnv("WATCHDOG_USEC")
 	if !ok {
