@@ -203,7 +203,7 @@ func sdNewNotifier(tb testing.TB, addr string) *notifier {
 	return n
 }
 
-// sdSend sends fields with ctx.Background and fails the test on error.
+// sdSend sends fields without a deadline and fails the test on error.
 func sdSend(tb testing.TB, n *notifier, fields ...string) {
 	tb.Helper()
 	if err := n.send(context.Background(), nil, fields...); err != nil {
@@ -316,7 +316,7 @@ func (l *sdListener) recvBarrier(tb testing.TB) int {
 }
 
 // sdGoBarrier runs n.barrier(ctx) in a goroutine and returns its outcome.
-func sdGoBarrier(n *notifier, ctx context.Context) <-chan error {
+func sdGoBarrier(ctx context.Context, n *notifier) <-chan error {
 	errc := make(chan error, 1)
 	go func() { errc <- n.barrier(ctx) }()
 	return errc
@@ -403,7 +403,7 @@ func TestSdNotifyBarrierMatchesSystemdNotify(t *testing.T) {
 			}
 
 			n := sdNewNotifier(t, l.addr)
-			errc := sdGoBarrier(n, ctx)
+			errc := sdGoBarrier(ctx, n)
 			got, gotFDs := l.recv(t)
 			gotDesc := sdDescribeFDs(t, gotFDs)
 			sdCloseFDs(gotFDs)
@@ -812,7 +812,7 @@ func TestSdNotifyBarrier(t *testing.T) {
 			sdSend(t, n, "STATUS=before the barrier")
 			ctx, cancel := context.WithTimeout(context.Background(), sdWait)
 			defer cancel()
-			errc := sdGoBarrier(n, ctx)
+			errc := sdGoBarrier(ctx, n)
 			if got := l.recvNoFDs(t); got != "STATUS=before the barrier" {
 				t.Errorf("first datagram %q", got)
 			}
@@ -858,7 +858,7 @@ func TestSdNotifyBarrierCancel(t *testing.T) {
 	before := sdOpenFDs(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	errc := sdGoBarrier(n, ctx)
+	errc := sdGoBarrier(ctx, n)
 	fd := l.recvBarrier(t)
 	cancel()
 	select {
