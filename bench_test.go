@@ -750,11 +750,11 @@ func BenchmarkSdNotifySend(b *testing.B) {
 	status := strings.Repeat("s", 64)
 	cases := []struct {
 		name   string
-		fields []SdField
+		fields []string
 	}{
-		{"READY", []SdField{SdReady()}},
-		{"MAINPID+READY", []SdField{SdMainPID(12345), SdReady()}},
-		{"STATUS64", []SdField{SdStatus(status)}},
+		{"READY", []string{"READY=1"}},
+		{"MAINPID+READY", []string{"MAINPID=12345", "READY=1"}},
+		{"STATUS64", []string{"STATUS=" + status}},
 	}
 	for _, c := range cases {
 		b.Run(c.name, func(b *testing.B) {
@@ -764,7 +764,7 @@ func BenchmarkSdNotifySend(b *testing.B) {
 			defer stop()
 			b.ReportAllocs()
 			for b.Loop() {
-				if err := n.Send(c.fields...); err != nil {
+				if err := n.send(context.Background(), nil, c.fields...); err != nil {
 					b.Fatal(err)
 				}
 			}

@@ -557,7 +557,7 @@ func StoreFDs(names ...string) error {
 		return err
 	}
 	n, err := processNotifier()
-	if err != nil || !n.enabled() {
+	if err != nil || n == nil {
 		return err
 	}
 	lockRegistry()

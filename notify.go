@@ -692,7 +692,7 @@ func Notify(fields ...string) error {
 		return err
 	}
 	for _, f := range fields {
-		if err := userField(f); err != nil {
+		if err := checkUserField(f); err != nil {
 			return err
 		}
 	}

@@ -169,7 +169,7 @@ type Restarter struct {
 // The returned Restarter ends when a restart succeeded (Wait returns the new
 // process's pid: drain and exit), when restarts became impossible (Wait
 // returns why), or when ctx is done.
-func Start(ctx context.Context, cfg Config) (_ *Restarter, err error) {
+func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 	if err := inherited.err; err != nil {
 		return nil, err
 	}
@@ -207,25 +207,13 @@ func Start(ctx context.Context, cfg Config) (_ *Restarter, err error) {
 	r.sig = make(chan os.Signal, 1) // signal.Notify needs a buffer
 	signal.Notify(r.sig, r.cfg.Signal)
 	stopEarlySignals()
-	ctlFD, ctlID := takeControlFD()
-	defer func() {
-		if err != nil {
-			r.cancel()
-			signal.Stop(r.sig)
-			if r.ctl != nil {
-				r.ctl.finish(0, err, false)
-			}
-			r.log.Error("shellflip: start", "err", err)
+	if err := r.start(); err != nil {
+		r.cancel()
+		signal.Stop(r.sig)
+		if r.ctl != nil {
+			r.ctl.finish(0, err, false)
 		}
-	}()
-	if cfg.SocketPath != "" {
-		if r.ctl, err = listenControl(cfg.SocketPath, ctlFD, ctlID, r.log); err != nil {
-			return nil, err
-		}
-	} else {
-		closeFD(&ctlFD)
-	}
-	if err := r.becomeMain(); err != nil {
+		r.log.Error("shellflip: start", "err", err)
 		return nil, err
 	}
 	if r.ctl != nil {
@@ -234,6 +222,20 @@ func Start(ctx context.Context, cfg Config) (_ *Restarter, err error) {
 	r.spawner = newSpawner()
 	go r.run(r.ctx)
 	return r, nil
+}
+
+// start takes over or binds the control socket and makes this process the
+// main process; see Start.
+func (r *Restarter) start() (err error) {
+	ctlFD, ctlID := takeControlFD()
+	if r.cfg.SocketPath != "" {
+		if r.ctl, err = listenControl(r.cfg.SocketPath, ctlFD, ctlID, r.log); err != nil {
+			return err
+		}
+	} else {
+		closeFD(&ctlFD)
+	}
+	return r.becomeMain()
 }
 
 // becomeMain declares this process ready and, in a process started by a
@@ -424,7 +426,7 @@ func (r *Restarter) handOver(out outcome, waiting []*restartRequest) {
 			answer[0] = msgMainPID
 		}
 	}
-	if n, err := processNotifier(); err == nil && n.enabled() {
+	if n, err := processNotifier(); err == nil && n != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), handOverTimeout)
 		notifyMu.Lock()
 		retired.Store(true)

@@ -147,14 +147,14 @@ func init() {
 func systemdServiceRole() int {
 	pid := os.Getpid()
 	names := registryNames()
-	n, err := SystemdNotifier()
+	n, err := processNotifier()
 	if err != nil {
 		report("error pid=%d notifier: %v", pid, err)
 		return 1
 	}
 	report("started pid=%d restarted=%t names=%s", pid, startedByRestart(), strings.Join(names, ","))
 	if startedByRestart() {
-		report("early pid=%d err=%v", pid, n.Send(SdStatus("early")))
+		report("early pid=%d err=%v", pid, Notify("STATUS=early"))
 		if takeKnob(envTestFailFile) {
 			os.Exit(3)
 		}
@@ -227,12 +227,12 @@ func systemdServiceRole() int {
 		return 1
 	}
 	go func() {
-		err := n.Send(SdStatus("main pid=" + strconv.Itoa(pid)))
+		err := Notify("STATUS=main pid=" + strconv.Itoa(pid))
 		if err == nil {
 			// Once the barrier returns, systemd has read the status: the
 			// test can ask for it as soon as it has this report.
 			ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
-			err = n.Barrier(ctx)
+			err = n.barrier(ctx)
 			cancel()
 		}
 		report("main pid=%d err=%v", pid, err)
@@ -266,17 +266,17 @@ type systemdWatchdog struct {
 
 // run pings until stop; it does nothing without $WATCHDOG_USEC. Its first
 // report says whether the process takes the watchdog as its own.
-func (w *systemdWatchdog) run(n *SdNotifier) {
+func (w *systemdWatchdog) run(n *notifier) {
 	if _, ok := os.LookupEnv("WATCHDOG_USEC"); !ok {
 		return
 	}
-	interval, enabled, err := SdWatchdogInterval()
+	interval, enabled, err := WatchdogInterval()
 	if enabled && err == nil {
-		_, err = w.ping(n)
+		_, err = w.ping()
 		if err == nil {
 			// The test can look at systemd's last ping once it has the report.
 			ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
-			err = n.Barrier(ctx)
+			err = n.barrier(ctx)
 			cancel()
 		}
 	}
@@ -287,20 +287,20 @@ func (w *systemdWatchdog) run(n *SdNotifier) {
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for range tick.C {
-		if ok, _ := w.ping(n); !ok {
+		if ok, _ := w.ping(); !ok {
 			return
 		}
 	}
 }
 
 // ping sends WATCHDOG=1 unless stop was called; ok is false if it was.
-func (w *systemdWatchdog) ping(n *SdNotifier) (ok bool, err error) {
+func (w *systemdWatchdog) ping() (ok bool, err error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.stopped {
 		return false, nil
 	}
-	return true, n.Send(SdWatchdog())
+	return true, Notify("WATCHDOG=1")
 }
 
 // stop returns once no ping is being sent, and none will be.
@@ -333,10 +333,10 @@ func systemdReloadRole() int {
 		if addr == "" {
 			addr = "/run/systemd/notify"
 		}
-		n, err := NewSdNotifier(addr)
+		n, err := newNotifier(addr)
 		if err == nil {
-			err = n.Send(SdStatus("stray"))
-			n.Close()
+			err = n.send(context.Background(), nil, "STATUS=stray")
+			n.conn.Close()
 		}
 		report("stray pid=%d err=%v", pid, err)
 		return 0
@@ -2678,12 +2678,12 @@ func (h *sdhttpd) checkNoWarnings() {
 	const ignored = "Received notify message without valid credentials"
 	c := h.ns.console
 	before := strings.Count(c.text(), ignored)
-	n, err := NewSdNotifier(h.ns.rootPath("/run/systemd/notify"))
+	n, err := newNotifier(h.ns.rootPath("/run/systemd/notify"))
 	if err != nil {
 		h.t.Fatal(err)
 	}
-	err = n.Send(SdStatus("flush"))
-	n.Close()
+	err = n.send(context.Background(), nil, "STATUS=flush")
+	n.conn.Close()
 	if err != nil {
 		h.t.Fatal(err)
 	}

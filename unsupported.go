@@ -39,7 +39,7 @@ type Lifecycle struct {
 	NewProcessFailed func(ctx context.Context, err error)
 }
 
-type Restarter struct{}
+type Restarter struct{ done chan struct{} }
 
 type ListenConfig struct {
 	net.ListenConfig

@@ -239,7 +239,7 @@ func testServer() int {
 		report("error pid=%d err=start: %v", pid, err)
 		return 1
 	}
-	wd, wdOn, wdErr := SdWatchdogInterval()
+	wd, wdOn, wdErr := WatchdogInterval()
 	report("main pid=%d", pid)
 	report("ready pid=%d gen=%d addrs=%s watchdog=%v/%v/%v", pid, gen, strings.Join(addrs, ","), wd, wdOn, wdErr)
 	if gen == 0 && os.Getenv(envTestSelfRestart) != "" {

@@ -17,7 +17,7 @@ import (
 // done. The first ping goes at once: the old process's last one may be
 // almost an interval old.
 func watchdog(ctx context.Context, log *slog.Logger) {
-	interval, enabled, err := shellflip.SdWatchdogInterval()
+	interval, enabled, err := shellflip.WatchdogInterval()
 	if err != nil {
 		log.Warn("ignoring systemd's watchdog settings", "err", err)
 		return
