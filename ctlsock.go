@@ -38,7 +38,14 @@ const (
 // control socket (conn), or in this process (Restarter.Restart: reply).
 type restartRequest struct {
 	conn  *net.UnixConn
-	reply chan outcome // buffered, one
+	reply chan reply // buffered, one
+}
+
+// reply is the outcome of a restart, for a requester: the new process's
+// pid, or why the restart failed.
+type reply struct {
+	pid int
+	err error
 }
 
 // respond sends the outcome and closes the connection. A client that went
@@ -46,7 +53,7 @@ type restartRequest struct {
 // rather than a signal for sockets) is logged and otherwise ignored.
 func (q *restartRequest) respond(log *slog.Logger, pid int, err error) {
 	if q.reply != nil {
-		q.reply <- outcome{pid: pid, err: err}
+		q.reply <- reply{pid, err}
 		return
 	}
 	var buf [512]byte

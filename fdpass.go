@@ -6,11 +6,9 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"math"
 	"net"
 	"os"
 	"slices"
-	"strconv"
 	"sync"
 	"syscall"
 
@@ -510,34 +508,6 @@ func (k sockKind) fits(c syscall.Conn) bool {
 		return len(ip) == net.IPv6len
 	}
 	return false
-}
-
-// sealFDsWith marks every fd above stderr close-on-exec: with closeRange
-// (close_range(2) with CLOSE_RANGE_CLOEXEC) if it works, or else each fd
-// named in dir (a listing of this process's fds such as /proc/self/fd), or
-// else, if neither is available, every fd number up to RLIMIT_NOFILE. The
-// promise that the new process gets only the fds listed for it does not
-// lapse silently: if all three fail, so does the restart.
-func sealFDsWith(closeRange func() error, dir string) error {
-	if closeRange() == nil {
-		return nil
-	}
-	if ents, err := os.ReadDir(dir); err == nil {
-		for _, e := range ents {
-			if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
-				unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC)
-			}
-		}
-		return nil
-	}
-	var lim unix.Rlimit
-	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
-		return fmt.Errorf("cannot mark this process's fds close-on-exec: no close_range, no %s, and %w", dir, os.NewSyscallError("getrlimit", err))
-	}
-	for fd := 3; fd < int(min(lim.Cur, math.MaxInt32)); fd++ {
-		unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC) // EBADF for most
-	}
-	return nil
 }
 
 // StoreFDs pushes the registry's fds named by names (all of them if none are

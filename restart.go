@@ -314,7 +314,7 @@ func (r *Restarter) Stop() {
 // in flight is joined, not repeated. After a successful restart the
 // Restarter ends, as after any other: drain and exit.
 func (r *Restarter) Restart(ctx context.Context) (int, error) {
-	q := &restartRequest{reply: make(chan outcome, 1)}
+	q := &restartRequest{reply: make(chan reply, 1)}
 	select {
 	case r.calls <- q:
 	case <-r.done:

@@ -5,6 +5,7 @@ package shellflip
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -175,6 +176,34 @@ func (s *spawner) close() { close(s.reqs) }
 // stood, in its session, process group and cgroup.
 func forkExec(path string, argv, env []string, dir string, files []uintptr) (int, error) {
 	return syscall.ForkExec(path, argv, &syscall.ProcAttr{Dir: dir, Env: env, Files: files})
+}
+
+// sealFDsWith marks every fd above stderr close-on-exec: with closeRange
+// (close_range(2) with CLOSE_RANGE_CLOEXEC) if it works, or else each fd
+// named in dir (a listing of this process's fds such as /proc/self/fd), or
+// else, if neither is available, every fd number up to RLIMIT_NOFILE. The
+// promise that the new process gets only the fds listed for it does not
+// lapse silently: if all three fail, so does the restart.
+func sealFDsWith(closeRange func() error, dir string) error {
+	if closeRange() == nil {
+		return nil
+	}
+	if ents, err := os.ReadDir(dir); err == nil {
+		for _, e := range ents {
+			if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
+				unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC)
+			}
+		}
+		return nil
+	}
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		return fmt.Errorf("cannot mark this process's fds close-on-exec: no close_range, no %s, and %w", dir, os.NewSyscallError("getrlimit", err))
+	}
+	for fd := 3; fd < int(min(lim.Cur, math.MaxInt32)); fd++ {
+		unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC) // EBADF for most
+	}
+	return nil
 }
 
 // childWatch is the new process, seen from the old one: a goroutine runs
