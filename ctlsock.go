@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -117,8 +118,7 @@ func listenControl(path string, inheritedFD int, inheritedID string, log *slog.L
 	fd := -1
 	var id fileID
 	if inheritedFD >= 0 {
-		cur, _, err := lstatID(path)
-		if err == nil && cur.String() == inheritedID && listeningUnixPath(inheritedFD) == filepath.Clean(path) {
+		if cur, _, err := lstatID(path); err == nil && cur.String() == inheritedID {
 			fd, id = inheritedFD, cur
 		} else {
 			log.Warn("shellflip: the control socket file was removed or replaced; binding a new one", "path", path)
@@ -138,33 +138,20 @@ func listenControl(path string, inheritedFD int, inheritedID string, log *slog.L
 	}
 	ln, err := net.FileListener(f)
 	f.Close()
-	if err != nil {
+	ul, ok := ln.(*net.UnixListener)
+	if err != nil || !ok {
+		if ln != nil {
+			ln.Close()
+		}
 		unix.Close(fd)
-		return nil, fmt.Errorf("shellflip: control socket %s: %w", path, err)
+		return nil, fmt.Errorf("shellflip: control socket %s: not a listening unix socket: %v", path, err)
 	}
 	return &controlServer{
-		ln: ln.(*net.UnixListener), fd: fd, id: id, path: path, log: log,
+		ln: ul, fd: fd, id: id, path: path, log: log,
 		reqs:    make(chan *restartRequest),
 		slots:   make(chan struct{}, maxControlConns),
 		stopped: make(chan struct{}),
 	}, nil
-}
-
-// listeningUnixPath returns the cleaned path a listening unix stream socket
-// is bound to, or "" if fd is anything else.
-func listeningUnixPath(fd int) string {
-	if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || v == 0 {
-		return ""
-	}
-	if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE); err != nil || v != unix.SOCK_STREAM {
-		return ""
-	}
-	sa, err := unix.Getsockname(fd)
-	ua, ok := sa.(*unix.SockaddrUnix)
-	if err != nil || !ok || ua.Name == "" {
-		return ""
-	}
-	return filepath.Clean(ua.Name)
 }
 
 // bindControl creates the listening socket at path, with mode 0600 whatever
@@ -290,7 +277,9 @@ func (s *controlServer) serve() {
 	}
 }
 
-// logLimiter lets a repeated log line through once per logEvery.
+// logLimiter lets a repeated log line through once per logEvery: note
+// counts an occurrence at now, and returns how many there were since the
+// last line if one may be logged now, or 0.
 type logLimiter struct {
 	last  time.Time
 	count int
@@ -298,8 +287,6 @@ type logLimiter struct {
 
 const logEvery = 10 * time.Second
 
-// note counts an occurrence at now, and returns how many to report if the
-// line may be logged now, or 0.
 func (l *logLimiter) note(now time.Time) int {
 	l.count++
 	if !l.last.IsZero() && now.Sub(l.last) < logEvery {
@@ -352,7 +339,13 @@ func (s *controlServer) request(conn *net.UnixConn) {
 		}
 	}
 	if err != nil {
-		s.log.Warn("shellflip: bad restart request", "err", err)
+		// A client that connects and goes away without a word is what
+		// another instance does when it probes the path (clearStale).
+		level := slog.LevelWarn
+		if errors.Is(err, io.EOF) {
+			level = slog.LevelDebug
+		}
+		s.log.Log(context.Background(), level, "shellflip: bad restart request", "err", err)
 		q.respond(s.log, 0, fmt.Errorf("bad request: %w", err))
 		return
 	}
@@ -443,9 +436,11 @@ func (e *restartFailedError) Is(target error) bool { return target == ErrRestart
 
 // RequestRestart asks the service listening on the control socket at
 // socketPath to restart, and returns the new process's pid. If the service
-// tried and failed, the error's text is the service's explanation, verbatim,
-// and errors.Is(err, ErrRestartFailed) holds. ctx bounds the whole exchange,
-// which lasts as long as the new process takes to become ready.
+// tried and failed, the error's text is the service's explanation (with
+// what is not printable escaped), and errors.Is(err, ErrRestartFailed)
+// holds. A server whose uid is neither the caller's nor root's, or whose
+// answer is not a possible pid, is not believed. ctx bounds the whole
+// exchange, which lasts as long as the new process takes to become ready.
 func RequestRestart(ctx context.Context, socketPath string) (int, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", socketPath)
@@ -471,7 +466,10 @@ func RequestRestart(ctx context.Context, socketPath string) (int, error) {
 		if werr != nil {
 			err = werr
 		}
-		return 0, ctxErr(ctx, fmt.Errorf("shellflip: reading the response: %w", err))
+		if ctx.Err() != nil {
+			return 0, ctx.Err()
+		}
+		return 0, fmt.Errorf("shellflip: reading the response: %w", err)
 	}
 	m, err := decodeMessage(payload)
 	if err != nil {
@@ -487,11 +485,4 @@ func RequestRestart(ctx context.Context, socketPath string) (int, error) {
 		return 0, &restartFailedError{m.text}
 	}
 	return 0, errors.New("shellflip: bad response: unexpected message")
-}
-
-func ctxErr(ctx context.Context, err error) error {
-	if ctx.Err() != nil {
-		return ctx.Err()
-	}
-	return err
 }
