@@ -137,8 +137,10 @@ func (s *Server) Serve() error {
 // Hold makes the requests that arrive from now on wait, and waits until
 // those being served have completed: from then until PassThrough, Resume
 // or Drain no handler runs, and what the handlers did happens before Hold
-// returns. If ctx is done first, Hold lets the waiting requests go on, as
-// Resume does, and returns an error that wraps ctx's cause.
+// returns. A handler that does not return (a long poll, a connection it
+// hijacked and serves) keeps it waiting. If ctx is done first, Hold lets
+// the waiting requests go on, as Resume does, and returns an error that
+// wraps ctx's cause.
 func (s *Server) Hold(ctx context.Context) error {
 	s.mu.Lock()
 	if s.held == nil {
@@ -180,7 +182,6 @@ func (s *Server) PassThrough() {
 // closes the connections left (http.Server.Close) and returns an error
 // that wraps ctx's cause. Safe to call more than once.
 func (s *Server) Drain(ctx context.Context) error {
-	s.ln.Close()
 	s.mu.Lock()
 	s.draining = true
 	wake(&s.held)
@@ -190,6 +191,7 @@ func (s *Server) Drain(ctx context.Context) error {
 		}
 	}
 	s.mu.Unlock()
+	s.ln.Close()
 	s.serving.Wait() // no connection is added from now on
 	n := 0
 	if err := s.await(ctx, func() bool { n = len(s.conns); return n == 0 }); err != nil {

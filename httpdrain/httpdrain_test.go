@@ -36,6 +36,7 @@ type fixture struct {
 
 	calls   atomic.Int64  // handler calls in "old"
 	holding atomic.Bool   // set while the test holds: no handler of "old" may run
+	closed  chan struct{} // the Server closed its listener
 	entered chan struct{} // GET /block has begun
 	unblock chan struct{} // closed to end every GET /block
 
@@ -92,7 +93,8 @@ func newFixture(t *testing.T) *fixture {
 			}
 		}
 	}}
-	f.d = New(srv, ln)
+	f.closed = make(chan struct{})
+	f.d = New(srv, &notifyListener{Listener: ln, closed: f.closed})
 	go func() { f.served <- f.d.Serve() }()
 	t.Cleanup(func() {
 		ctx, cancel := context.WithCancel(context.Background())
@@ -105,6 +107,19 @@ func newFixture(t *testing.T) *fixture {
 		f.next.Close()
 	})
 	return f
+}
+
+// notifyListener closes closed when it is closed.
+type notifyListener struct {
+	net.Listener
+	closed chan struct{}
+	once   sync.Once
+}
+
+func (l *notifyListener) Close() error {
+	err := l.Listener.Close()
+	l.once.Do(func() { close(l.closed) })
+	return err
 }
 
 // startNext starts the "new process": it accepts on its copy of the
@@ -464,6 +479,7 @@ func TestDrainIdle(t *testing.T) {
 				drained <- f.d.Drain(ctx)
 			}()
 			if oneMore {
+				wait(t, f.closed, "Drain to close the listener") // it is draining
 				calls := f.calls.Load()
 				if resp := request(); !resp.Close || f.calls.Load() != calls+1 {
 					t.Errorf("the request during the drain: closed %v, served here %v; want both", resp.Close, f.calls.Load() == calls+1)
