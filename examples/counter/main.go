@@ -11,29 +11,19 @@
 // failed: TEXT" on standard error and exits 1. SIGUSR1 restarts too;
 // SIGINT and SIGTERM stop.
 //
-// From the moment the count is written for the new process (SendState),
-// requests wait: until the new process is ready (NewProcessReady), then
-// they are forwarded to it, or until the restart failed (NewProcessFailed),
-// then they are served here.
+// The service is counter.go; this file is its command line.
 package main
 
 import (
 	"context"
 	"flag"
 	"fmt"
-	"io"
 	"log"
-	"math"
-	"net/http"
 	"os"
-	"os/signal"
 	"path/filepath"
-	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/shellflip-go/shellflip"
-	"github.com/shellflip-go/shellflip/httpdrain"
 )
 
 func main() {
@@ -50,96 +40,6 @@ func main() {
 		flag.Usage()
 		os.Exit(2)
 	}
-}
-
-func serve(listen, socket string) int {
-	// Every generation writes to the first one's stdout and stderr: if
-	// their reader goes away, a write must fail, not kill the server.
-	signal.Ignore(syscall.SIGPIPE)
-
-	// 1. Before Start: the state, if a restart started this process, and
-	//    the listener, the old process's or a new one.
-	gen, count, err := receiveState()
-	if err != nil {
-		log.Printf("cannot take over from the old process: %v", err) // TODO(lead): GiveUp
-		return 1
-	}
-	ln, err := shellflip.Listen("tcp", listen)
-	if err != nil {
-		log.Print(err)
-		return 1
-	}
-	var n atomic.Uint64
-	n.Store(count)
-	mux := http.NewServeMux()
-	mux.HandleFunc("POST /next", func(w http.ResponseWriter, r *http.Request) {
-		fmt.Fprintf(w, "%d\n", n.Add(1))
-	})
-	d := httpdrain.New(&http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}, ln)
-
-	// 2. Start returns once this process is the one that serves.
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	r, err := shellflip.Start(ctx, shellflip.Config{
-		SocketPath: socket,
-		Lifecycle: &shellflip.Lifecycle{
-			SendState: func(ctx context.Context, w io.Writer) error {
-				if err := d.Hold(ctx); err != nil { // the count stops here
-					return err
-				}
-				_, err := fmt.Fprintf(w, "%d %d\n", gen, n.Load())
-				return err
-			},
-			NewProcessReady:  func(context.Context, int) { d.PassThrough() },
-			NewProcessFailed: func(context.Context, error) { d.Resume() },
-		},
-	})
-	if err != nil {
-		log.Print(err)
-		return 1
-	}
-	go func() {
-		if err := d.Serve(); err != nil {
-			log.Print(err)
-		}
-	}()
-	fmt.Printf("Instance no. %d listening on %s\n", gen, ln.Addr())
-
-	// 3. Replaced, or stopped: finish what this process's connections carry.
-	if _, err := r.Wait(); err != nil {
-		log.Print(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := d.Drain(ctx); err != nil {
-		log.Print(err)
-	}
-	return 0
-}
-
-// receiveState returns this process's generation and the count: 0 and 0
-// after a fresh start, or what SendState wrote, with the generation one up.
-func receiveState() (gen, count uint64, err error) {
-	state, err := shellflip.ReceiveState()
-	if err != nil || state == nil {
-		return 0, 0, err
-	}
-	defer state.Close()
-	b, err := io.ReadAll(io.LimitReader(state, 64))
-	if err != nil {
-		return 0, 0, err
-	}
-	return parseState(string(b))
-}
-
-// parseState parses exactly what SendState writes, "GENERATION COUNT\n",
-// and returns the next generation and the count.
-func parseState(s string) (gen, count uint64, err error) {
-	_, err = fmt.Sscanf(s, "%d %d\n", &gen, &count)
-	if err != nil || fmt.Sprintf("%d %d\n", gen, count) != s || gen == math.MaxUint64 {
-		return 0, 0, fmt.Errorf("the state %q is not what SendState writes", s)
-	}
-	return gen + 1, count, nil
 }
 
 // requestRestart asks the server on socket to restart, and says how it went.
