@@ -137,10 +137,10 @@ func (s *Server) Serve() error {
 // Hold makes the requests that arrive from now on wait, and waits until
 // those being served have completed: from then until PassThrough, Resume
 // or Drain no handler runs, and what the handlers did happens before Hold
-// returns. A handler that does not return (a long poll, a connection it
-// hijacked and serves) keeps it waiting. If ctx is done first, Hold lets
-// the waiting requests go on, as Resume does, and returns an error that
-// wraps ctx's cause.
+// returns. A handler that does not return keeps it waiting: a long poll,
+// a connection it hijacked and serves, or one that waits for this very
+// restart. If ctx is done first, Hold lets the waiting requests go on, as
+// Resume does, and returns an error that wraps ctx's cause.
 func (s *Server) Hold(ctx context.Context) error {
 	s.mu.Lock()
 	if s.held == nil {
