@@ -44,7 +44,9 @@ func main() {
 
 // requestRestart asks the server on socket to restart, and says how it went.
 func requestRestart(socket string) int {
-	ctx, cancel := context.WithTimeout(context.Background(), shellflip.DefaultReadyTimeout+10*time.Second)
+	// The answer comes once the new process is ready, which the server
+	// allows a minute (Config.ReadyTimeout's default); wait a little more.
+	ctx, cancel := context.WithTimeout(context.Background(), 70*time.Second)
 	defer cancel()
 	pid, err := shellflip.RequestRestart(ctx, socket)
 	if err != nil {
