@@ -7,18 +7,16 @@ import (
 	"io"
 	"log/slog"
 	"math"
-	"net"
 	"net/http"
-	"net/http/httputil"
 	"os"
 	"os/signal"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/shellflip-go/shellflip"
+	"github.com/shellflip-go/shellflip/httpdrain"
 )
 
 const (
@@ -29,10 +27,6 @@ const (
 	// readyTimeout bounds how long a new process may take to serve; the
 	// old process serves meanwhile.
 	readyTimeout = 10 * time.Second
-
-	// idleGrace is how long a draining process waits for the next request
-	// on a connection before it closes it; see drain.go.
-	idleGrace = time.Second
 
 	// listenerName is the name of the listening socket in shellflip's
 	// registry: the FileDescriptorName= of httpd.socket, and the name under
@@ -63,6 +57,7 @@ func serve(listen, socket string, drain time.Duration, notifyReload, storeFDs bo
 		return 1
 	}
 	s := newServer(gen, log)
+	d := httpdrain.New(s.http, ln)
 
 	// A stop signal ends the Restarter, and the process then drains. Later
 	// signals are caught and ignored: the drain ends by itself, or at its
@@ -84,15 +79,14 @@ func serve(listen, socket string, drain time.Duration, notifyReload, storeFDs bo
 				_, err := fmt.Fprintf(w, "%d\n", gen)
 				return err
 			},
+			// The state is the generation alone, which no request
+			// changes: nothing to hold while it is sent.
 			NewProcessReady: func(context.Context, int) {
 				// The new process is ready, and nobody knows yet. From
-				// now on every request must reach it: requests on this
-				// process's keep-alive connections are forwarded to it,
-				// and this process stops accepting (Close waits for a
-				// pending Accept; the new process has its own copy of
-				// the listening socket).
-				s.handOver(ln.Addr())
-				ln.Close()
+				// now on every request must reach it: this process stops
+				// accepting, and forwards to it the requests on its
+				// keep-alive connections.
+				d.PassThrough()
 			},
 		},
 	})
@@ -109,8 +103,11 @@ func serve(listen, socket string, drain time.Duration, notifyReload, storeFDs bo
 			log.Warn("cannot keep the listening socket in systemd's fd store", "err", err)
 		}
 	}
-	served := make(chan error, 1)
-	go func() { served <- s.http.Serve(ln) }()
+	go func() {
+		if err := d.Serve(); err != nil {
+			log.Error("serving stopped", "err", err)
+		}
+	}()
 	fmt.Printf("Instance no. %d listening on %s\n", gen, ln.Addr())
 
 	p, err := r.Wait()
@@ -118,24 +115,19 @@ func serve(listen, socket string, drain time.Duration, notifyReload, storeFDs bo
 		log.Info("replaced by a new process; draining", "new_pid", p)
 	} else {
 		log.Info("stopping; draining", "reason", err)
-		s.winding.Store(true)
 		shellflip.Notify("STOPPING=1")
 	}
-	// Serve returns once the listener is closed; every connection it
-	// accepted before that is tracked by then.
-	ln.Close()
-	if err := <-served; !errors.Is(err, net.ErrClosed) {
-		log.Error("serving stopped", "err", err)
-	}
+	// Requests in flight complete, and each keep-alive connection may
+	// carry one more, answered (or, after a restart, forwarded) with
+	// "Connection: close"; see package httpdrain for why this is not
+	// http.Server.Shutdown.
 	start := time.Now()
 	dctx, cancel := context.WithTimeout(context.Background(), drain)
 	defer cancel()
-	if err := s.conns.drain(dctx); err != nil {
-		log.Warn("drain deadline passed; closing the remaining connections", "drain", drain, "connections", s.conns.count())
-		s.http.Close()
+	if err := d.Drain(dctx); err != nil {
+		log.Warn("drain deadline passed; closed the remaining connections", "drain", drain, "err", err)
 		return 0
 	}
-	s.http.Close() // nothing is left; this only releases the server
 	log.Info("drained; exiting", "took", time.Since(start).Round(time.Millisecond))
 	return 0
 }
@@ -166,50 +158,22 @@ func receiveGeneration() (uint64, error) {
 
 // server is the HTTP side of one generation.
 type server struct {
-	http  *http.Server
-	mux   *http.ServeMux
-	conns *connTracker
-	body  string // what GET / answers
-	log   *slog.Logger
-
-	// winding is set once this process serves no more new connections:
-	// every response from then on carries "Connection: close".
-	winding atomic.Bool
-	// proxy is set after a successful restart: requests that arrive on this
-	// process's keep-alive connections from then on are answered by the new
-	// process (see handOver).
-	proxy atomic.Pointer[httputil.ReverseProxy]
+	http *http.Server
+	body string // what GET / answers
 }
 
 func newServer(gen uint64, log *slog.Logger) *server {
-	s := &server{
-		mux:   http.NewServeMux(),
-		conns: newConnTracker(idleGrace),
-		body:  fmt.Sprintf("pid=%d generation=%d\n", os.Getpid(), gen),
-		log:   log,
-	}
-	s.mux.HandleFunc("GET /{$}", s.hello)
-	s.mux.HandleFunc("GET /slow", s.slow)
+	s := &server{body: fmt.Sprintf("pid=%d generation=%d\n", os.Getpid(), gen)}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", s.hello)
+	mux.HandleFunc("GET /slow", s.slow)
 	s.http = &http.Server{
-		Handler:           s,
-		ConnState:         s.conns.setState,
+		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	return s
-}
-
-func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if p := s.proxy.Load(); p != nil {
-		w.Header().Set("Connection", "close")
-		p.ServeHTTP(w, r)
-		return
-	}
-	if s.winding.Load() {
-		w.Header().Set("Connection", "close")
-	}
-	s.mux.ServeHTTP(w, r)
 }
 
 func (s *server) hello(w http.ResponseWriter, r *http.Request) {
@@ -239,42 +203,11 @@ func (s *server) slow(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// reply sends a complete text response. A response that leaves after the
-// process began to wind down closes its connection, however long ago its
-// request arrived: a request in flight at a restart completes here, and the
-// client's next one goes to the new process.
+// reply sends a complete text response.
 func (s *server) reply(w http.ResponseWriter, code int, body string) {
 	h := w.Header()
-	if s.winding.Load() {
-		h.Set("Connection", "close")
-	}
 	h.Set("Content-Type", "text/plain; charset=utf-8")
 	h.Set("Content-Length", strconv.Itoa(len(body)))
 	w.WriteHeader(code)
 	io.WriteString(w, body)
-}
-
-// handOver switches this process to draining once the new process is ready
-// (Lifecycle.NewProcessReady):
-// responses close their connections, and a request that arrives on a
-// keep-alive connection from now on is forwarded to the new process through
-// the listening socket, which only the new process accepts on now. See
-// drain.go for why it is forwarded rather than refused or answered here.
-func (s *server) handOver(addr net.Addr) {
-	target := addr.String() // 0.0.0.0 and [::] reach this host when dialled
-	s.proxy.Store(&httputil.ReverseProxy{
-		Rewrite: func(pr *httputil.ProxyRequest) {
-			pr.Out.URL.Scheme = "http"
-			pr.Out.URL.Host = target
-			pr.Out.Host = pr.In.Host
-			// The new process sees the request come from this one: say
-			// whom it is really from.
-			pr.SetXForwarded()
-		},
-		// One request per connection: nothing lingers between the
-		// processes once the last client connection is done.
-		Transport: &http.Transport{DisableKeepAlives: true},
-		ErrorLog:  slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
-	})
-	s.winding.Store(true)
 }
