@@ -13,8 +13,6 @@ import (
 // reaping the new process without a race against pid reuse, a peer's
 // credentials, and renaming without replacing.
 
-func platformSupported() error { return nil }
-
 // defaultSignal triggers a restart when Config.Signal is nil.
 var defaultSignal os.Signal = unix.SIGUSR1
 

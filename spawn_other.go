@@ -13,8 +13,6 @@ import (
 // Linux ones (spawn_linux.go) without pipe2-style flags, waitid(WNOWAIT) or
 // SO_PEERCRED.
 
-func platformSupported() error { return nil }
-
 // defaultSignal triggers a restart when Config.Signal is nil.
 var defaultSignal os.Signal = unix.SIGUSR1
 
