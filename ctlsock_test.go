@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -37,6 +38,21 @@ func TestControlSocketSilentClient(t *testing.T) {
 	}
 }
 
+// sendFrame connects to the control socket at path, sends data there, and
+// returns the server's answer.
+func sendFrame(t *testing.T, path, data string) message {
+	t.Helper()
+	conn, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, data); err != nil {
+		t.Fatal(err)
+	}
+	return readAnswer(t, conn)
+}
+
 // readAnswer reads the server's one answer on conn.
 func readAnswer(t *testing.T, conn net.Conn) message {
 	t.Helper()
@@ -66,14 +82,7 @@ func TestControlSocketBadFrames(t *testing.T) {
 		{"response", string(appendRestartComplete(nil, 7)), "unexpected message"},
 		{"empty", "\x00\x00\x00\x00", "bad request"},
 	} {
-		conn, err := net.Dial("unix", c.socket)
-		if err != nil {
-			t.Fatal(err)
-		}
-		conn.Write([]byte(tc.send))
-		m := readAnswer(t, conn)
-		conn.Close()
-		if m.kind != msgRestartFailed || !strings.Contains(m.text, tc.want) {
+		if m := sendFrame(t, c.socket, tc.send); m.kind != msgRestartFailed || !strings.Contains(m.text, tc.want) {
 			t.Errorf("%s: got %+v; want RestartFailed containing %q", tc.name, m, tc.want)
 		}
 	}
@@ -428,15 +437,9 @@ func TestFaultControlSocketHalfFrame(t *testing.T) {
 		t.Fatalf("RequestRestart while clients stall: %v", err)
 	}
 	// ...and a garbage frame.
-	conn, err := net.Dial("unix", c.socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn.Write([]byte("\x00\x00\x00\x02{}"))
-	if m := readAnswer(t, conn); m.kind != msgRestartFailed || !strings.Contains(m.text, "bad request") {
+	if m := sendFrame(t, c.socket, "\x00\x00\x00\x02{}"); m.kind != msgRestartFailed || !strings.Contains(m.text, "bad request") {
 		t.Errorf("garbage frame answered with %+v", m)
 	}
-	conn.Close()
 	for i, conn := range stalled {
 		m := readAnswer(t, conn)
 		if m.kind != msgRestartFailed || m.text != "bad request: no request within 5s" {
@@ -507,15 +510,9 @@ func TestFaultControlSocketFDLeak(t *testing.T) {
 		if pid, err := RequestRestart(ctx, path); pid != 4242 || err != nil {
 			t.Errorf("RequestRestart = %d, %v; want 4242", pid, err)
 		}
-		bad, err := net.Dial("unix", path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		bad.Write([]byte("\x00\x00\x00\x01x"))
-		if m := readAnswer(t, bad); m.kind != msgRestartFailed || !strings.Contains(m.text, "bad request") {
+		if m := sendFrame(t, path, "\x00\x00\x00\x01x"); m.kind != msgRestartFailed || !strings.Contains(m.text, "bad request") {
 			t.Errorf("garbage answered with %+v", m)
 		}
-		bad.Close()
 		// Fill every slot with a silent client; the next one is turned
 		// away at once (ctlsock.go, accept, the slots select), the silent
 		// ones are answered when their read times out.

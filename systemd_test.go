@@ -1276,45 +1276,13 @@ func systemdTestFDStoreSurvivesRestart(t *testing.T, v *systemdVersion) {
 	ns := systemdBoot(t, v,
 		"FileDescriptorStoreMax=16",
 		"Environment="+envSystemdStore+"=1 "+envSystemdAccept+"=inherited")
-	name := ListenerName("unix", filepath.Join(ns.dir, "hello.sock"))
-
-	wait := ns.systemctlAsync("start", systemdUnit)
-	first := ns.reports.next("started")
-	if first["names"] != "" {
-		t.Errorf("a fresh start inherited %q", first["names"])
-	}
-	r0 := ns.reports.next("ready")
-	ns.mustWait("start", wait)
-	if r0["inherited"] != "false" {
-		t.Fatalf("the first process reports %v, want a listener of its own", r0)
-	}
+	r0, queued := ns.startStoring()
 	// StoreFDs sent FDSTORE=1 before READY=1, and systemd handles the
 	// datagrams in order: by the time start returned, the fd was stored.
 	if got := ns.show(systemdUnit, "NFileDescriptorStore"); got != "1" {
 		t.Errorf("NFileDescriptorStore=%s, want 1", got)
 	}
-	queued, err := net.DialTimeout("unix", filepath.Join(ns.dir, "hello.sock"), testDeadline)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer queued.Close()
-
-	wait = ns.systemctlAsync("restart", systemdUnit)
-	second := ns.reports.next("started")
-	if second["restarted"] != "false" || second["names"] != name {
-		t.Errorf("the process systemd started reports %v, want restarted=false names=%s", second, name)
-	}
-	r1 := ns.reports.next("ready")
-	ns.mustWait("restart", wait)
-	if r1["pid"] == r0["pid"] || r1["inherited"] != "true" || r1["ino"] != r0["ino"] {
-		t.Errorf("after the restart: %v; before: %v; want a new pid serving the same socket (ino)", r1, r0)
-	}
-	if h := readHello(t, queued); h["pid"] != r1["pid"] {
-		t.Errorf("the connection queued before the restart was answered by %v, want pid=%s", h, r1["pid"])
-	}
-	if got := ns.show(systemdUnit, "MainPID"); got != r1["pid"] {
-		t.Errorf("MainPID=%s, want %s", got, r1["pid"])
-	}
+	ns.checkGetsStored("restart", r0, queued)
 	// The second process stored the same socket again; systemd keeps one.
 	if got := ns.show(systemdUnit, "NFileDescriptorStore"); got != "1" {
 		t.Errorf("NFileDescriptorStore=%s after the second StoreFDs, want 1", got)
@@ -1424,22 +1392,7 @@ func systemdTestFDStorePreserve(t *testing.T, v *systemdVersion) {
 	if got := ns.show(systemdUnit, "ActiveState"); got != "inactive" {
 		t.Fatalf("the unit is %s once the target wants it, want inactive until the test starts it", got)
 	}
-	name := ListenerName("unix", filepath.Join(ns.dir, "hello.sock"))
-
-	wait := ns.systemctlAsync("start", systemdUnit)
-	ns.reports.next("started")
-	r0 := ns.reports.next("ready")
-	ns.mustWait("start", wait)
-	if r0["inherited"] != "false" {
-		t.Fatalf("the first process reports %v, want a listener of its own", r0)
-	}
-	// The first process never accepts: the connection waits in the backlog.
-	queued, err := net.DialTimeout("unix", filepath.Join(ns.dir, "hello.sock"), testDeadline)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer queued.Close()
-
+	r0, queued := ns.startStoring()
 	ns.mustSystemctl("stop", systemdUnit)
 	if got := ns.state(systemdUnit); got != "inactive/dead-resources-pinned" {
 		t.Errorf("after the stop the unit is %s, want inactive/dead-resources-pinned", got)
@@ -1448,23 +1401,55 @@ func systemdTestFDStorePreserve(t *testing.T, v *systemdVersion) {
 		t.Errorf("NFileDescriptorStore=%s after the stop, want 1", got)
 	}
 
-	wait = ns.systemctlAsync("start", systemdUnit)
-	second := ns.reports.next("started")
-	if second["restarted"] != "false" || second["names"] != name {
-		t.Errorf("the process systemd started reports %v, want restarted=false names=%s", second, name)
+	ns.checkGetsStored("start", r0, queued)
+	ns.checkNoWarnings()
+}
+
+// startStoring starts the test unit, whose processes keep their listener
+// in systemd's fd store (envSystemdStore) and accept only on one they
+// inherited (envSystemdAccept). It returns the first process's ready
+// report, and a connection that waits in the backlog of its listener.
+func (ns *systemdNS) startStoring() (r0 map[string]string, queued net.Conn) {
+	ns.t.Helper()
+	wait := ns.systemctlAsync("start", systemdUnit)
+	if first := ns.reports.next("started"); first["names"] != "" {
+		ns.t.Errorf("a fresh start inherited %q", first["names"])
+	}
+	r0 = ns.reports.next("ready")
+	ns.mustWait("start", wait)
+	if r0["inherited"] != "false" {
+		ns.t.Fatalf("the first process reports %v, want a listener of its own", r0)
+	}
+	queued, err := net.DialTimeout("unix", filepath.Join(ns.dir, "hello.sock"), testDeadline)
+	if err != nil {
+		ns.t.Fatal(err)
+	}
+	ns.t.Cleanup(func() { queued.Close() })
+	return r0, queued
+}
+
+// checkGetsStored runs `systemctl verb` (restart, or start after a stop)
+// and checks that the process systemd starts is given the stored socket of
+// the first one, r0: under its name, the same socket (inode), and with the
+// connection queued in its backlog, which it answers as the main process.
+func (ns *systemdNS) checkGetsStored(verb string, r0 map[string]string, queued net.Conn) {
+	ns.t.Helper()
+	name := ListenerName("unix", filepath.Join(ns.dir, "hello.sock"))
+	wait := ns.systemctlAsync(verb, systemdUnit)
+	if st := ns.reports.next("started"); st["restarted"] != "false" || st["names"] != name {
+		ns.t.Errorf("the process systemd started reports %v, want restarted=false names=%s", st, name)
 	}
 	r1 := ns.reports.next("ready")
-	ns.mustWait("start", wait)
+	ns.mustWait(verb, wait)
 	if r1["pid"] == r0["pid"] || r1["inherited"] != "true" || r1["ino"] != r0["ino"] {
-		t.Errorf("after stop and start: %v; before: %v; want a new pid serving the same socket (ino)", r1, r0)
+		ns.t.Errorf("after systemctl %s: %v; before: %v; want a new pid serving the same socket (ino)", verb, r1, r0)
 	}
-	if h := readHello(t, queued); h["pid"] != r1["pid"] {
-		t.Errorf("the connection queued before the stop was answered by %v, want pid=%s", h, r1["pid"])
+	if h := readHello(ns.t, queued); h["pid"] != r1["pid"] {
+		ns.t.Errorf("the connection queued before systemctl %s was answered by %v, want pid=%s", verb, h, r1["pid"])
 	}
 	if got := ns.show(systemdUnit, "MainPID"); got != r1["pid"] {
-		t.Errorf("MainPID=%s, want %s", got, r1["pid"])
+		ns.t.Errorf("MainPID=%s, want %s", got, r1["pid"])
 	}
-	ns.checkNoWarnings()
 }
 
 // systemdListenNotify plays systemd's notify socket for tests that need no

@@ -76,44 +76,42 @@ func TestRestarterExample(t *testing.T) {
 		}
 	})
 	bin := restarterBuild(t)
-	t.Run("Restart", func(t *testing.T) {
-		t.Parallel()
-		restarterTestRestart(t, bin)
-	})
-	t.Run("MaxGeneration", func(t *testing.T) {
-		t.Parallel()
-		restarterTestMaxGeneration(t, bin)
-	})
-	t.Run("NoServer", func(t *testing.T) {
-		t.Parallel()
-		socket := filepath.Join(restarterTempDir(t), "none.sock")
-		if text := restarterRestartFails(t, bin, socket); !strings.Contains(text, socket) {
-			t.Errorf("failure text %q does not name the socket %s", text, socket)
-		}
-	})
-	t.Run("BadDeploy", func(t *testing.T) {
-		t.Parallel()
-		restarterTestBadDeploy(t, bin)
-	})
-	t.Run("EscapedFailure", func(t *testing.T) {
-		t.Parallel()
-		// What the server says reaches a terminal: escapes are printed
-		// escaped, and the answer stays on one line.
-		socket := filepath.Join(restarterTempDir(t), "fake.sock")
-		restarterFakeServer(t, socket, "\x1b[2Jgone\r\nRestart succeeded, child pid is 1")
-		if text := restarterRestartFails(t, bin, socket); text != `\x1b[2Jgone\r\nRestart succeeded, child pid is 1` {
-			t.Errorf("failure text %q, want the server's text with its control characters escaped", text)
-		}
-	})
-	t.Run("Usage", func(t *testing.T) {
-		t.Parallel()
-		for _, args := range [][]string{{"bogus"}, {"restart", "now"}, {"-max-generation", "-1"}} {
-			stdout, stderr, code := restarterRun(t, bin, args...)
-			if code != 2 || stdout != "" || !strings.Contains(stderr, "Usage:") {
-				t.Errorf("restarter %q: exit code %d, stdout %q, stderr %q; want 2, nothing, a usage message", args, code, stdout, stderr)
+	for _, sub := range []struct {
+		name string
+		test func(t *testing.T, bin string)
+	}{
+		{"Restart", restarterTestRestart},
+		{"MaxGeneration", restarterTestMaxGeneration},
+		{"NoServer", func(t *testing.T, bin string) {
+			socket := filepath.Join(restarterTempDir(t), "none.sock")
+			if text := restarterRestartFails(t, bin, socket); !strings.Contains(text, socket) {
+				t.Errorf("failure text %q does not name the socket %s", text, socket)
 			}
-		}
-	})
+		}},
+		{"BadDeploy", restarterTestBadDeploy},
+		{"EscapedFailure", func(t *testing.T, bin string) {
+			// What the server says reaches a terminal: escapes are
+			// printed escaped, and the answer stays on one line.
+			socket := filepath.Join(restarterTempDir(t), "fake.sock")
+			restarterFakeServer(t, socket, "\x1b[2Jgone\r\nRestart succeeded, child pid is 1")
+			if text := restarterRestartFails(t, bin, socket); text != `\x1b[2Jgone\r\nRestart succeeded, child pid is 1` {
+				t.Errorf("failure text %q, want the server's text with its control characters escaped", text)
+			}
+		}},
+		{"Usage", func(t *testing.T, bin string) {
+			for _, args := range [][]string{{"bogus"}, {"restart", "now"}, {"-max-generation", "-1"}} {
+				stdout, stderr, code := restarterRun(t, bin, args...)
+				if code != 2 || stdout != "" || !strings.Contains(stderr, "Usage:") {
+					t.Errorf("restarter %q: exit code %d, stdout %q, stderr %q; want 2, nothing, a usage message", args, code, stdout, stderr)
+				}
+			}
+		}},
+	} {
+		t.Run(sub.name, func(t *testing.T) {
+			t.Parallel()
+			sub.test(t, bin)
+		})
+	}
 }
 
 // restarterTestRestart restarts a server with a client connected, and checks
@@ -158,14 +156,7 @@ func restarterTestRestart(t *testing.T, bin string) {
 	default:
 	}
 	old.close()
-	select {
-	case <-srv.exited:
-	case <-time.After(restarterDeadline):
-		t.Fatalf("the old process is still running %v after its last client left", restarterDeadline)
-	}
-	if st := srv.cmd.ProcessState; !st.Success() {
-		t.Fatalf("the old process ended with %v, want exit status 0", st)
-	}
+	srv.waitLeft()
 	fresh.echo("after the old process exited")
 	fresh.close()
 }
@@ -252,14 +243,7 @@ func restarterTestBadDeploy(t *testing.T, bin string) {
 	}
 	held.echo("after the fixed restart")
 	held.close()
-	select {
-	case <-srv.exited:
-	case <-time.After(restarterDeadline):
-		t.Fatalf("the old process is still running %v after its last client left", restarterDeadline)
-	}
-	if st := srv.cmd.ProcessState; !st.Success() {
-		t.Fatalf("the old process ended with %v, want exit status 0", st)
-	}
+	srv.waitLeft()
 }
 
 // restarterTempDir returns a directory short enough for a socket path
@@ -336,22 +320,14 @@ func restarterStartWith(t *testing.T, bin string, setup func(*exec.Cmd)) *restar
 	// them after generation 0 has exited and was waited for, which would
 	// have closed Cmd's read ends under them.
 	var outW, errW *os.File
-	var err error
-	if s.outR, outW, err = os.Pipe(); err != nil {
-		t.Fatal(err)
-	}
-	if s.errR, errW, err = os.Pipe(); err != nil {
-		s.outR.Close()
-		outW.Close()
-		t.Fatal(err)
-	}
+	s.outR, outW = restarterPipe(t)
+	s.errR, errW = restarterPipe(t)
 	s.cmd.Stdout, s.cmd.Stderr = outW, errW
-	err = s.cmd.Start()
+	err := s.cmd.Start()
+	// Only the servers hold the write ends from here on.
 	outW.Close()
 	errW.Close()
 	if err != nil {
-		s.outR.Close()
-		s.errR.Close()
 		t.Fatal(err)
 	}
 	go func() {
@@ -402,6 +378,35 @@ func restarterStartWith(t *testing.T, bin string, setup func(*exec.Cmd)) *restar
 		}
 	})
 	return s
+}
+
+// waitLeft waits until generation 0, whose last client has left, has
+// exited, and fails the test unless it exited with status 0.
+func (s *restarterServer) waitLeft() {
+	s.t.Helper()
+	select {
+	case <-s.exited:
+	case <-time.After(restarterDeadline):
+		s.t.Fatalf("the old process is still running %v after its last client left", restarterDeadline)
+	}
+	if st := s.cmd.ProcessState; !st.Success() {
+		s.t.Fatalf("the old process ended with %v, want exit status 0", st)
+	}
+}
+
+// restarterPipe returns a pipe whose ends are closed when the test ends,
+// if they were not before.
+func restarterPipe(t *testing.T) (r, w *os.File) {
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		r.Close()
+		w.Close()
+	})
+	return r, w
 }
 
 // closePipes closes the read ends of stdout and stderr, and waits until the
@@ -568,34 +573,32 @@ func restarterOpenFDs(t *testing.T) int {
 }
 
 // restarterFakeServer listens at path as a control socket would, and
-// answers every request with a failure that says text: a frame of the
-// control protocol, a 4-byte big-endian length and the JSON of
-// {"Response":{"RestartFailed":text}}, as shellflip's Rust crate writes it.
+// answers the one request the test makes with a failure that says text: a
+// frame of the control protocol, a 4-byte big-endian length and the JSON
+// of {"Response":{"RestartFailed":text}}, as shellflip's Rust crate writes
+// it.
 func restarterFakeServer(t *testing.T, path, text string) {
 	t.Helper()
 	payload, err := json.Marshal(map[string]map[string]string{"Response": {"RestartFailed": text}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	frame := append(binary.BigEndian.AppendUint32(nil, uint32(len(payload))), payload...)
 	ln, err := net.Listen("unix", path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
 	go func() {
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			// The request: a length, then that many bytes.
-			var n [4]byte
-			if _, err := io.ReadFull(conn, n[:]); err == nil {
-				io.CopyN(io.Discard, conn, int64(binary.BigEndian.Uint32(n[:])))
-			}
-			conn.Write(frame)
-			conn.Close()
+		conn, err := ln.Accept()
+		if err != nil {
+			return
 		}
+		defer conn.Close()
+		// The request: a length, then that many bytes.
+		var n [4]byte
+		if _, err := io.ReadFull(conn, n[:]); err == nil {
+			io.CopyN(io.Discard, conn, int64(binary.BigEndian.Uint32(n[:])))
+		}
+		conn.Write(append(binary.BigEndian.AppendUint32(nil, uint32(len(payload))), payload...))
 	}()
 }
