@@ -19,6 +19,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// The control socket (ctlsock.go): its path bound and taken over, the
+// server's answers to good, bad, silent, stalled and foreign clients, and
+// RequestRestart's checks of the server.
+
 // TestControlSocketSilentClient: a client that connects and says nothing
 // delays nobody, and is answered (not silently dropped) when its time is up.
 func TestControlSocketSilentClient(t *testing.T) {

@@ -290,8 +290,9 @@ func fdpassServe(gen int, tail fdpassTail) int {
 
 // fdpassSpec is one thing role "fdpass" holds.
 //
-//	listen: Listen (name "-") or ListenNamed; greets every connection
-//	packet: ListenPacket (name "-") or ListenPacketNamed; reports datagrams
+//	listen: ListenConfig.Listen, under name, or ListenerName's for "-";
+//	        greets every connection
+//	packet: ListenConfig.ListenPacket, named likewise; reports datagrams
 //	conn:   generation 0 dials network/address and Adds the connection;
 //	        later ones take it with Conn; reports lines, answers "pong"
 //	file:   generation 0 opens address (a regular file or a fifo) and Adds

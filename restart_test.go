@@ -19,14 +19,19 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// A restart from the old process's side (restart.go): the triggers, each
+// way a new process can fail and what the requester learns, the handover,
+// signals during it, the PID file, and the allocation budget.
+
 func TestRestartBySocket(t *testing.T) {
 	c := newTestCluster(t)
 	r0 := c.start("server")
 	r1 := c.restart(r0["pid"])
 	// NewProcessReady ran in the old process, for the new one. (That it
-	// runs before anyone is told is what TestRestarterExample's clients
-	// show: every one that connects after the restart reaches the new
-	// process, because the example stops accepting in the hook.)
+	// runs before anyone is told is what the clients of
+	// examples/restarter's TestRestarterExample show: every one that
+	// connects after the restart reaches the new process, because the
+	// example stops accepting in the hook.)
 	if h := c.reports.next("hookready"); h["pid"] != r0["pid"] || h["new"] != r1["pid"] {
 		t.Errorf("NewProcessReady reported %v, want pid=%s new=%s", h, r0["pid"], r1["pid"])
 	}
