@@ -6,9 +6,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -18,7 +19,16 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// The control socket (ctlsock.go): its path bound and taken over, the
+// server's answers to good, bad, silent, stalled and foreign clients, and
+// RequestRestart's checks of the server.
+
+// TestControlSocketSilentClient: a client that connects and says nothing
+// delays nobody, and is answered (not silently dropped) when its time is up.
 func TestControlSocketSilentClient(t *testing.T) {
+	if testing.Short() {
+		t.Skip("testing.Short(): a client answered after requestTimeout, 5 s")
+	}
 	c := newTestCluster(t)
 	r0 := c.start("server")
 	silent, err := net.Dial("unix", c.socket)
@@ -27,16 +37,40 @@ func TestControlSocketSilentClient(t *testing.T) {
 	}
 	defer silent.Close()
 	c.restart(r0["pid"])
-	silent.SetReadDeadline(time.Now().Add(testDeadline))
-	var scratch [512]byte
-	payload, err := readFrame(silent, scratch[:])
+	if m := readAnswer(t, silent); m.kind != msgRestartFailed || m.text != "bad request: no request within 5s" {
+		t.Fatalf("silent client got %+v; want a RestartFailed naming a bad request", m)
+	}
+}
+
+// sendFrame connects to the control socket at path, sends data there, and
+// returns the server's answer.
+func sendFrame(t *testing.T, path, data string) message {
+	t.Helper()
+	conn, err := net.Dial("unix", path)
 	if err != nil {
-		t.Fatalf("silent client got no answer: %v", err)
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, data); err != nil {
+		t.Fatal(err)
+	}
+	return readAnswer(t, conn)
+}
+
+// readAnswer reads the server's one answer on conn.
+func readAnswer(t *testing.T, conn net.Conn) message {
+	t.Helper()
+	conn.SetReadDeadline(time.Now().Add(testDeadline))
+	var scratch [512]byte
+	payload, err := readFrame(conn, scratch[:])
+	if err != nil {
+		t.Fatalf("no answer: %v", err)
 	}
 	m, err := decodeMessage(payload)
-	if err != nil || m.kind != msgRestartFailed || m.text != "bad request: no request within 5s" {
-		t.Fatalf("silent client got %+v, %v; want a RestartFailed naming a bad request", m, err)
+	if err != nil {
+		t.Fatalf("undecodable answer %q: %v", payload, err)
 	}
+	return m
 }
 
 // TestControlSocketBadFrames: garbage, oversized and half frames get a clear
@@ -52,21 +86,8 @@ func TestControlSocketBadFrames(t *testing.T) {
 		{"response", string(appendRestartComplete(nil, 7)), "unexpected message"},
 		{"empty", "\x00\x00\x00\x00", "bad request"},
 	} {
-		conn, err := net.Dial("unix", c.socket)
-		if err != nil {
-			t.Fatal(err)
-		}
-		conn.Write([]byte(tc.send))
-		conn.SetReadDeadline(time.Now().Add(testDeadline))
-		var scratch [512]byte
-		payload, err := readFrame(conn, scratch[:])
-		conn.Close()
-		if err != nil {
-			t.Fatalf("%s: no answer: %v", tc.name, err)
-		}
-		m, err := decodeMessage(payload)
-		if err != nil || m.kind != msgRestartFailed || !strings.Contains(m.text, tc.want) {
-			t.Errorf("%s: got %+v, %v; want RestartFailed containing %q", tc.name, m, err, tc.want)
+		if m := sendFrame(t, c.socket, tc.send); m.kind != msgRestartFailed || !strings.Contains(m.text, tc.want) {
+			t.Errorf("%s: got %+v; want RestartFailed containing %q", tc.name, m, tc.want)
 		}
 	}
 	c.restart(r0["pid"])
@@ -82,10 +103,8 @@ func TestControlSocketForeignUID(t *testing.T) {
 	if err := os.Chmod(c.socket, 0o777); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin, "-test.run=^$")
-	cmd.Env = append(os.Environ(), envTestRole+"=client", envTestReport+"="+c.reports.path, envTestSocket+"="+c.socket)
+	cmd := c.command(bin, "client")
 	asNobody(cmd)
-	cmd.Stderr = os.Stderr
 	if err := cmd.Run(); err != nil {
 		t.Fatal(err)
 	}
@@ -149,14 +168,7 @@ func TestControlSocketPathInTheWay(t *testing.T) {
 // TestControlSocketStaleAndMode: a stale socket file is replaced, and the
 // new socket has mode 0600.
 func TestControlSocketStaleAndMode(t *testing.T) {
-	dir := t.TempDir()
-	path := filepath.Join(dir, "ctl.sock")
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln.(*net.UnixListener).SetUnlinkOnClose(false)
-	ln.Close() // leaves a stale socket file behind
+	path := staleSocket(t)
 	fd, _, err := bindControl(path)
 	if err != nil {
 		t.Fatal(err)
@@ -176,6 +188,21 @@ func TestControlSocketStaleAndMode(t *testing.T) {
 	c.Close()
 }
 
+// staleSocket returns the path of a socket file that nothing listens on
+// any more, as a process that was killed leaves it, in a directory of its
+// own.
+func staleSocket(t *testing.T) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "ctl.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	ln.Close()
+	return path
+}
+
 // TestRequestRestartNoServer: a missing socket is a plain dial error, not
 // ErrRestartFailed.
 func TestRequestRestartNoServer(t *testing.T) {
@@ -190,6 +217,9 @@ func TestRequestRestartNoServer(t *testing.T) {
 // never the previous restart's outcome, and a strict client (one that
 // writes its request before it reads) always gets an answer.
 func TestControlSocketSequentialRequests(t *testing.T) {
+	if testing.Short() {
+		t.Skip("testing.Short(): 100 restarts one after the other")
+	}
 	c := newTestCluster(t)
 	r0 := c.start("server")
 	last, _ := strconv.Atoi(r0["pid"])
@@ -212,14 +242,8 @@ func TestControlSocketSequentialRequests(t *testing.T) {
 // socket path after the stale check and before the takeover is never
 // deleted; the takeover fails and says so.
 func TestControlSocketPathSwappedDuringTakeover(t *testing.T) {
-	dir := t.TempDir()
-	path := filepath.Join(dir, "ctl.sock")
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln.(*net.UnixListener).SetUnlinkOnClose(false)
-	ln.Close() // a stale socket
+	path := staleSocket(t)
+	dir := filepath.Dir(path)
 	precious := filepath.Join(dir, "precious")
 	os.WriteFile(precious, []byte("precious"), 0o600)
 	testHookStaleChecked = func() {
@@ -269,9 +293,7 @@ func TestControlSocketRecreated(t *testing.T) {
 	}
 	pid, _ := strconv.Atoi(r0["pid"])
 	unix.Kill(pid, unix.SIGUSR1)
-	r1 := c.reports.next("ready")
-	np, _ := strconv.Atoi(r1["pid"])
-	c.track(np)
+	r1 := c.nextNew("ready")
 	c.reports.nextFrom("replaced", r0["pid"])
 	c.restart(r1["pid"])
 }
@@ -335,10 +357,8 @@ func TestRequestRestartForeignServer(t *testing.T) {
 	os.Mkdir(sub, 0o777)
 	os.Chmod(sub, 0o777)
 	path := filepath.Join(sub, "ctl.sock")
-	cmd := exec.Command(bin, "-test.run=^$")
-	cmd.Env = append(os.Environ(), envTestRole+"=fakeserver", envTestReport+"="+c.reports.path, envTestSocket+"="+path)
+	cmd := c.command(bin, "fakeserver", envTestSocket+"="+path)
 	asNobody(cmd)
-	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -350,6 +370,14 @@ func TestRequestRestartForeignServer(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "uid 65534") {
 		t.Fatalf("a server of uid 65534 answered pid %d, %v; want an error naming its uid", pid, err)
 	}
+}
+
+// testClient is role "client": it asks for a restart and reports the
+// outcome. TestControlSocketForeignUID runs it as another uid.
+func testClient() int {
+	pid, err := RequestRestart(context.Background(), os.Getenv(envTestSocket))
+	report("client pid=%d err=%v", pid, err)
+	return 0
 }
 
 // testFakeServer is role "fakeserver": a control socket server that says
@@ -373,36 +401,217 @@ func testFakeServer() int {
 	}
 }
 
-// TestPIDFileOfAnotherUser: a PID file that another uid owns in a sticky
-// directory cannot be replaced; Start fails instead of running with a PID
-// file that names someone else.
-func TestPIDFileOfAnotherUser(t *testing.T) {
+// TestFaultControlSocketHalfFrame: clients that send half a frame and fall
+// silent tie up nothing but their own connections. Meanwhile the server
+// answers a restart request (made to fail by a knob, so that the server
+// stays) and a garbage frame, and when the half-frame clients' time is up
+// (requestTimeout, 5 s) each is answered with an error rather than dropped;
+// then a restart succeeds. It guards the per-connection read deadline (ctlsock.go,
+// serve, "conn.SetReadDeadline(time.Now().Add(requestTimeout))"): without
+// it the half-frame clients would wait until the process stopped serving.
+// It takes requestTimeout, so it runs in parallel with the rest.
+func TestFaultControlSocketHalfFrame(t *testing.T) {
+	if testing.Short() {
+		t.Skip("testing.Short(): clients answered after requestTimeout, 5 s")
+	}
+	t.Parallel()
 	c := newTestCluster(t)
-	bin := c.nobodyBinary()
-	sticky := filepath.Join(c.dir, "run")
-	os.Mkdir(sticky, 0o777)
-	os.Chmod(sticky, 0o777|os.ModeSticky)
-	pidFile := filepath.Join(sticky, "svc.pid")
-	if err := os.WriteFile(pidFile, []byte("1\n"), 0o644); err != nil { // root's
+	knob := filepath.Join(c.dir, "knob")
+	if err := os.WriteFile(knob, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	sub := filepath.Join(c.dir, "shared")
-	os.Mkdir(sub, 0o777)
-	os.Chmod(sub, 0o777)
-	cmd := exec.Command(bin, "-test.run=^$")
-	cmd.Env = append(os.Environ(), envTestRole+"=server", envTestReport+"="+c.reports.path,
-		envTestSocket+"="+filepath.Join(sub, "ctl.sock"), envTestPIDFile+"="+pidFile)
-	asNobody(cmd)
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+	r0 := c.start("server", envTestFailFile+"="+knob, envTestFailMode+"=exit3")
+	var stalled []net.Conn
+	for _, half := range [][]byte{
+		{0, 0},                                   // half a length header
+		append([]byte{0, 0, 0, 20}, "{\"Req"...), // a header and a quarter of its payload
+	} {
+		conn, err := net.Dial("unix", c.socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		if _, err := conn.Write(half); err != nil {
+			t.Fatal(err)
+		}
+		stalled = append(stalled, conn)
 	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	rep := c.reports.next("error")
-	if !strings.Contains(rep["err"], "start:") || !strings.Contains(rep["err"], pidFile) {
-		t.Errorf("Start with a foreign PID file: %v, want a Start error naming the file", rep)
+	// Served meanwhile: a restart request, which fails by the knob...
+	if err := c.requestErr(); !strings.Contains(err.Error(), "exited before it was ready") {
+		t.Fatalf("RequestRestart while clients stall: %v", err)
 	}
-	if got := readPIDFile(t, pidFile); got != "1" {
-		t.Errorf("PID file changed to %q", got)
+	// ...and a garbage frame.
+	if m := sendFrame(t, c.socket, "\x00\x00\x00\x02{}"); m.kind != msgRestartFailed || !strings.Contains(m.text, "bad request") {
+		t.Errorf("garbage frame answered with %+v", m)
+	}
+	for i, conn := range stalled {
+		m := readAnswer(t, conn)
+		if m.kind != msgRestartFailed || m.text != "bad request: no request within 5s" {
+			t.Errorf("half-frame client %d answered with %+v, want a RestartFailed naming a bad request and the timeout", i, m)
+		}
+	}
+	c.restart(r0["pid"])
+}
+
+// TestFaultControlSocketFDLeak runs the in-process tests of the control
+// socket and of bindControl, and more of its paths, and checks that every
+// fd they opened was closed: on each bind error (bindControl's fail
+// closures), after finish (the listener, its duplicate for the new process,
+// every connection, answered or cut short), and for an inherited control
+// socket that is adopted or refused (listenControl closes the refused one).
+func TestFaultControlSocketFDLeak(t *testing.T) {
+	// Not parallel: other tests' fds would come and go during the count.
+	log := slog.New(slog.DiscardHandler)
+	before := listFDs(t)
+
+	t.Run("PathInTheWay", TestControlSocketPathInTheWay)
+	t.Run("StaleAndMode", TestControlSocketStaleAndMode)
+	t.Run("NoServer", TestRequestRestartNoServer)
+	t.Run("BindErrors", func(t *testing.T) {
+		dir := t.TempDir()
+		for _, path := range []string{
+			"",
+			"@abstract",
+			filepath.Join(dir, strings.Repeat("x", 200)), // longer than sun_path: bind fails
+			filepath.Join(dir, "missing", "ctl.sock"),    // no such directory: bind fails
+		} {
+			if fd, _, err := bindControl(path); err == nil {
+				unix.Close(fd)
+				t.Errorf("bindControl(%q) succeeded", path)
+			}
+		}
+		fd, _, err := bindControl(filepath.Join(dir, "ok.sock"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		unix.Close(fd)
+	})
+	t.Run("Server", func(t *testing.T) {
+		if testing.Short() {
+			t.Skip("testing.Short(): clients answered after requestTimeout, 5 s")
+		}
+		path := filepath.Join(t.TempDir(), "ctl.sock")
+		s, err := listenControl(path, -1, "", log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		go s.serve()
+		// The restart loop's part: every request restarts into pid 4242.
+		loop := make(chan struct{})
+		go func() {
+			defer close(loop)
+			for {
+				select {
+				case q := <-s.reqs:
+					q.respond(log, 4242, nil)
+				case <-s.stopped:
+					return
+				}
+			}
+		}()
+		ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
+		defer cancel()
+		if pid, err := RequestRestart(ctx, path); pid != 4242 || err != nil {
+			t.Errorf("RequestRestart = %d, %v; want 4242", pid, err)
+		}
+		if m := sendFrame(t, path, "\x00\x00\x00\x01x"); m.kind != msgRestartFailed || !strings.Contains(m.text, "bad request") {
+			t.Errorf("garbage answered with %+v", m)
+		}
+		// Fill every slot with a silent client; the next one is turned
+		// away at once (ctlsock.go, accept, the slots select), the silent
+		// ones are answered when their read times out.
+		// The slots of the clients above are given back after their
+		// answers are sent: wait for that.
+		waitUntil(t, func() string {
+			if n := len(s.slots); n > 0 {
+				return fmt.Sprintf("%d slots still taken with no client left", n)
+			}
+			return ""
+		})
+		var silent []net.Conn
+		for range maxControlConns {
+			c, err := net.Dial("unix", path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			silent = append(silent, c)
+		}
+		extra, err := net.Dial("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m := readAnswer(t, extra); m.kind != msgRestartFailed || m.text != "too many concurrent restart requests" {
+			t.Errorf("client beyond maxControlConns answered with %+v", m)
+		}
+		extra.Close()
+		s.finish(4343, nil, true)
+		<-loop
+		for i, c := range silent {
+			if m := readAnswer(t, c); m.kind != msgRestartFailed || m.text != "bad request: no request within 5s" {
+				t.Fatalf("silent client %d answered with %+v", i, m)
+			}
+			c.Close()
+		}
+		if _, err := RequestRestart(ctx, path); err == nil {
+			t.Errorf("RequestRestart succeeded after finish")
+		}
+	})
+	t.Run("Inherited", func(t *testing.T) {
+		dir := t.TempDir()
+		// Bound to the same path: adopted; finish closes it.
+		same := filepath.Join(dir, "same.sock")
+		fd, id, err := bindControl(same)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := listenControl(same, fd, id.String(), log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s.fd != fd {
+			t.Errorf("the inherited socket on the same path was not adopted")
+		}
+		s.finish(0, errors.New("done"), false)
+		// Bound elsewhere: closed, and a new socket bound.
+		fd, id, err = bindControl(filepath.Join(dir, "elsewhere.sock"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err = listenControl(filepath.Join(dir, "new.sock"), fd, id.String(), log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.finish(0, errors.New("done"), false)
+		// Not a listening socket at all: closed too.
+		var p [2]int
+		if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+			t.Fatal(err)
+		}
+		unix.Close(p[1])
+		s, err = listenControl(filepath.Join(dir, "pipe.sock"), p[0], "", log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.finish(0, errors.New("done"), false)
+	})
+	checkFDs(t, before, false)
+}
+
+// TestLogLimiter: a failure that repeats (accept out of fds) is logged once
+// per logEvery, with how often it happened since.
+func TestLogLimiter(t *testing.T) {
+	var l logLimiter
+	t0 := time.Unix(1000, 0)
+	if n := l.note(t0); n != 1 {
+		t.Fatalf("first occurrence: %d, want it logged (1)", n)
+	}
+	for i := 1; i <= 199; i++ { // every 50 ms for 10 s, less one
+		if n := l.note(t0.Add(time.Duration(i) * 50 * time.Millisecond)); n != 0 {
+			t.Fatalf("occurrence %d, %v after the first: logged", i, time.Duration(i)*50*time.Millisecond)
+		}
+	}
+	if n := l.note(t0.Add(logEvery)); n != 200 {
+		t.Errorf("after %v: %d, want 200 occurrences reported", logEvery, n)
 	}
 }

@@ -25,83 +25,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// TestTakeInheritanceHostile feeds the fd takeover environments that name
-// fds that are closed, of the wrong type, out of range or malformed.
-func TestTakeInheritanceHostile(t *testing.T) {
-	pid := strconv.Itoa(os.Getpid())
-	// In each environment, P stands for a fresh pipe's read end, S for a
-	// fresh socket, C for a closed fd.
-	for _, tc := range []struct {
-		name string
-		env  map[string]string
-		want string
-	}{
-		{"closed", map[string]string{envReadyFD: "C", envStateFD: "P"}, "bad file descriptor"},
-		{"opened here", map[string]string{envReadyFD: "O", envStateFD: "P"}, "was not inherited"},
-		{"wrong type", map[string]string{envReadyFD: "P", envStateFD: "P"}, "is a pipe, want a socket"},
-		{"same fd twice", map[string]string{envReadyFD: "S", envStateFD: "S"}, "overlaps"},
-		{"negative", map[string]string{envReadyFD: "-1", envStateFD: "P"}, "not an fd number"},
-		{"garbage", map[string]string{envReadyFD: "4x", envStateFD: "P"}, "not an fd number"},
-		{"leading zero", map[string]string{envReadyFD: "04", envStateFD: "P"}, "not an fd number"},
-		{"huge", map[string]string{envReadyFD: "99999999999", envStateFD: "P"}, "not an fd number"},
-		{"stdio", map[string]string{envReadyFD: "1", envStateFD: "P"}, "overlaps"},
-		{"alone", map[string]string{envReadyFD: "S"}, "must be set together"},
-		{"control not a socket", map[string]string{envReadyFD: "S", envStateFD: "P", envControlFD: "P"}, "overlaps"},
-		{"listen count", map[string]string{envListenPID: pid, envListenFDs: "x"}, "not a count"},
-		{"listen too many", map[string]string{envListenPID: pid, envListenFDs: "100000000"}, "not a count"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			before := countFDs(t)
-			// Without close-on-exec, as fds inherited across execve are.
-			var p [2]int
-			if err := unix.Pipe2(p[:], 0); err != nil {
-				t.Fatal(err)
-			}
-			sp, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			// A socket of this process's own, close-on-exec as Go makes
-			// every fd: never to be taken, whatever the variables say.
-			own, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			env := map[string]string{}
-			for k, v := range tc.env {
-				v = strings.NewReplacer("P", strconv.Itoa(p[0]), "S", strconv.Itoa(sp[0]), "C", strconv.Itoa(p[1]+1000),
-					"O", strconv.Itoa(own[0])).Replace(v)
-				env[k] = v
-			}
-			var unset []string
-			inh := takeInheritance(func(k string) (string, bool) { v, ok := env[k]; return v, ok },
-				func(k string) error { unset = append(unset, k); return nil })
-			if inh.err == nil || !strings.Contains(inh.err.Error(), tc.want) {
-				t.Fatalf("error %v, want one containing %q", inh.err, tc.want)
-			}
-			if inh.readyFD >= 0 || inh.stateFD >= 0 {
-				t.Errorf("took fds %d, %d despite the error", inh.readyFD, inh.stateFD)
-			}
-			for k := range tc.env {
-				if !strings.HasPrefix(k, "LISTEN_") && !slices.Contains(unset, k) {
-					t.Errorf("%s was not removed from the environment", k)
-				}
-			}
-			// What was validated and then refused is closed, not leaked;
-			// close what was not.
-			unix.Close(p[0])
-			unix.Close(sp[0])
-			unix.Close(p[1])
-			unix.Close(sp[1])
-			unix.Close(own[0])
-			unix.Close(own[1])
-			if after := countFDs(t); after != before {
-				t.Errorf("%d fds open before, %d after", before, after)
-			}
-		})
-	}
-}
-
 // The fd registry: listeners across restarts, socket activation (fdpass.go).
 
 // Tests of the named-fd registry across real restarts: every kind of fd is
@@ -122,9 +45,6 @@ const (
 	// Role "fdpass": every generation works in this directory (it matters to
 	// a relative unlink, which is what TestFDPassUnclaimed guards against).
 	envFDPassDir = "SHELLFLIP_TEST_FDPASS_DIR"
-	// Role "fdpass-overlap": a fifo the new process reads a line from
-	// between claiming its listener and Ready.
-	envFDPassHold = "SHELLFLIP_TEST_FDPASS_HOLD"
 	// Role "fdpass-many": prefix of the abstract socket names.
 	envFDPassTag = "SHELLFLIP_TEST_FDPASS_TAG"
 	// Role "fdpass-hostile": comma-separated names to claim with ListenNamed.
@@ -142,14 +62,6 @@ const fdpassScanFDs = 2048
 // fdpassManyN is how many listeners role "fdpass-many" passes on.
 const fdpassManyN = 1000
 
-func init() {
-	testRoles["fdpass"] = fdpassRole
-	testRoles["fdpass-overlap"] = fdpassOverlapRole
-	testRoles["fdpass-hook"] = fdpassHookRole
-	testRoles["fdpass-many"] = fdpassManyRole
-	testRoles["fdpass-hostile"] = fdpassHostileRole
-}
-
 // fdpassAtInit is the process as it was before the package's init took the
 // inherited fds. Package-level variables are initialised before any init
 // function of the package runs (Go spec, "Package initialization"), so this
@@ -161,20 +73,12 @@ func init() {
 var fdpassAtInit = fdpassSnapshot()
 
 type fdpassSnap struct {
-	env  url.Values       // LISTEN_* as os.LookupEnv saw them
-	exec url.Values       // LISTEN_* in /proc/self/environ: what execve passed
-	fds  map[int]fdpassFD // fds 3 and up
-}
-
-// fdpassFD identifies an open file: its /proc/self/fd link and device and
-// inode numbers, which are the same in every process that shares the file.
-// cloexec is its close-on-exec flag when it was taken: at initialisation,
-// an fd with the flag set cannot have come through execve, so this process
-// (the Go runtime) opened it.
-type fdpassFD struct {
-	target   string
-	dev, ino uint64
-	cloexec  bool
+	env  url.Values // LISTEN_* as os.LookupEnv saw them
+	exec url.Values // LISTEN_* in /proc/self/environ: what execve passed
+	// The fds 3 and up. An fd that was close-on-exec at initialisation
+	// cannot have come through execve: this process (the Go runtime)
+	// opened it.
+	fds map[int]fdID
 }
 
 func fdpassSnapshot() fdpassSnap {
@@ -184,9 +88,9 @@ func fdpassSnapshot() fdpassSnap {
 	if os.Getenv(envFDPassOpenEarly) != "" {
 		os.ReadFile("/proc/self/stat")
 	}
-	s := fdpassSnap{env: fdpassListenEnv(os.LookupEnv), exec: url.Values{}, fds: map[int]fdpassFD{}}
+	s := fdpassSnap{env: fdpassListenEnv(os.LookupEnv), exec: url.Values{}, fds: map[int]fdID{}}
 	for fd := 3; fd < fdpassScanFDs; fd++ {
-		if id, err := fdpassStat(fd); err == nil {
+		if id, err := statFD(fd); err == nil {
 			s.fds[fd] = id
 		}
 	}
@@ -230,31 +134,6 @@ func fdpassListenEnv(lookup func(string) (string, bool)) url.Values {
 		}
 	}
 	return v
-}
-
-func fdpassStat(fd int) (fdpassFD, error) {
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return fdpassFD{}, err
-	}
-	target, _ := os.Readlink("/proc/self/fd/" + strconv.Itoa(fd))
-	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
-	return fdpassFD{target: target, dev: st.Dev, ino: st.Ino, cloexec: err == nil && fl&unix.FD_CLOEXEC != 0}, nil
-}
-
-// state tells whether fd still holds the file it held when id was taken:
-// "same", "closed" or "other" (closed and the number reused).
-func (id fdpassFD) state(fd int) string {
-	cur, err := fdpassStat(fd)
-	switch {
-	case err == unix.EBADF:
-		return "closed"
-	case err != nil:
-		return "error:" + err.Error()
-	case cur.dev == id.dev && cur.ino == id.ino:
-		return "same"
-	}
-	return "other"
 }
 
 // fdpassSay reports a line to the test: kind, this pid, then key=value
@@ -411,8 +290,9 @@ func fdpassServe(gen int, tail fdpassTail) int {
 
 // fdpassSpec is one thing role "fdpass" holds.
 //
-//	listen: Listen (name "-") or ListenNamed; greets every connection
-//	packet: ListenPacket (name "-") or ListenPacketNamed; reports datagrams
+//	listen: ListenConfig.Listen, under name, or ListenerName's for "-";
+//	        greets every connection
+//	packet: ListenConfig.ListenPacket, named likewise; reports datagrams
 //	conn:   generation 0 dials network/address and Adds the connection;
 //	        later ones take it with Conn; reports lines, answers "pong"
 //	file:   generation 0 opens address (a regular file or a fifo) and Adds
@@ -564,28 +444,17 @@ func fdpassClaim(sp fdpassSpec, gen int) (string, io.Closer, error) {
 		sc   syscall.Conn
 		addr string
 	)
+	lc := ListenConfig{Name: name}
 	switch sp.kind {
 	case "listen":
-		var ln net.Listener
-		var err error
-		if sp.name == "-" {
-			ln, err = Listen(sp.network, sp.address)
-		} else {
-			ln, err = listenNamed(sp.name, nil, sp.network, sp.address)
-		}
+		ln, err := lc.Listen(context.Background(), sp.network, sp.address)
 		if err != nil {
 			return "", nil, err
 		}
 		go fdpassGreet(ln, gen, name)
 		c, sc, addr = ln, ln.(syscall.Conn), ln.Addr().String()
 	case "packet":
-		var pc net.PacketConn
-		var err error
-		if sp.name == "-" {
-			pc, err = ListenPacket(sp.network, sp.address)
-		} else {
-			pc, err = listenPacketNamed(sp.name, nil, sp.network, sp.address)
-		}
+		pc, err := lc.ListenPacket(context.Background(), sp.network, sp.address)
 		if err != nil {
 			return "", nil, err
 		}
@@ -694,7 +563,7 @@ func fdpassPathKind(path string) string {
 type fdpassInherited struct {
 	name string
 	fd   int
-	id   fdpassFD
+	id   fdID
 }
 
 // fdpassInheritedFDs lists the fds that LISTEN_FDS and LISTEN_FDNAMES named
@@ -775,71 +644,6 @@ func fdpassSocks(t *testing.T, rep map[string]string, n int) []fdpassSock {
 	return socks
 }
 
-// fdpassGreeting connects to a listener of role "fdpass" and returns what
-// it says.
-func fdpassGreeting(t *testing.T, network, addr string) string {
-	t.Helper()
-	s, err := fdpassTryGreeting(network, addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
-}
-
-func fdpassTryGreeting(network, addr string) (string, error) {
-	c, err := net.DialTimeout(network, addr, testDeadline)
-	if err != nil {
-		return "", err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(testDeadline))
-	b, err := io.ReadAll(c)
-	return string(b), err
-}
-
-// fdpassWaitExit waits until pid has exited (reaped or not): a pidfd
-// becomes readable then. Processes of later generations are not the
-// test's children, so it cannot wait for them.
-func fdpassWaitExit(t *testing.T, pid int) {
-	t.Helper()
-	pfd, err := unix.PidfdOpen(pid, 0)
-	if err == unix.ESRCH {
-		return
-	}
-	if err != nil {
-		t.Fatalf("pidfd_open(%d): %v", pid, err)
-	}
-	defer unix.Close(pfd)
-	fds := []unix.PollFd{{Fd: int32(pfd), Events: unix.POLLIN}}
-	for {
-		n, err := unix.Poll(fds, int(testDeadline/time.Millisecond))
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil || n == 0 {
-			t.Fatalf("pid %d still running after %v", pid, testDeadline)
-		}
-		return
-	}
-}
-
-// fdpassWaitExited waits until the cluster's generation 0 has exited.
-func fdpassWaitExited(t *testing.T, c *testCluster) {
-	t.Helper()
-	select {
-	case <-c.exited:
-	case <-time.After(testDeadline):
-		t.Fatalf("generation 0 did not exit")
-	}
-}
-
-// fdpassGorace is a GORACE setting for the processes these tests start: a
-// race-enabled binary sleeps a second on exit by default (atexit_sleep_ms),
-// and several tests wait for an old process to exit.
-func fdpassGorace() string {
-	return "GORACE=" + strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0")
-}
-
 func fdpassHaveIPv6() (bool, error) {
 	ln, err := net.Listen("tcp6", "[::1]:0")
 	if err != nil {
@@ -891,7 +695,7 @@ func TestFDPassEveryKind(t *testing.T) {
 	for _, sp := range specs {
 		items = append(items, sp.String())
 	}
-	r0 := c.start("fdpass", fdpassGorace(), envFDPassSpecs+"="+strings.Join(items, ","))
+	r0 := c.start("fdpass", envFDPassSpecs+"="+strings.Join(items, ","))
 	s0 := c.reports.next("fdpass-socks")
 	names0 := fdpassNames(fdpassField(s0, "names"))
 	var want []string
@@ -951,10 +755,7 @@ func TestFDPassEveryKind(t *testing.T) {
 			addr := socks[i].addr
 			switch sp.kind {
 			case "listen":
-				wantGreet := fmt.Sprintf("pid=%s gen=%d name=%s\n", pid, gen, sp.regName())
-				if got := fdpassGreeting(t, sp.network, addr); got != wantGreet {
-					t.Errorf("%s: greeted with %q, want %q", sp, got, wantGreet)
-				}
+				fdpassGreets(t, sp.network, addr, pid, gen, sp.regName())
 			case "packet":
 				pc, err := net.Dial(sp.network, addr)
 				if err != nil {
@@ -1002,6 +803,15 @@ func fdpassWantRecv(t *testing.T, c *testCluster, pid string, gen int, name, dat
 	}
 }
 
+// fdpassGreets checks that the listener at addr is served by pid, as
+// generation gen, under name ("" for a listener of role "server").
+func fdpassGreets(t *testing.T, network, addr, pid string, gen int, name string) {
+	t.Helper()
+	if h := dialHello(t, network, addr); h["pid"] != pid || h["gen"] != strconv.Itoa(gen) || h["name"] != name {
+		t.Errorf("%s %s greeted with %v, want pid=%s gen=%d name=%s", network, addr, h, pid, gen, name)
+	}
+}
+
 // TestFDPassListenEnv checks LISTEN_* as a process started by a restart
 // observes them:
 //   - as execve passed them (/proc/self/environ): LISTEN_FDS the number of
@@ -1025,7 +835,7 @@ func TestFDPassListenEnv(t *testing.T) {
 		"packet|-|udp|127.0.0.1:0",
 		"file|state-file|file|" + filepath.Join(c.dir, "file"),
 	}
-	r0 := c.start("fdpass", fdpassGorace(), envFDPassSpecs+"="+strings.Join(specs, ","))
+	r0 := c.start("fdpass", envFDPassSpecs+"="+strings.Join(specs, ","))
 	e0 := c.reports.next("fdpass-env")
 	for _, k := range []string{"exec", "init", "main", "environ"} {
 		if v := fdpassField(e0, k); v != "" {
@@ -1103,9 +913,8 @@ func TestFDPassSocketActivation(t *testing.T) {
 
 	// The first connection activates the service. A failure here is only
 	// reported: the role's reports below say more about what went wrong.
-	greet, err := fdpassTryGreeting("tcp", addr)
-	if want := fmt.Sprintf("pid=%d gen=0 name=web\n", cmd.Process.Pid); greet != want || err != nil {
-		t.Errorf("first connection greeted with %q, %v; want %q", greet, err, want)
+	if h, err := tryHello("tcp", addr); err != nil || h["pid"] != strconv.Itoa(cmd.Process.Pid) || h["gen"] != "0" || h["name"] != "web" {
+		t.Errorf("first connection greeted with %v, %v; want pid=%d gen=0 name=web", h, err, cmd.Process.Pid)
 	}
 	c.reports.next("started")
 	e0 := c.reports.next("fdpass-env")
@@ -1141,9 +950,7 @@ func TestFDPassSocketActivation(t *testing.T) {
 	if sock1 := fdpassSocks(t, s1, 1)[0]; sock1 != sock0 {
 		t.Errorf("new process holds %+v, the activated one held %+v", sock1, sock0)
 	}
-	if greet := fdpassGreeting(t, "tcp", addr); greet != fmt.Sprintf("pid=%s gen=1 name=web\n", r1["pid"]) {
-		t.Errorf("after the restart greeted with %q, want generation 1 (pid %s)", greet, r1["pid"])
-	}
+	fdpassGreets(t, "tcp", addr, r1["pid"], 1, "web")
 }
 
 // fdpassStartActivator starts systemd-socket-activate on a free port with
@@ -1166,7 +973,7 @@ func fdpassStartActivator(t *testing.T, c *testCluster, ssa string) (*exec.Cmd, 
 			"-E", envTestReport+"="+c.reports.path,
 			"-E", envTestSocket+"="+c.socket,
 			"-E", envFDPassSpecs+"=listen|web|tcp|127.0.0.1:0",
-			"-E", fdpassGorace(),
+			"-E", goraceEnv(),
 			os.Args[0], "-test.run=^$")
 		r, w, err := os.Pipe()
 		if err != nil {
@@ -1210,10 +1017,7 @@ func fdpassStartActivator(t *testing.T, c *testCluster, ssa string) (*exec.Cmd, 
 				said = append(said, line)
 				if strings.HasPrefix(line, "Listening on "+listen) {
 					close(found)
-					go func() {
-						cmd.Wait()
-						close(c.exited)
-					}()
+					c.adopt(cmd)
 					return cmd, port
 				}
 			case <-timeout:
@@ -1259,7 +1063,7 @@ func TestFDPassUnclaimed(t *testing.T) {
 	for _, sp := range specs {
 		items = append(items, sp.String())
 	}
-	r0 := c.start("fdpass", fdpassGorace(), envFDPassSpecs+"="+strings.Join(items, ","), envFDPassDir+"="+c.dir)
+	r0 := c.start("fdpass", envFDPassSpecs+"="+strings.Join(items, ","), envFDPassDir+"="+c.dir)
 	socks0 := fdpassSocks(t, c.reports.next("fdpass-socks"), len(specs))
 	r1 := c.restart(r0["pid"])
 	inh := c.reports.next("fdpass-inherited")
@@ -1293,7 +1097,7 @@ func TestFDPassUnclaimed(t *testing.T) {
 		t.Errorf("the file named like the abstract socket is %s after Ready: unlinked for an abstract listener", got)
 	}
 
-	fdpassWaitExited(t, c)
+	c.waitExit()
 	for _, i := range []int{1, 4} {
 		conn, err := net.DialTimeout(specs[i].network, socks0[i].addr, testDeadline)
 		if err == nil {
@@ -1304,10 +1108,7 @@ func TestFDPassUnclaimed(t *testing.T) {
 		}
 	}
 	for _, i := range []int{0, 2} {
-		want := fmt.Sprintf("pid=%s gen=1 name=%s\n", r1["pid"], specs[i].name)
-		if got := fdpassGreeting(t, specs[i].network, socks0[i].addr); got != want {
-			t.Errorf("%s greeted with %q, want %q", specs[i].name, got, want)
-		}
+		fdpassGreets(t, specs[i].network, socks0[i].addr, r1["pid"], 1, specs[i].name)
 	}
 }
 
@@ -1318,21 +1119,17 @@ func TestFDPassOldKeepsSocketFile(t *testing.T) {
 	t.Parallel()
 	c := newTestCluster(t)
 	stream, seq, dgram := filepath.Join(c.dir, "s.sock"), filepath.Join(c.dir, "q.sock"), filepath.Join(c.dir, "d.sock")
-	r0 := c.start("fdpass", fdpassGorace(), envFDPassSpecs+"=listen|-|unix|"+stream+",listen|-|unixpacket|"+seq+",packet|-|unixgram|"+dgram)
+	r0 := c.start("fdpass", envFDPassSpecs+"=listen|-|unix|"+stream+",listen|-|unixpacket|"+seq+",packet|-|unixgram|"+dgram)
 	r1 := c.restart(r0["pid"])
 	// The old process closed its listeners before it reported "replaced".
-	fdpassWaitExited(t, c)
+	c.waitExit()
 	for _, p := range []string{stream, seq, dgram} {
 		if got := fdpassPathKind(p); got != "sock" {
 			t.Errorf("%s is %s after the old process closed its listener and exited", p, got)
 		}
 	}
-	if got, want := fdpassGreeting(t, "unix", stream), fmt.Sprintf("pid=%s gen=1 name=%s\n", r1["pid"], ListenerName("unix", stream)); got != want {
-		t.Errorf("unix listener greeted with %q, want %q", got, want)
-	}
-	if got, want := fdpassGreeting(t, "unixpacket", seq), fmt.Sprintf("pid=%s gen=1 name=%s\n", r1["pid"], ListenerName("unixpacket", seq)); got != want {
-		t.Errorf("unixpacket listener greeted with %q, want %q", got, want)
-	}
+	fdpassGreets(t, "unix", stream, r1["pid"], 1, ListenerName("unix", stream))
+	fdpassGreets(t, "unixpacket", seq, r1["pid"], 1, ListenerName("unixpacket", seq))
 	pc, err := net.Dial("unixgram", dgram)
 	if err != nil {
 		t.Fatal(err)
@@ -1349,7 +1146,7 @@ func TestFDPassOldKeepsSocketFile(t *testing.T) {
 func TestFDPassDynamicPorts(t *testing.T) {
 	t.Parallel()
 	c := newTestCluster(t)
-	r0 := c.start("server", fdpassGorace(), envTestListen+"=tcp=127.0.0.1:0,udp=127.0.0.1:0")
+	r0 := c.start("server", envTestListen+"=tcp=127.0.0.1:0,udp=127.0.0.1:0")
 	addrs := r0["addrs"]
 	for _, a := range strings.Split(addrs, ",") {
 		if strings.HasSuffix(a, ":0") || !strings.Contains(a, "127.0.0.1:") {
@@ -1363,13 +1160,11 @@ func TestFDPassDynamicPorts(t *testing.T) {
 	}
 	// The server role keeps accepting until it exits: wait for both old
 	// generations, so that only generation 2 can answer.
-	fdpassWaitExited(t, c)
+	c.waitExit()
 	p1, _ := strconv.Atoi(r1["pid"])
-	fdpassWaitExit(t, p1)
+	waitExited(t, p1)
 	tcp := strings.TrimPrefix(strings.Split(addrs, ",")[0], "tcp=")
-	if got, want := fdpassGreeting(t, "tcp", tcp), fmt.Sprintf("pid=%s gen=2\n", r2["pid"]); got != want {
-		t.Errorf("greeted with %q, want %q", got, want)
-	}
+	fdpassGreets(t, "tcp", tcp, r2["pid"], 2, "")
 }
 
 // fdpassOverlapRole holds a tcp listener and a udp socket. Generation 0
@@ -1419,12 +1214,7 @@ func fdpassOverlapRole() int {
 		}()
 	} else {
 		fdpassSay("fdpass-claimed", "gen", strconv.Itoa(gen), "nonblock", flags(), "addr", ln.Addr().String())
-		f, err := os.Open(os.Getenv(envFDPassHold))
-		if err != nil {
-			return fdpassFail("hold: %v", err)
-		}
-		bufio.NewReader(f).ReadString('\n')
-		f.Close()
+		waitFIFO(os.Getenv(envTestHoldFIFO))
 	}
 	return fdpassServe(gen, fdpassTail{
 		ready: func() []string { return []string{"nonblock", flags(), "tcp", ln.Addr().String()} },
@@ -1446,12 +1236,8 @@ func fdpassOverlapRole() int {
 // it before Ready and after the handover, until the old process stops.
 func TestFDPassNonblockOverlap(t *testing.T) {
 	t.Parallel()
-	c := newTestCluster(t)
-	hold := filepath.Join(c.dir, "hold")
-	if err := unix.Mkfifo(hold, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	r0 := c.start("fdpass-overlap", fdpassGorace(), envFDPassHold+"="+hold)
+	c := newTestCluster(t, clusterHeld)
+	r0 := c.start("fdpass-overlap")
 	oldPid, addr := r0["pid"], fdpassField(r0, "tcp")
 	talk := func(when, say string) {
 		t.Helper()
@@ -1469,32 +1255,15 @@ func TestFDPassNonblockOverlap(t *testing.T) {
 	}
 	talk("before the restart", "next")
 
-	type result struct {
-		pid int
-		err error
-	}
-	res := make(chan result, 1)
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
-		defer cancel()
-		pid, err := RequestRestart(ctx, c.socket)
-		res <- result{pid, err}
-	}()
-	claimed := c.reports.next("fdpass-claimed")
-	np, _ := strconv.Atoi(claimed["pid"])
-	c.track(np)
+	answer := c.ask()
+	claimed := c.nextNew("fdpass-claimed")
 	if got := fdpassField(claimed, "nonblock"); got != "true,true" {
 		t.Errorf("new process, after claiming: O_NONBLOCK of listener,udp = %s", got)
 	}
 	talk("while the new process holds the listener", "next")
 
-	f, err := os.OpenFile(hold, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.WriteString("go\n")
-	f.Close()
-	r := <-res
+	releaseFIFO(t, c.hold)
+	r := <-answer
 	if r.err != nil {
 		t.Fatalf("RequestRestart: %v", r.err)
 	}
@@ -1509,7 +1278,7 @@ func TestFDPassNonblockOverlap(t *testing.T) {
 		t.Fatalf("replaced report %v", repl)
 	}
 	talk("after the handover", "bye")
-	fdpassWaitExited(t, c)
+	c.waitExit()
 }
 
 // fdpassHookRole creates a tcp listener and a udp socket with a
@@ -1574,7 +1343,7 @@ func fdpassHookRole() int {
 func TestFDPassControlHook(t *testing.T) {
 	t.Parallel()
 	c := newTestCluster(t)
-	r0 := c.start("fdpass-hook", fdpassGorace())
+	r0 := c.start("fdpass-hook")
 	if got := fdpassField(r0, "calls"); got != "2" {
 		t.Errorf("generation 0 ran the Control hook %s times, want 2 (one per socket)", got)
 	}
@@ -1684,7 +1453,7 @@ func TestFDPassThousand(t *testing.T) {
 	}
 	c := newTestCluster(t)
 	tag := fmt.Sprintf("shellflip-fdpass-many-%d-%d", os.Getpid(), time.Now().UnixNano())
-	r0 := c.start("fdpass-many", fdpassGorace(), envFDPassTag+"="+tag)
+	r0 := c.start("fdpass-many", envFDPassTag+"="+tag)
 	if fdpassField(r0, "n") != strconv.Itoa(fdpassManyN) || fdpassField(r0, "bad") != "" {
 		t.Fatalf("generation 0: %d names, problem %q", fdpassManyN, fdpassField(r0, "bad"))
 	}
@@ -1692,7 +1461,7 @@ func TestFDPassThousand(t *testing.T) {
 	if n, bad := fdpassField(r1, "n"), fdpassField(r1, "bad"); n != strconv.Itoa(fdpassManyN) || bad != "" {
 		t.Fatalf("generation 1: %s names, problem %q", n, bad)
 	}
-	fdpassWaitExited(t, c)
+	c.waitExit()
 	for _, i := range []int{0, fdpassManyN / 2, fdpassManyN - 1} {
 		conn, err := net.DialTimeout("unix", fmt.Sprintf("@%s-%04d", tag, i), testDeadline)
 		if err != nil {
@@ -1712,24 +1481,24 @@ func fdpassHostileRole() int {
 	v := url.Values{}
 	v.Set("names", strings.Join(registryNames(), ":"))
 	v.Set("main", fdpassListenEnv(os.LookupEnv).Encode())
-	fds := map[int]fdpassFD{}
+	fds := map[int]fdID{}
 	for fd, id := range fdpassAtInit.fds {
 		fds[fd] = id
 	}
 	if n, err := strconv.Atoi(fdpassAtInit.env.Get(envListenFDs)); err == nil {
 		for i := 0; i < n && i < 64; i++ {
 			if _, ok := fds[listenFDsStart+i]; !ok {
-				fds[listenFDsStart+i] = fdpassFD{target: "closed"}
+				fds[listenFDsStart+i] = fdID{target: "closed"}
 			}
 		}
 	}
 	state := map[int]string{}
 	for fd, id := range fds {
-		cloexec := "-"
+		closeOnExec := "-"
 		if fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == nil {
-			cloexec = strconv.FormatBool(fl&unix.FD_CLOEXEC != 0)
+			closeOnExec = strconv.FormatBool(fl&unix.FD_CLOEXEC != 0)
 		}
-		state[fd] = id.target + "|" + strconv.FormatBool(id.cloexec) + "|" + id.state(fd) + "|" + cloexec
+		state[fd] = id.target + "|" + strconv.FormatBool(id.cloexec) + "|" + id.state(fd) + "|" + closeOnExec
 	}
 	for i, name := range strings.Split(os.Getenv(envFDPassClaim), ",") {
 		if name == "" {
@@ -1848,8 +1617,7 @@ func TestFDPassHostileEnv(t *testing.T) {
 
 func fdpassHostileCase(t *testing.T, sh string, pass int, env map[string]string, claim, wantErr string,
 	wantNames []string, fdMain string, fdEnd []string, kept bool) {
-	dir := t.TempDir()
-	reports := newTestReports(t, dir)
+	c := newTestCluster(t)
 	var files []*os.File
 	inos := map[string]int{} // "socket:[ino]" -> fd in the child
 	for i := 0; i < pass; i++ {
@@ -1870,25 +1638,15 @@ func fdpassHostileCase(t *testing.T, sh string, pass int, env map[string]string,
 		inos[fmt.Sprintf("socket:[%d]", fi.Sys().(*syscall.Stat_t).Ino)] = listenFDsStart + i
 		files = append(files, f)
 	}
-	var cmdEnv []string
-	for _, kv := range os.Environ() {
-		if k, _, _ := strings.Cut(kv, "="); !strings.HasPrefix(k, "LISTEN_") && k != "NOTIFY_SOCKET" &&
-			!(strings.HasPrefix(k, "SHELLFLIP_") && !strings.HasPrefix(k, "SHELLFLIP_TEST_")) {
-			cmdEnv = append(cmdEnv, kv)
-		}
-	}
-	cmdEnv = append(cmdEnv, envTestRole+"=fdpass-hostile", envTestReport+"="+reports.path, envFDPassClaim+"="+claim, fdpassGorace())
+	extra := []string{envFDPassClaim + "=" + claim}
 	for k, v := range env {
-		cmdEnv = append(cmdEnv, k+"="+v)
+		extra = append(extra, k+"="+v)
 	}
-	var cmd *exec.Cmd
-	if _, ok := env[envListenPID]; ok {
-		cmd = exec.Command(os.Args[0], "-test.run=^$")
-	} else {
+	cmd := c.command(os.Args[0], "fdpass-hostile", extra...)
+	if _, ok := env[envListenPID]; !ok {
 		// The shell's pid is the test binary's after exec.
-		cmd = exec.Command(sh, "-c", `LISTEN_PID=$$; export LISTEN_PID; exec "$0" -test.run=^$`, os.Args[0])
+		cmd.Path, cmd.Args = sh, []string{sh, "-c", `LISTEN_PID=$$; export LISTEN_PID; exec "$0" -test.run=^$`, os.Args[0]}
 	}
-	cmd.Env = cmdEnv
 	cmd.ExtraFiles = files
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
@@ -1902,7 +1660,7 @@ func fdpassHostileCase(t *testing.T, sh string, pass int, env map[string]string,
 	// already, so a short deadline only bounds the failure case.
 	var line string
 	select {
-	case line = <-reports.lines:
+	case line = <-c.reports.lines:
 	case <-time.After(time.Second):
 	}
 	if line == "" {
@@ -1988,8 +1746,7 @@ func fdpassHostileCase(t *testing.T, sh string, pass int, env map[string]string,
 // second call for another kind of socket under that name is refused.
 // Observed and documented here, since the package does not say.
 func TestFDPassListenTwice(t *testing.T) {
-	fdpassWarmUp(t)
-	before := countFDs(t)
+	before := listFDs(t)
 	dir := t.TempDir()
 	path := filepath.Join(dir, "twice.sock")
 	name := ListenerName("unix", path)
@@ -2052,9 +1809,7 @@ func TestFDPassListenTwice(t *testing.T) {
 	t1.Close()
 	t2.Close()
 	Remove(tname)
-	if after := countFDs(t); after != before {
-		t.Errorf("%d fds open before, %d after", before, after)
-	}
+	checkFDs(t, before, true)
 }
 
 // fdpassAcceptOne dials addr and checks that ln accepts the connection.
@@ -2088,18 +1843,6 @@ func fdpassCount(names []string, name string) int {
 	return n
 }
 
-// fdpassWarmUp makes the runtime open what it opens on first use of the
-// network (the poller), so that fd counts around a test compare like with
-// like.
-func fdpassWarmUp(t *testing.T) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln.Close()
-}
-
 // TestFDPassNameRules: names systemd would refuse (':', control
 // characters, non-ASCII, over 255 bytes) are refused by ListenNamed,
 // ListenPacketNamed and Add without creating anything; ListenerName encodes
@@ -2107,15 +1850,13 @@ func fdpassWarmUp(t *testing.T) {
 // with os.ErrExist without leaking its duplicate; unknown names give
 // (nil, nil) from File and Conn; networks of the wrong kind are refused.
 func TestFDPassNameRules(t *testing.T) {
-	fdpassWarmUp(t)
-	before := countFDs(t)
 	dir := t.TempDir()
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer devnull.Close()
-	before++ // devnull
+	before := listFDs(t)
 	for _, bad := range []string{"a:b", ":", "tab\there", "new\nline", "del\x7f", "caf\u00e9", strings.Repeat("x", 256)} {
 		if ln, err := listenNamed(bad, nil, "tcp", "127.0.0.1:0"); err == nil {
 			ln.Close()
@@ -2189,9 +1930,7 @@ func TestFDPassNameRules(t *testing.T) {
 			t.Errorf("ListenPacket(%q) succeeded", network)
 		}
 	}
-	if after := countFDs(t); after != before {
-		t.Errorf("%d fds open before, %d after", before, after)
-	}
+	checkFDs(t, before, true)
 }
 
 // TestFDPassClaimKinds: a claim takes the kind of an fd from the net
@@ -2204,8 +1943,7 @@ func TestFDPassNameRules(t *testing.T) {
 // Add in this process; a claim of an inherited fd takes the same path, and
 // one that was refused is closed by Ready.
 func TestFDPassClaimKinds(t *testing.T) {
-	fdpassWarmUp(t)
-	before := countFDs(t)
+	before := listFDs(t)
 	dir := t.TempDir()
 	var closers []io.Closer
 	defer func() {
@@ -2323,9 +2061,7 @@ func TestFDPassClaimKinds(t *testing.T) {
 		c.Close()
 	}
 	closers = nil
-	if after := countFDs(t); after != before {
-		t.Errorf("%d fds open before, %d after", before, after)
-	}
+	checkFDs(t, before, true)
 }
 
 // fdpassNoStaleFile checks that what the registry closed, after what, it

@@ -3,35 +3,35 @@
 package shellflip
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"math/bits"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"golang.org/x/sys/unix"
 )
+
+// A restart from the old process's side (restart.go): the triggers, each
+// way a new process can fail and what the requester learns, the handover,
+// signals during it, the PID file, and the allocation budget.
 
 func TestRestartBySocket(t *testing.T) {
 	c := newTestCluster(t)
 	r0 := c.start("server")
 	r1 := c.restart(r0["pid"])
 	// NewProcessReady ran in the old process, for the new one. (That it
-	// runs before anyone is told is what TestRestarterExample's clients
-	// show: every one that connects after the restart reaches the new
-	// process, because the example stops accepting in the hook.)
+	// runs before anyone is told is what the clients of
+	// examples/restarter's TestRestarterExample show: every one that
+	// connects after the restart reaches the new process, because the
+	// example stops accepting in the hook.)
 	if h := c.reports.next("hookready"); h["pid"] != r0["pid"] || h["new"] != r1["pid"] {
 		t.Errorf("NewProcessReady reported %v, want pid=%s new=%s", h, r0["pid"], r1["pid"])
 	}
@@ -51,9 +51,7 @@ func TestRestartBySignal(t *testing.T) {
 	if err := unix.Kill(pid, unix.SIGUSR1); err != nil {
 		t.Fatal(err)
 	}
-	r1 := c.reports.next("ready")
-	np, _ := strconv.Atoi(r1["pid"])
-	c.track(np)
+	r1 := c.nextNew("ready")
 	if r1["gen"] != "1" {
 		t.Errorf("generation %s, want 1", r1["gen"])
 	}
@@ -61,11 +59,7 @@ func TestRestartBySignal(t *testing.T) {
 	if repl["pid"] != r0["pid"] || repl["new"] != r1["pid"] {
 		t.Errorf("old process reported %v", repl)
 	}
-	select {
-	case <-c.exited:
-	case <-time.After(testDeadline):
-		t.Fatalf("old process %d did not exit", pid)
-	}
+	c.waitExit()
 }
 
 // TestRestartByProgram: Restarter.Restart restarts, concurrent calls share
@@ -77,30 +71,12 @@ func TestRestartByProgram(t *testing.T) {
 	if self["new"] == "0" || self["new"] != self["other"] || self["err"] != "<nil>" {
 		t.Fatalf("Restart: %v, want one new pid for both calls and no error", self)
 	}
-	np, _ := strconv.Atoi(self["new"])
-	c.track(np)
+	c.trackPid(self["new"])
 	if r := c.reports.next("ready"); r["pid"] != self["new"] || r["gen"] != "1" {
 		t.Errorf("new process reported %v, want pid %s, generation 1", r, self["new"])
 	}
 	if again := c.reports.next("again"); !strings.Contains(again["err"], "replaced already") {
 		t.Errorf("Restart after the restart: %v, want an error saying so", again)
-	}
-}
-
-// TestRestartDeletedBinary: when the program's file is gone (a binary that
-// "go run" built and removed, say), the running executable is restarted.
-func TestRestartDeletedBinary(t *testing.T) {
-	c := newTestCluster(t)
-	bin := filepath.Join(c.dir, "gone.test")
-	if err := copyExecutable(os.Args[0], bin); err != nil {
-		t.Fatal(err)
-	}
-	r0 := c.startBin(bin, "server")
-	if err := os.Remove(bin); err != nil {
-		t.Fatal(err)
-	}
-	if r1 := c.restart(r0["pid"]); r1["gen"] != "1" {
-		t.Errorf("new process reports generation %s, want 1", r1["gen"])
 	}
 }
 
@@ -162,136 +138,40 @@ func TestRestartFailures(t *testing.T) {
 }
 
 func TestRestartConcurrentRequesters(t *testing.T) {
-	c := newTestCluster(t)
-	fifo := filepath.Join(c.dir, "hold")
-	if err := unix.Mkfifo(fifo, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	r0 := c.start("server", envTestHoldFIFO+"="+fifo)
+	c := newTestCluster(t, clusterHeld)
+	r0 := c.start("server")
 	const n = 16
-	pids := make(chan int, n)
-	errs := make(chan error, n)
-	ask := func() {
-		ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
-		defer cancel()
-		pid, err := RequestRestart(ctx, c.socket)
-		pids <- pid
-		errs <- err
-	}
-	go ask()
+	answers := []<-chan asked{c.ask()}
 	// The new process is now held before Ready: the restart is in flight.
-	c.reports.next("started")
+	c.nextNew("holding")
 	for range n - 1 {
-		go ask()
+		answers = append(answers, c.ask())
 	}
 	// Release the new process once all requesters are queued on the old
-	// one's socket; opening the fifo for writing blocks until the new
-	// process opens it for reading.
-	waitQueued(t, c.socket, n)
-	f, err := os.OpenFile(fifo, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.WriteString("go\n")
-	f.Close()
+	// one's socket.
+	waitUntil(t, func() string {
+		if q := len(unixConns(t, c.socket)); q < n {
+			return fmt.Sprintf("only %d of %d connections to %s established", q, n, c.socket)
+		}
+		return ""
+	})
+	releaseFIFO(t, c.hold)
 	want := -1
-	for range n {
-		pid, err := <-pids, <-errs
-		if err != nil {
-			t.Fatalf("requester: %v", err)
+	for _, answer := range answers {
+		a := <-answer
+		if a.err != nil {
+			t.Fatalf("requester: %v", a.err)
 		}
 		if want == -1 {
-			want = pid
-			c.track(pid)
+			want = a.pid
 		}
-		if pid != want {
-			t.Errorf("requesters got pids %d and %d; all should get the one restart's outcome", want, pid)
+		if a.pid != want {
+			t.Errorf("requesters got pids %d and %d; all should get the one restart's outcome", want, a.pid)
 		}
 	}
 	repl := c.reports.next("replaced")
 	if repl["pid"] != r0["pid"] || repl["new"] != strconv.Itoa(want) {
 		t.Errorf("old process reported %v", repl)
-	}
-}
-
-// waitQueued waits until n connections to the unix socket at path are
-// established, as the kernel's socket table (/proc/net/unix) shows them.
-func waitQueued(t *testing.T, path string, n int) {
-	t.Helper()
-	deadline := time.Now().Add(testDeadline)
-	for {
-		b, err := os.ReadFile("/proc/net/unix")
-		if err != nil {
-			t.Fatal(err)
-		}
-		count := 0
-		for _, line := range strings.Split(string(b), "\n") {
-			f := strings.Fields(line)
-			// Num RefCount Protocol Flags Type St Inode Path: St 03 is connected.
-			if len(f) == 8 && f[7] == path && f[5] == "03" {
-				count++
-			}
-		}
-		if count >= n {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("only %d of %d connections to %s established", count, n, path)
-		}
-		// Polling the kernel's table is the only way to observe another
-		// process's accepted connections; yield briefly between reads.
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
-// TestControlSocketSilentClient: a client that connects and says nothing
-// delays nobody, and is answered (not silently dropped) when its time is up.
-
-// TestNewProcessFDs: the new process starts with exactly stdio, the passed
-// listeners at 3.., and the library's own fds, and once the package is
-// initialised all of them are close-on-exec and the variables are gone.
-func TestNewProcessFDs(t *testing.T) {
-	c := newTestCluster(t)
-	r0 := c.start("fds", envTestListen+"=tcp=127.0.0.1:0,unix="+filepath.Join(c.dir, "l.sock"))
-	c.reports.next("fds") // generation 0 was started by exec.Cmd: not ours to judge
-	ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
-	defer cancel()
-	pid, err := RequestRestart(ctx, c.socket)
-	if err != nil {
-		t.Fatalf("%v (reports: %q)", err, c.reports.drain())
-	}
-	c.track(pid)
-	rep := c.reports.next("fds")
-	open := strings.Split(rep["open"], ",")
-	fdNum := func(s string) int { n, _, _ := strings.Cut(s, ":"); i, _ := strconv.Atoi(n); return i }
-	sort.Slice(open, func(i, j int) bool { return fdNum(open[i]) < fdNum(open[j]) })
-	// stdio; the two listeners at 3 and 4; readiness, state and control
-	// socket; all but stdio close-on-exec once the package is initialised.
-	want := []string{"0:stdio", "1:stdio", "2:stdio", "3:socket+cloexec", "4:socket+cloexec",
-		"5:socket+cloexec", "6:pipe+cloexec", "7:socket+cloexec"}
-	if !slices.Equal(open, want) {
-		t.Errorf("new process started with fds\n%v, want\n%v", open, want)
-	}
-	if rep["env"] != "" {
-		t.Errorf("variables left in the environment: %s", rep["env"])
-	}
-	r1 := c.reports.next("ready")
-	c.reports.next("replaced")
-	// The listeners were inherited, not re-bound: same addresses.
-	if r1["addrs"] != r0["addrs"] {
-		t.Errorf("new process listens on %s, old on %s", r1["addrs"], r0["addrs"])
-	}
-}
-
-func TestChildEnv(t *testing.T) {
-	h := handoff{names: []string{"a", "b"}, readyFD: 5, stateFD: 6, ctlFD: 7, ctlID: "1:2", signal: syscall.SIGHUP}
-	env := h.environ(
-		[]string{"PATH=/bin", "LISTEN_FDS=9", "LISTEN_PID=1", "LISTEN_FDNAMES=x", "SHELLFLIP_READY_FD=4", "KEEP=1", "OVER=old"},
-		[]string{"OVER=new", "EXTRA=1"})
-	want := []string{"PATH=/bin", "KEEP=1", "OVER=new", "EXTRA=1", "LISTEN_PID=auto", "LISTEN_FDS=2", "LISTEN_FDNAMES=a:b",
-		"SHELLFLIP_READY_FD=5", "SHELLFLIP_STATE_FD=6", "SHELLFLIP_CONTROL_FD=7", "SHELLFLIP_CONTROL_ID=1:2", "SHELLFLIP_SIGNAL=1"}
-	if !slices.Equal(env, want) {
-		t.Errorf("childEnv:\n got %q\nwant %q", env, want)
 	}
 }
 
@@ -316,17 +196,11 @@ func TestRestartHandsOverWatchdog(t *testing.T) {
 	}
 }
 
-// Allocation budgets.
-
 // Allocation budgets. Those of the wire format and of sd_notify are asserted
 // where those are tested: TestWireAllocs (every encoder, the decoding of a
 // TryRestart in both forms, readFrame into scratch: 0) and
 // TestSdNotifySendAllocs (Send: 0). This file holds the budget of the old
 // process's side of a restart.
-
-func init() {
-	testRoles["alloc-ready"] = allocReadyChild
-}
 
 // allocReadyChild is the new process of TestAllocsRestart: Ready, then exit
 // once the old process has made it the main process (exiting at once would
@@ -387,9 +261,7 @@ func TestAllocsRestart(t *testing.T) {
 	budget := allocRestartBudget + allocRegistryAllocs(registered)
 	ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
 	defer cancel()
-	// Under -race a process sleeps a second at exit unless told not to.
-	gorace := "GORACE=" + strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0")
-	r, err := Start(ctx, Config{Env: []string{envTestRole + "=alloc-ready", gorace}, ReadyTimeout: testDeadline})
+	r, err := Start(ctx, Config{Env: []string{envTestRole + "=alloc-ready", goraceEnv()}, ReadyTimeout: testDeadline})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -450,25 +322,9 @@ func TestRestartRefusedAsPID1(t *testing.T) {
 		}
 	}
 	_, addr, _ := strings.Cut(r0["addrs"], "=")
-	if hello := dialHello(t, addr); hello["pid"] != "1" {
+	if hello := dialHello(t, "tcp", addr); hello["pid"] != "1" {
 		t.Errorf("after the refusal the listener is served by %v, want pid 1", hello)
 	}
-}
-
-// dialHello connects to a test server's listener and returns its greeting.
-func dialHello(t *testing.T, addr string) map[string]string {
-	t.Helper()
-	conn, err := net.DialTimeout("tcp", addr, testDeadline)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(testDeadline))
-	line, err := bufio.NewReader(conn).ReadString('\n')
-	if err != nil {
-		t.Fatalf("reading the greeting: %v", err)
-	}
-	return parseReport("hello " + strings.TrimSpace(line))
 }
 
 // TestRestartSignalBeforeMain: a restart signal sent to every process
@@ -476,21 +332,12 @@ func dialHello(t *testing.T, addr string) map[string]string {
 // it is the main process. It must neither kill it (before Start) nor start a
 // nested restart (after Start): it is dropped with a log line.
 func TestRestartSignalBeforeMain(t *testing.T) {
-	c := newTestCluster(t)
-	hold := makeFIFO(t, c.dir, "hold")
+	c := newTestCluster(t, clusterHeld)
 	handOff := makeFIFO(t, c.dir, "handoff")
-	r0 := c.start("server", envTestHoldFIFO+"="+hold, envTestHoldHandOff+"="+handOff)
-	ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
-	defer cancel()
-	answer := make(chan error, 1)
-	go func() {
-		_, err := RequestRestart(ctx, c.socket)
-		answer <- err
-	}()
+	r0 := c.start("server", envTestHoldHandOff+"="+handOff)
+	answer := c.ask()
 	// Before Start: the new process is held during its initialisation.
-	st := c.reports.next("started")
-	np, _ := strconv.Atoi(st["pid"])
-	c.track(np)
+	st := c.nextNew("holding")
 	signalAll := func() {
 		for _, pid := range []string{r0["pid"], st["pid"]} {
 			p, _ := strconv.Atoi(pid)
@@ -500,7 +347,7 @@ func TestRestartSignalBeforeMain(t *testing.T) {
 		}
 	}
 	signalAll()
-	releaseFIFO(t, hold)
+	releaseFIFO(t, c.hold)
 	// After Start, before it is main: the old process is held in
 	// NewProcessReady, after the readiness byte.
 	c.reports.next("hookready")
@@ -509,8 +356,8 @@ func TestRestartSignalBeforeMain(t *testing.T) {
 		t.Fatalf("the new process logged %v, want that it dropped the signal because it is not main yet", l)
 	}
 	releaseFIFO(t, handOff)
-	if err := <-answer; err != nil {
-		t.Fatalf("the restart: %v", err)
+	if a := <-answer; a.err != nil {
+		t.Fatalf("the restart: %v", a.err)
 	}
 	c.reports.next("replaced")
 	// One restart, not two: the next generation is 2, started by this
@@ -522,7 +369,7 @@ func TestRestartSignalBeforeMain(t *testing.T) {
 	c.reports.nextFrom("main", r1["pid"])
 	// The next restart goes through the same holds, in generation 2 and in
 	// generation 1's NewProcessReady.
-	go releaseLater(hold, handOff)
+	go releaseLater(handOff)
 	if r2 := c.restart(r1["pid"]); r2["gen"] != "2" {
 		t.Errorf("the next restart made generation %s, want 2", r2["gen"])
 	}
@@ -544,9 +391,8 @@ func TestRestartDrainingIgnoresSignal(t *testing.T) {
 				t.Fatal(err)
 			}
 			releaseFIFO(t, linger)
-			<-c.exited
-			if c.status != "exit status 0" {
-				t.Errorf("the draining process ended with %q, want exit status 0", c.status)
+			if st := c.waitExit(); st != "exit status 0" {
+				t.Errorf("the draining process ended with %q, want exit status 0", st)
 			}
 		})
 	}
@@ -564,10 +410,8 @@ func TestRestartPIDFileAfterOldDies(t *testing.T) {
 	}
 	pid, _ := strconv.Atoi(r0["pid"])
 	unix.Kill(pid, unix.SIGUSR1)
-	r1 := c.reports.next("ready")
-	np, _ := strconv.Atoi(r1["pid"])
-	c.track(np)
-	<-c.exited
+	r1 := c.nextNew("ready")
+	c.waitExit()
 	c.reports.nextFrom("main", r1["pid"])
 	if got := readPIDFile(t, pidFile); got != r1["pid"] {
 		t.Errorf("PID file says %s after the old process died, want the new process, %s", got, r1["pid"])
@@ -601,43 +445,49 @@ func TestRestartFailedNeverMain(t *testing.T) {
 	}
 }
 
+// readPIDFile returns the pid in the PID file at path, which must be one
+// line.
 func readPIDFile(t *testing.T, path string) string {
 	t.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
+	if len(b) == 0 || b[len(b)-1] != '\n' {
+		t.Errorf("pid file %q is not one line", b)
+	}
 	return strings.TrimSpace(string(b))
 }
 
-// TestRestartProgramNotExecutable: a program file that exists but cannot be
-// executed (a half-done deploy) fails the restart; it does not fall back to
-// the running executable, which would restart the old code and report
-// success.
-func TestRestartProgramNotExecutable(t *testing.T) {
+// TestPIDFileOfAnotherUser: a PID file that another uid owns in a sticky
+// directory cannot be replaced; Start fails instead of running with a PID
+// file that names someone else.
+func TestPIDFileOfAnotherUser(t *testing.T) {
 	c := newTestCluster(t)
-	bin := filepath.Join(c.dir, "prog.test")
-	if err := copyExecutable(os.Args[0], bin); err != nil {
+	bin := c.nobodyBinary()
+	sticky := filepath.Join(c.dir, "run")
+	os.Mkdir(sticky, 0o777)
+	os.Chmod(sticky, 0o777|os.ModeSticky)
+	pidFile := filepath.Join(sticky, "svc.pid")
+	if err := os.WriteFile(pidFile, []byte("1\n"), 0o644); err != nil { // root's
 		t.Fatal(err)
 	}
-	r0 := c.startBin(bin, "server")
-	// A deploy renames a new file into place, but its mode is not set yet.
-	deploy := bin + ".new"
-	if err := copyExecutable(os.Args[0], deploy); err != nil {
+	sub := filepath.Join(c.dir, "shared")
+	os.Mkdir(sub, 0o777)
+	os.Chmod(sub, 0o777)
+	cmd := c.command(bin, "server", envTestSocket+"="+filepath.Join(sub, "ctl.sock"), envTestPIDFile+"="+pidFile)
+	asNobody(cmd)
+	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Chmod(deploy, 0o644); err != nil {
-		t.Fatal(err)
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	rep := c.reports.next("error")
+	if !strings.Contains(rep["err"], "start:") || !strings.Contains(rep["err"], pidFile) {
+		t.Errorf("Start with a foreign PID file: %v, want a Start error naming the file", rep)
 	}
-	if err := os.Rename(deploy, bin); err != nil {
-		t.Fatal(err)
+	if got := readPIDFile(t, pidFile); got != "1" {
+		t.Errorf("PID file changed to %q", got)
 	}
-	err := c.requestErr()
-	if !errors.Is(err, ErrRestartFailed) || !strings.Contains(err.Error(), "not executable") {
-		t.Fatalf("restart with a non-executable program: %v, want a failure that says so", err)
-	}
-	os.Chmod(bin, 0o755)
-	c.restart(r0["pid"])
 }
 
 // TestRestartEnvReserved: Config.Env may not set the variables that the
@@ -649,96 +499,4 @@ func TestRestartEnvReserved(t *testing.T) {
 			t.Errorf("Start with Env %q: %v, want an error naming Config.Env", kv, err)
 		}
 	}
-}
-
-// TestRestartRejectedBehindWrapper: the program at the path is a wrapper
-// that runs the real server as its child. When the restart fails (here: the
-// ready timeout), the old process's SIGKILL reaches only the wrapper; the
-// server, orphaned, must learn that it was rejected instead of taking the
-// closed readiness socket for the old process's death and serving beside
-// it.
-func TestRestartRejectedBehindWrapper(t *testing.T) {
-	c := newTestCluster(t)
-	hold := makeFIFO(t, c.dir, "hold")
-	wrapper := filepath.Join(c.dir, "wrapper.sh")
-	script := "#!/bin/sh\n" + strconv.Quote(os.Args[0]) + " \"$@\"\n" // no exec: the server is the shell's child
-	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	r0 := c.start("server", envTestPath+"="+wrapper, envTestHoldFIFO+"="+hold, envTestTimeout+"=3s")
-	err := c.requestErr()
-	if !strings.Contains(err.Error(), "not ready within 3s") {
-		t.Fatalf("RequestRestart: %v, want the ready timeout", err)
-	}
-	st := c.reports.next("started")
-	orphan, _ := strconv.Atoi(st["pid"])
-	c.track(orphan)
-	releaseFIFO(t, hold)
-	if e := c.reports.nextFrom("error", st["pid"]); !strings.Contains(e["err"], "rejected") {
-		t.Errorf("the orphaned server reported %v, want that it was rejected", e)
-	}
-	waitExited(t, orphan) // reaped by whoever adopted it
-	// The old process still serves: the next restart, through the wrapper
-	// again, succeeds.
-	go releaseLater(hold)
-	ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
-	defer cancel()
-	pid, err := RequestRestart(ctx, c.socket)
-	if err != nil {
-		t.Fatalf("the restart after: %v", err)
-	}
-	c.track(pid)
-	ready := c.reports.next("ready")
-	np, _ := strconv.Atoi(ready["pid"])
-	c.track(np)
-	c.reports.nextFrom("replaced", r0["pid"])
-}
-
-// releaseLater writes a line to each fifo in turn, once a process opens it
-// for reading; for fifos that a later step of the test reaches.
-func releaseLater(fifos ...string) {
-	for _, fifo := range fifos {
-		if f, err := os.OpenFile(fifo, os.O_WRONLY, 0); err == nil {
-			f.WriteString("go\n")
-			f.Close()
-		}
-	}
-}
-
-// TestRestartProgramFromArgv0: a restart runs the program this process is,
-// whatever its parent put in argv[0]. A bare argv[0] that $PATH does not
-// resolve is never looked for in the working directory, where anyone who
-// may write there could have put a program of that name.
-func TestRestartProgramFromArgv0(t *testing.T) {
-	c := newTestCluster(t)
-	marker := filepath.Join(c.dir, "planted-ran")
-	planted := filepath.Join(c.dir, "planted")
-	if err := os.WriteFile(planted, []byte("#!/bin/sh\ntouch "+marker+"\nexit 1\n"), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	r0 := c.startCmd(os.Args[0], "server", func(cmd *exec.Cmd) {
-		cmd.Args[0] = "planted" // as exec -a, or systemd's ExecStart=@, would set it
-		cmd.Dir = c.dir
-		cmd.Env = append(cmd.Env, "PATH=/usr/bin:/bin")
-	})
-	c.restart(r0["pid"])
-	if _, err := os.Stat(marker); err == nil {
-		t.Errorf("the restart ran the program planted in the working directory")
-	}
-}
-
-// TestRestartStartDirGone: the directory the service started in was
-// removed (an old release directory, pruned); restarts still work, in the
-// directory the process has.
-func TestRestartStartDirGone(t *testing.T) {
-	c := newTestCluster(t)
-	dir := filepath.Join(c.dir, "release-1")
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	r0 := c.startCmd(os.Args[0], "server", func(cmd *exec.Cmd) { cmd.Dir = dir })
-	if err := os.Remove(dir); err != nil {
-		t.Fatal(err)
-	}
-	c.restart(r0["pid"])
 }

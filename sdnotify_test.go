@@ -24,10 +24,6 @@ import (
 
 // sd_notify, against the real systemd-notify (sdnotify.go).
 
-// sdWait bounds every wait for an event in these tests. It is a deadline,
-// never a sleep: a passing test does not wait for it.
-const sdWait = 10 * time.Second
-
 // sdListener plays the service manager: a SOCK_DGRAM socket owned by the test,
 // at a path or an abstract address.
 type sdListener struct {
@@ -42,13 +38,7 @@ func sdListen(tb testing.TB, abstract bool) *sdListener {
 	if abstract {
 		return sdListenAt(tb, fmt.Sprintf("@shellflip-test-%d-%d", os.Getpid(), sdListenerSeq.Add(1)))
 	}
-	// Not tb.TempDir: its long names would not fit in sun_path.
-	dir, err := os.MkdirTemp("", "sd")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() { os.RemoveAll(dir) })
-	return sdListenAt(tb, filepath.Join(dir, "notify"))
+	return sdListenAt(tb, filepath.Join(shortTempDir(tb, "sd"), "notify"))
 }
 
 func sdListenAt(tb testing.TB, addr string) *sdListener {
@@ -61,44 +51,37 @@ func sdListenAt(tb testing.TB, addr string) *sdListener {
 	return &sdListener{addr: addr, conn: conn}
 }
 
-// recvErr waits up to sdWait for one datagram. The fds that came with it are
-// the caller's to close. Safe to call from any goroutine.
-func (l *sdListener) recvErr() (string, []int, error) {
-	if err := l.conn.SetReadDeadline(time.Now().Add(sdWait)); err != nil {
-		return "", nil, err
-	}
-	buf := make([]byte, 2*sdMaxDatagram)
-	oob := make([]byte, unix.CmsgSpace(4*sdMaxFDs))
-	n, oobn, flags, _, err := l.conn.ReadMsgUnix(buf, oob)
-	if err != nil {
-		return "", nil, fmt.Errorf("receiving on %q: %w", l.addr, err)
-	}
-	fds, err := sdParseRights(oob[:oobn])
-	if err != nil {
-		return "", nil, err
-	}
-	if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
-		sdCloseFDs(fds)
-		return "", nil, fmt.Errorf("truncated datagram (flags %#x)", flags)
-	}
-	return string(buf[:n]), fds, nil
-}
-
-func (l *sdListener) recv(tb testing.TB) (string, []int) {
+// passCred sets SO_PASSCRED, so that every datagram comes with its
+// sender's pid, as systemd receives them.
+func (l *sdListener) passCred(tb testing.TB) {
 	tb.Helper()
-	msg, fds, err := l.recvErr()
+	rc, err := l.conn.SyscallConn()
 	if err != nil {
 		tb.Fatal(err)
 	}
-	return msg, fds
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSCRED, 1)
+	}); err != nil || serr != nil {
+		tb.Fatalf("SO_PASSCRED: %v %v", err, serr)
+	}
 }
 
-// recvNow is a non-blocking recvmsg: ok is false if nothing is queued. A
-// datagram is queued on the receiver by the time the sender's sendmsg returns,
-// so this proves what was, and was not, sent.
-func (l *sdListener) recvNow(tb testing.TB) (msg string, fds []int, ok bool) {
+// sdDatagram is one notification: its text, the fds that came with it
+// (the receiver's to close), and, on a listener with passCred, who sent it.
+type sdDatagram struct {
+	pid  int
+	text string
+	fds  []int
+}
+
+// recvMsg returns the next datagram, waiting for it up to testDeadline if
+// wait is set; without wait it only takes one already queued. A datagram
+// is queued by the time its sender's sendmsg returns, so a recvMsg without
+// wait tells exactly what was sent so far.
+func (l *sdListener) recvMsg(tb testing.TB, wait bool) (sdDatagram, bool) {
 	tb.Helper()
-	if err := l.conn.SetReadDeadline(time.Time{}); err != nil {
+	if err := l.conn.SetReadDeadline(time.Now().Add(testDeadline)); err != nil {
 		tb.Fatal(err)
 	}
 	rc, err := l.conn.SyscallConn()
@@ -106,39 +89,75 @@ func (l *sdListener) recvNow(tb testing.TB) (msg string, fds []int, ok bool) {
 		tb.Fatal(err)
 	}
 	buf := make([]byte, 2*sdMaxDatagram)
-	oob := make([]byte, unix.CmsgSpace(4*sdMaxFDs))
-	var n, oobn int
+	oob := make([]byte, unix.CmsgSpace(unix.SizeofUcred)+unix.CmsgSpace(4*sdMaxFDs))
+	var n, oobn, flags int
 	var rerr error
 	err = rc.Read(func(fd uintptr) bool {
 		for {
-			n, oobn, _, _, rerr = unix.Recvmsg(int(fd), buf, oob, unix.MSG_DONTWAIT|unix.MSG_CMSG_CLOEXEC)
+			n, oobn, flags, _, rerr = unix.Recvmsg(int(fd), buf, oob, unix.MSG_DONTWAIT|unix.MSG_CMSG_CLOEXEC)
 			if rerr != unix.EINTR {
-				return true
+				return !wait || rerr != unix.EAGAIN
 			}
 		}
 	})
 	if err != nil {
-		tb.Fatal(err)
+		tb.Fatalf("waiting for a datagram on %q: %v", l.addr, err)
 	}
 	if rerr == unix.EAGAIN {
-		return "", nil, false
+		return sdDatagram{}, false
 	}
 	if rerr != nil {
-		tb.Fatalf("recvmsg: %v", rerr)
+		tb.Fatal(os.NewSyscallError("recvmsg", rerr))
 	}
-	fds, err = sdParseRights(oob[:oobn])
+	d := sdDatagram{text: string(buf[:n])}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
 	if err != nil {
-		tb.Fatal(err)
+		tb.Fatalf("parsing control messages: %v", err)
 	}
-	return string(buf[:n]), fds, true
+	for _, m := range msgs {
+		switch {
+		case m.Header.Level != unix.SOL_SOCKET:
+		case m.Header.Type == unix.SCM_CREDENTIALS:
+			cred, err := unix.ParseUnixCredentials(&m)
+			if err != nil {
+				tb.Fatal(err)
+			}
+			d.pid = int(cred.Pid)
+		case m.Header.Type == unix.SCM_RIGHTS:
+			fds, err := unix.ParseUnixRights(&m)
+			if err != nil {
+				tb.Fatalf("parsing SCM_RIGHTS: %v", err)
+			}
+			d.fds = append(d.fds, fds...)
+		}
+	}
+	if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
+		sdCloseFDs(d.fds)
+		tb.Fatalf("truncated datagram %q (flags %#x)", d.text, flags)
+	}
+	return d, true
+}
+
+// recv waits for the next datagram.
+func (l *sdListener) recv(tb testing.TB) (string, []int) {
+	tb.Helper()
+	d, _ := l.recvMsg(tb, true)
+	return d.text, d.fds
+}
+
+// recvNow is recv without waiting: ok is false if nothing is queued.
+func (l *sdListener) recvNow(tb testing.TB) (msg string, fds []int, ok bool) {
+	tb.Helper()
+	d, ok := l.recvMsg(tb, false)
+	return d.text, d.fds, ok
 }
 
 // expectNone fails the test if a datagram is queued.
 func (l *sdListener) expectNone(tb testing.TB) {
 	tb.Helper()
-	if msg, fds, ok := l.recvNow(tb); ok {
-		sdCloseFDs(fds)
-		tb.Errorf("a datagram was sent: %q with %d fds", msg, len(fds))
+	if d, ok := l.recvMsg(tb, false); ok {
+		sdCloseFDs(d.fds)
+		tb.Errorf("a datagram was sent: %q with %d fds (pid %d)", d.text, len(d.fds), d.pid)
 	}
 }
 
@@ -167,26 +186,6 @@ func (l *sdListener) drain(tb testing.TB, want int) (reached <-chan struct{}, st
 	return r, func() { l.conn.Close(); <-done }
 }
 
-func sdParseRights(oob []byte) ([]int, error) {
-	msgs, err := unix.ParseSocketControlMessage(oob)
-	if err != nil {
-		return nil, fmt.Errorf("parsing control messages: %w", err)
-	}
-	var fds []int
-	for _, m := range msgs {
-		if m.Header.Level != unix.SOL_SOCKET || m.Header.Type != unix.SCM_RIGHTS {
-			continue
-		}
-		got, err := unix.ParseUnixRights(&m)
-		if err != nil {
-			sdCloseFDs(fds)
-			return nil, fmt.Errorf("parsing SCM_RIGHTS: %w", err)
-		}
-		fds = append(fds, got...)
-	}
-	return fds, nil
-}
-
 func sdCloseFDs(fds []int) {
 	for _, fd := range fds {
 		unix.Close(fd)
@@ -211,38 +210,6 @@ func sdSend(tb testing.TB, n *notifier, fields ...string) {
 	}
 }
 
-// sdOpenFDs lists this process's open fds and what they are.
-func sdOpenFDs(tb testing.TB) map[int]string {
-	tb.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	fds := make(map[int]string, len(ents))
-	for _, e := range ents {
-		fd, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		link, err := os.Readlink("/proc/self/fd/" + e.Name())
-		if err != nil {
-			continue // ReadDir's own fd, closed by now
-		}
-		fds[fd] = link
-	}
-	return fds
-}
-
-// sdCheckFDs fails the test for every fd open now that was not in before.
-func sdCheckFDs(tb testing.TB, before map[int]string) {
-	tb.Helper()
-	for fd, link := range sdOpenFDs(tb) {
-		if old, ok := before[fd]; !ok || old != link {
-			tb.Errorf("leaked fd %d (%s)", fd, link)
-		}
-	}
-}
-
 func sdSystemdNotifyPath(tb testing.TB) string {
 	tb.Helper()
 	p, err := exec.LookPath("systemd-notify")
@@ -259,21 +226,20 @@ func sdSystemdNotifyCmd(ctx context.Context, bin, addr string, args ...string) *
 	return cmd
 }
 
-// sdEnv is this process's environment with NOTIFY_SOCKET=addr, or without
-// NOTIFY_SOCKET if addr is "", and then extra.
+// sdEnv is childEnv with NOTIFY_SOCKET=addr, or without NOTIFY_SOCKET if
+// addr is "", and then extra.
 func sdEnv(addr string, extra ...string) []string {
-	env := slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, "NOTIFY_SOCKET=") })
 	if addr != "" {
-		env = append(env, "NOTIFY_SOCKET="+addr)
+		extra = append([]string{"NOTIFY_SOCKET=" + addr}, extra...)
 	}
-	return append(env, extra...)
+	return childEnv(extra...)
 }
 
 // sdSystemdNotify runs systemd-notify --no-block args... and returns the one
 // datagram it sent to l.
 func sdSystemdNotify(tb testing.TB, bin string, l *sdListener, args ...string) string {
 	tb.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), sdWait)
+	ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
 	defer cancel()
 	cmd := sdSystemdNotifyCmd(ctx, bin, l.addr, append([]string{"--no-block"}, args...)...)
 	if out, err := cmd.CombinedOutput(); err != nil {
@@ -303,16 +269,43 @@ func (l *sdListener) recvNoFDs(tb testing.TB) string {
 	return msg
 }
 
-// recvBarrier receives the datagram of a barrier and returns its fd, the
-// caller's to close.
-func (l *sdListener) recvBarrier(tb testing.TB) int {
+// recvBarrier receives the datagram of a barrier, BARRIER=1 with one fd,
+// the write end of a pipe, and returns that fd, the caller's to close. If
+// from is not 0, the datagram must come from that pid (see passCred).
+func (l *sdListener) recvBarrier(tb testing.TB, from int) int {
 	tb.Helper()
-	msg, fds := l.recv(tb)
-	if msg != "BARRIER=1" || len(fds) != 1 {
-		sdCloseFDs(fds)
-		tb.Fatalf("got %q with %d fds, want BARRIER=1 with 1", msg, len(fds))
+	d, _ := l.recvMsg(tb, true)
+	if d.text != "BARRIER=1" || len(d.fds) != 1 || from != 0 && d.pid != from {
+		sdCloseFDs(d.fds)
+		tb.Fatalf("got %q from pid %d with %d fds, want BARRIER=1 with 1 (from pid %d)", d.text, d.pid, len(d.fds), from)
 	}
-	return fds[0]
+	var st unix.Stat_t
+	if err := unix.Fstat(d.fds[0], &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFIFO {
+		tb.Errorf("the barrier fd is not a pipe (mode %#o, %v)", st.Mode, err)
+	}
+	return d.fds[0]
+}
+
+// expect checks that the next datagram is text from pid (see passCred),
+// without fds.
+func (l *sdListener) expect(tb testing.TB, pid int, text string) {
+	tb.Helper()
+	d, _ := l.recvMsg(tb, true)
+	sdCloseFDs(d.fds)
+	if d.pid != pid || d.text != text || len(d.fds) != 0 {
+		tb.Fatalf("got %q from pid %d with %d fds, want %q from pid %d", d.text, d.pid, len(d.fds), text, pid)
+	}
+}
+
+// sdMonotonicUsec reads CLOCK_MONOTONIC in microseconds, the clock of
+// MONOTONIC_USEC.
+func sdMonotonicUsec(tb testing.TB) int64 {
+	tb.Helper()
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		tb.Fatal(err)
+	}
+	return ts.Nano() / 1e3
 }
 
 // sdGoBarrier runs n.barrier(ctx) in a goroutine and returns its outcome.
@@ -384,7 +377,7 @@ func TestSdNotifyBarrierMatchesSystemdNotify(t *testing.T) {
 	for _, k := range sdAddrKinds() {
 		t.Run(k.name, func(t *testing.T) {
 			l := sdListen(t, k.abstract)
-			ctx, cancel := context.WithTimeout(context.Background(), sdWait)
+			ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
 			defer cancel()
 			cmd := sdSystemdNotifyCmd(ctx, bin, l.addr, "--ready")
 			var out strings.Builder
@@ -481,18 +474,12 @@ func TestSdNotifyFormat(t *testing.T) {
 func TestSdNotifyReloading(t *testing.T) {
 	l := sdListen(t, true)
 	n := sdNewNotifier(t, l.addr)
-	var before, after unix.Timespec
-	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &before); err != nil {
-		t.Fatal(err)
-	}
+	lo := sdMonotonicUsec(t)
 	usec, err := monotonicUsec()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &after); err != nil {
-		t.Fatal(err)
-	}
-	if lo, hi := before.Nano()/1e3, after.Nano()/1e3; usec < lo || usec > hi {
+	if hi := sdMonotonicUsec(t); usec < lo || usec > hi {
 		t.Errorf("monotonicUsec() = %d, want within [%d, %d]", usec, lo, hi)
 	}
 	want := "RELOADING=1\nMONOTONIC_USEC=" + strconv.FormatInt(usec, 10)
@@ -507,7 +494,7 @@ func TestSdNotifyReloading(t *testing.T) {
 func TestSdNotifyFDStore(t *testing.T) {
 	l := sdListen(t, false)
 	n := sdNewNotifier(t, l.addr)
-	before := sdOpenFDs(t)
+	before := listFDs(t)
 
 	var p1, p2 [2]int
 	for _, p := range []*[2]int{&p1, &p2} {
@@ -540,7 +527,7 @@ func TestSdNotifyFDStore(t *testing.T) {
 	}
 	sdCloseFDs(fds)
 	sdCloseFDs(append(p1[:], p2[:]...))
-	sdCheckFDs(t, before)
+	checkFDs(t, before, false)
 }
 
 // TestSdNotifyFDLimit: the kernel passes at most SCM_MAX_FD fds in one
@@ -739,11 +726,7 @@ func TestSdNotifyAddresses(t *testing.T) {
 	}
 
 	// The longest names that fit in sun_path work.
-	dir, err := os.MkdirTemp("", "sd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
+	dir := shortTempDir(t, "sd")
 	longPath := dir + "/" + strings.Repeat("p", 107-len(dir)-1)
 	longAbstract := "@" + strings.Repeat("a", 107)
 	for _, addr := range []string{longPath, longAbstract} {
@@ -758,7 +741,7 @@ func TestSdNotifyAddresses(t *testing.T) {
 // TestSdNotifyDisabled: without NOTIFY_SOCKET there is no notifier, and a nil
 // notifier does nothing and returns nil, even for fields send would refuse.
 func TestSdNotifyDisabled(t *testing.T) {
-	before := sdOpenFDs(t)
+	before := listFDs(t)
 	n, err := newNotifier("")
 	if n != nil || err != nil {
 		t.Fatalf(`newNotifier("") = %v, %v; want nil, nil`, n, err)
@@ -775,7 +758,7 @@ func TestSdNotifyDisabled(t *testing.T) {
 			t.Error(err)
 		}
 	}
-	sdCheckFDs(t, before)
+	checkFDs(t, before, false)
 }
 
 // TestSdNotifyClose: on a closed socket (the package never closes its
@@ -783,7 +766,7 @@ func TestSdNotifyDisabled(t *testing.T) {
 // wrapping net.ErrClosed, send nothing, and leave no fd open.
 func TestSdNotifyClose(t *testing.T) {
 	l := sdListen(t, false)
-	before := sdOpenFDs(t)
+	before := listFDs(t)
 	n, err := newNotifier(l.addr)
 	if err != nil {
 		t.Fatal(err)
@@ -798,7 +781,7 @@ func TestSdNotifyClose(t *testing.T) {
 		t.Errorf("barrier after Close: %v, want net.ErrClosed", err)
 	}
 	l.expectNone(t)
-	sdCheckFDs(t, before)
+	checkFDs(t, before, false)
 }
 
 // TestSdNotifyBarrier: barrier returns once the manager has closed the fd,
@@ -808,15 +791,15 @@ func TestSdNotifyBarrier(t *testing.T) {
 		t.Run(k.name, func(t *testing.T) {
 			l := sdListen(t, k.abstract)
 			n := sdNewNotifier(t, l.addr)
-			before := sdOpenFDs(t)
+			before := listFDs(t)
 			sdSend(t, n, "STATUS=before the barrier")
-			ctx, cancel := context.WithTimeout(context.Background(), sdWait)
+			ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
 			defer cancel()
 			errc := sdGoBarrier(ctx, n)
 			if got := l.recvNoFDs(t); got != "STATUS=before the barrier" {
 				t.Errorf("first datagram %q", got)
 			}
-			fd := l.recvBarrier(t)
+			fd := l.recvBarrier(t, 0)
 			select {
 			case err := <-errc:
 				t.Fatalf("barrier returned %v while the manager still held the fd", err)
@@ -826,7 +809,7 @@ func TestSdNotifyBarrier(t *testing.T) {
 			if err := <-errc; err != nil {
 				t.Fatalf("barrier: %v", err)
 			}
-			sdCheckFDs(t, before)
+			checkFDs(t, before, false)
 		})
 	}
 }
@@ -837,7 +820,7 @@ func TestSdNotifyBarrier(t *testing.T) {
 func TestSdNotifyBarrierDeadline(t *testing.T) {
 	l := sdListen(t, false)
 	n := sdNewNotifier(t, l.addr)
-	before := sdOpenFDs(t)
+	before := listFDs(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 250*time.Millisecond)
 	defer cancel()
 	if err := n.barrier(ctx); !errors.Is(err, context.DeadlineExceeded) {
@@ -848,36 +831,36 @@ func TestSdNotifyBarrierDeadline(t *testing.T) {
 		t.Fatalf("got %q with %d fds (queued: %v), want BARRIER=1 with 1", got, len(fds), ok)
 	}
 	sdCloseFDs(fds)
-	sdCheckFDs(t, before)
+	checkFDs(t, before, false)
 }
 
 // TestSdNotifyBarrierCancel: cancelling ctx ends the wait.
 func TestSdNotifyBarrierCancel(t *testing.T) {
 	l := sdListen(t, true)
 	n := sdNewNotifier(t, l.addr)
-	before := sdOpenFDs(t)
+	before := listFDs(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	errc := sdGoBarrier(ctx, n)
-	fd := l.recvBarrier(t)
+	fd := l.recvBarrier(t, 0)
 	cancel()
 	select {
 	case err := <-errc:
 		if !errors.Is(err, context.Canceled) {
 			t.Errorf("barrier: %v, want context.Canceled", err)
 		}
-	case <-time.After(sdWait):
+	case <-time.After(testDeadline):
 		t.Fatal("barrier did not return after cancel")
 	}
 	unix.Close(fd)
-	sdCheckFDs(t, before)
+	checkFDs(t, before, false)
 
 	// A context that is already done: nothing is sent, nothing stays open.
 	if err := n.barrier(ctx); !errors.Is(err, context.Canceled) {
 		t.Errorf("barrier with a done ctx: %v", err)
 	}
 	l.expectNone(t)
-	sdCheckFDs(t, before)
+	checkFDs(t, before, false)
 }
 
 // TestSdNotifyQueueFull: while the manager's queue is full, send waits; with
@@ -906,7 +889,7 @@ func TestSdNotifyQueueFull(t *testing.T) {
 		if err != nil {
 			t.Fatalf("send once there was room: %v", err)
 		}
-	case <-time.After(sdWait):
+	case <-time.After(testDeadline):
 		t.Fatal("send did not return once there was room")
 	}
 }
@@ -1035,7 +1018,7 @@ func TestSdNotifySendAllocs(t *testing.T) {
 	}
 	select {
 	case <-reached:
-	case <-time.After(sdWait):
+	case <-time.After(testDeadline):
 		t.Fatal("not every datagram arrived")
 	}
 	if allocs := testing.AllocsPerRun(runs, func() { _, sendErr = monotonicUsec() }); allocs != 0 {
@@ -1043,15 +1026,15 @@ func TestSdNotifySendAllocs(t *testing.T) {
 	}
 }
 
-// TestSdNotifySystemdNotifierEnv runs TestSdNotifyHelperProcess in a new
-// process, so that processNotifier's sync.OnceValues reads NOTIFY_SOCKET
-// fresh: set to a listener's address, unset, and invalid.
+// TestSdNotifySystemdNotifierEnv runs role "sd-helper" (testSdHelper), so
+// that processNotifier's sync.OnceValues reads NOTIFY_SOCKET fresh: set to
+// a listener's address, unset, and invalid.
 func TestSdNotifySystemdNotifierEnv(t *testing.T) {
-	helper := func(t *testing.T, addr, role string) {
-		ctx, cancel := context.WithTimeout(context.Background(), sdWait)
+	helper := func(t *testing.T, addr, want string) {
+		ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
 		defer cancel()
-		cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestSdNotifyHelperProcess$", "-test.count=1")
-		cmd.Env = sdEnv(addr, "SHELLFLIP_SD_HELPER="+role)
+		cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^$")
+		cmd.Env = sdEnv(addr, envTestRole+"=sd-helper", envSdHelper+"="+want)
 		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Fatalf("helper: %v\n%s", err, out)
 		}
@@ -1069,28 +1052,35 @@ func TestSdNotifySystemdNotifierEnv(t *testing.T) {
 	t.Run("invalid", func(t *testing.T) { helper(t, "relative/notify", "error") })
 }
 
-// TestSdNotifyHelperProcess is the child of TestSdNotifySystemdNotifierEnv.
-// Its role says what processNotifier must return: "send" a notifier,
-// "none" nil and no error, "error" nil and an error.
-func TestSdNotifyHelperProcess(t *testing.T) {
-	role := os.Getenv("SHELLFLIP_SD_HELPER")
-	if role == "" {
-		t.Skip("helper process for TestSdNotifySystemdNotifierEnv")
+// envSdHelper says what role "sd-helper" must get from processNotifier:
+// "send" a notifier, "none" nil and no error, "error" nil and an error.
+const envSdHelper = "SHELLFLIP_TEST_SD_HELPER"
+
+// testSdHelper is role "sd-helper": it checks what processNotifier returns
+// against $SHELLFLIP_TEST_SD_HELPER and, with a notifier, sends READY=1 and
+// whether NOTIFY_SOCKET was kept. It exits 1 with the reason on stderr if
+// anything is not as it should be.
+func testSdHelper() int {
+	want := os.Getenv(envSdHelper)
+	fail := func(format string, args ...any) int {
+		fmt.Fprintf(os.Stderr, format+"\n", args...)
+		return 1
 	}
 	n, err := processNotifier()
 	if n2, err2 := processNotifier(); n2 != n || err2 != err {
-		t.Fatal("processNotifier returned something else the second time")
+		return fail("processNotifier returned something else the second time")
 	}
-	if (n != nil) != (role == "send") || (err != nil) != (role == "error") {
-		t.Fatalf("role %s: processNotifier() = %v, %v", role, n, err)
+	if (n != nil) != (want == "send") || (err != nil) != (want == "error") {
+		return fail("want %s: processNotifier() = %v, %v", want, n, err)
 	}
 	status := "NOTIFY_SOCKET kept"
 	if os.Getenv("NOTIFY_SOCKET") == "" {
 		status = "NOTIFY_SOCKET unset"
 	}
 	if err := n.send(context.Background(), nil, "READY=1", "STATUS="+status); err != nil {
-		t.Fatal(err)
+		return fail("send: %v", err)
 	}
+	return 0
 }
 
 // FuzzSdNotifyFields: whatever the strings, either send refuses them and

@@ -26,6 +26,19 @@ func shutdownStart(c *ShutdownCoordinator, ctx context.Context) <-chan error {
 	return errc
 }
 
+// shutdownWaiting fails t if the Shutdown call that reports to errc has
+// returned, once every goroutine of the synctest bubble is durably
+// blocked: with a handle held, it must still be waiting.
+func shutdownWaiting(t *testing.T, what string, errc <-chan error) {
+	t.Helper()
+	synctest.Wait()
+	select {
+	case err := <-errc:
+		t.Fatalf("%s returned %v with a handle held", what, err)
+	default:
+	}
+}
+
 // shutdownIsClosed reports whether ch is closed, without blocking.
 func shutdownIsClosed(ch <-chan struct{}) bool {
 	select {
@@ -59,14 +72,8 @@ func TestShutdownWaitsForOne(t *testing.T) {
 		}
 		errc := shutdownStart(c, context.Background())
 
-		// Wait until Shutdown is durably blocked: it must be waiting
-		// for h, not have returned.
-		synctest.Wait()
-		select {
-		case err := <-errc:
-			t.Fatalf("Shutdown returned %v with a handle held", err)
-		default:
-		}
+		// Shutdown must be waiting for h, not have returned.
+		shutdownWaiting(t, "Shutdown", errc)
 		if !shutdownIsClosed(h.Done()) {
 			t.Fatal("handle Done not closed while Shutdown waits")
 		}
@@ -135,12 +142,7 @@ func TestShutdownDeadline(t *testing.T) {
 		}
 		errc := shutdownStart(c, context.Background())
 		h.Release()
-		synctest.Wait()
-		select {
-		case err := <-errc:
-			t.Fatalf("second Shutdown returned %v with a handle held", err)
-		default:
-		}
+		shutdownWaiting(t, "second Shutdown", errc)
 		h2.Release()
 		if err := <-errc; err != nil {
 			t.Fatalf("second Shutdown: %v, want nil", err)
@@ -230,12 +232,7 @@ func TestShutdownAcquireDuringShutdown(t *testing.T) {
 			t.Fatal("Acquire while a handle is held returned nil")
 		}
 		h.Release()
-		synctest.Wait()
-		select {
-		case err := <-errc:
-			t.Fatalf("Shutdown returned %v while a late handle is held", err)
-		default:
-		}
+		shutdownWaiting(t, "Shutdown, with a late handle held,", errc)
 		sub.Release()
 		if err := <-errc; err != nil {
 			t.Fatalf("Shutdown: %v", err)
@@ -370,14 +367,8 @@ func TestShutdownTwice(t *testing.T) {
 		second := shutdownStart(c, context.Background())
 
 		// Both calls wait.
-		synctest.Wait()
-		select {
-		case err := <-first:
-			t.Fatalf("first Shutdown returned %v with a handle held", err)
-		case err := <-second:
-			t.Fatalf("second Shutdown returned %v with a handle held", err)
-		default:
-		}
+		shutdownWaiting(t, "first Shutdown", first)
+		shutdownWaiting(t, "second Shutdown", second)
 
 		h.Release()
 		if err := <-first; err != nil {

@@ -3,12 +3,18 @@
 package shellflip
 
 import (
+	"errors"
+	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
-	"time"
 
 	"golang.org/x/sys/unix"
 )
+
+// Starting the new process (spawn.go): what runs, where, and with which
+// fds.
 
 // TestSealFDsFallbacks: without close_range and without a listing of the
 // process's fds, sealing still marks every inherited fd close-on-exec.
@@ -37,20 +43,91 @@ func TestSealFDsFallbacks(t *testing.T) {
 	}
 }
 
-// TestLogLimiter: a failure that repeats (accept out of fds) is logged once
-// per logEvery, with how often it happened since.
-func TestLogLimiter(t *testing.T) {
-	var l logLimiter
-	t0 := time.Unix(1000, 0)
-	if n := l.note(t0); n != 1 {
-		t.Fatalf("first occurrence: %d, want it logged (1)", n)
+// spawnStartCopy starts generation 0 of role "server" from a copy of the
+// test binary at name in c's directory. It returns the copy's path and the
+// ready report.
+func spawnStartCopy(c *testCluster, name string) (string, map[string]string) {
+	c.t.Helper()
+	bin := filepath.Join(c.dir, name)
+	if err := copyExecutable(os.Args[0], bin); err != nil {
+		c.t.Fatal(err)
 	}
-	for i := 1; i <= 199; i++ { // every 50 ms for 10 s, less one
-		if n := l.note(t0.Add(time.Duration(i) * 50 * time.Millisecond)); n != 0 {
-			t.Fatalf("occurrence %d, %v after the first: logged", i, time.Duration(i)*50*time.Millisecond)
-		}
+	return bin, c.startCmd(bin, "server", nil)
+}
+
+// TestRestartDeletedBinary: when the program's file is gone (a binary that
+// "go run" built and removed, say), the running executable is restarted.
+func TestRestartDeletedBinary(t *testing.T) {
+	c := newTestCluster(t)
+	bin, r0 := spawnStartCopy(c, "gone.test")
+	if err := os.Remove(bin); err != nil {
+		t.Fatal(err)
 	}
-	if n := l.note(t0.Add(logEvery)); n != 200 {
-		t.Errorf("after %v: %d, want 200 occurrences reported", logEvery, n)
+	if r1 := c.restart(r0["pid"]); r1["gen"] != "1" {
+		t.Errorf("new process reports generation %s, want 1", r1["gen"])
 	}
+}
+
+// TestRestartProgramNotExecutable: a program file that exists but cannot be
+// executed (a half-done deploy) fails the restart; it does not fall back to
+// the running executable, which would restart the old code and report
+// success.
+func TestRestartProgramNotExecutable(t *testing.T) {
+	c := newTestCluster(t)
+	bin, r0 := spawnStartCopy(c, "prog.test")
+	// A deploy renames a new file into place, but its mode is not set yet.
+	deploy := bin + ".new"
+	if err := copyExecutable(os.Args[0], deploy); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(deploy, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(deploy, bin); err != nil {
+		t.Fatal(err)
+	}
+	err := c.requestErr()
+	if !errors.Is(err, ErrRestartFailed) || !strings.Contains(err.Error(), "not executable") {
+		t.Fatalf("restart with a non-executable program: %v, want a failure that says so", err)
+	}
+	os.Chmod(bin, 0o755)
+	c.restart(r0["pid"])
+}
+
+// TestRestartProgramFromArgv0: a restart runs the program this process is,
+// whatever its parent put in argv[0]. A bare argv[0] that $PATH does not
+// resolve is never looked for in the working directory, where anyone who
+// may write there could have put a program of that name.
+func TestRestartProgramFromArgv0(t *testing.T) {
+	c := newTestCluster(t)
+	marker := filepath.Join(c.dir, "planted-ran")
+	planted := filepath.Join(c.dir, "planted")
+	if err := os.WriteFile(planted, []byte("#!/bin/sh\ntouch "+marker+"\nexit 1\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r0 := c.startCmd(os.Args[0], "server", func(cmd *exec.Cmd) {
+		cmd.Args[0] = "planted" // as exec -a, or systemd's ExecStart=@, would set it
+		cmd.Dir = c.dir
+		cmd.Env = append(cmd.Env, "PATH=/usr/bin:/bin")
+	})
+	c.restart(r0["pid"])
+	if _, err := os.Stat(marker); err == nil {
+		t.Errorf("the restart ran the program planted in the working directory")
+	}
+}
+
+// TestRestartStartDirGone: the directory the service started in was
+// removed (an old release directory, pruned); restarts still work, in the
+// directory the process has.
+func TestRestartStartDirGone(t *testing.T) {
+	c := newTestCluster(t)
+	dir := filepath.Join(c.dir, "release-1")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r0 := c.startCmd(os.Args[0], "server", func(cmd *exec.Cmd) { cmd.Dir = dir })
+	if err := os.Remove(dir); err != nil {
+		t.Fatal(err)
+	}
+	c.restart(r0["pid"])
 }

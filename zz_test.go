@@ -25,9 +25,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The cross-process harness: TestMain, the child roles, and the helpers
-// that the tests of every concern share.
-
+// The cross-process harness that the tests of every concern share:
+// TestMain and the table of child roles, the reports the roles send, the
+// cluster of test-server generations, the fd-leak check, and the waits.
+//
 // The cross-process tests re-execute the test binary. TestMain sees
 // $SHELLFLIP_TEST_ROLE and runs that role instead of the tests; a restart
 // re-executes the same command line with the same environment, so every
@@ -40,8 +41,11 @@ const (
 	envTestRole   = "SHELLFLIP_TEST_ROLE"
 	envTestReport = "SHELLFLIP_TEST_REPORT"
 	envTestSocket = "SHELLFLIP_TEST_SOCKET"
-	// A knob applies once: the process that manages to remove the file
-	// named by the variable misbehaves; the next generation does not.
+	// Role "reaper": the role it starts as generation 0.
+	envTestReaperRole = "SHELLFLIP_TEST_REAPER_ROLE"
+	// The knobs of role "server". A knob that names a file applies once:
+	// the process that manages to remove the file misbehaves; the next
+	// generation does not.
 	envTestFailFile    = "SHELLFLIP_TEST_FAIL_FILE"  // ...before Ready, as $SHELLFLIP_TEST_FAIL_MODE says
 	envTestFailMode    = "SHELLFLIP_TEST_FAIL_MODE"  // exit3, hang, closeready, halfstate, garbage
 	envTestStateFail   = "SHELLFLIP_TEST_STATE_FAIL" // the old process's SendState fails
@@ -71,13 +75,44 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// testRoles maps $SHELLFLIP_TEST_ROLE values to what the re-executed test
-// binary does; test files add their own roles in init functions.
+// testRoles maps $SHELLFLIP_TEST_ROLE to what the re-executed test binary
+// does instead of running tests: every role there is. The functions live
+// beside the tests that start them.
 var testRoles = map[string]func() int{
-	"server":     testServer,
-	"fds":        testReportFDs,
-	"client":     testClient,
-	"fakeserver": testFakeServer,
+	// This file.
+	"server": testServer, // a small restartable service, tuned by the knobs above
+	"reaper": testReaper, // a subreaper over a cluster's generations
+
+	// ctlsock_test.go
+	"client":     testClient,     // RequestRestart as another uid
+	"fakeserver": testFakeServer, // a control socket that always says 1234
+
+	// notify_test.go
+	"fds":     testReportFDs, // "server", after reporting what it was started with
+	"inherit": testInherit,   // Start with the fds and variables a hostile parent gave
+
+	// sdnotify_test.go
+	"sd-helper": testSdHelper, // processNotifier with $NOTIFY_SOCKET as the test set it
+
+	// restart_test.go
+	"alloc-ready": allocReadyChild, // the new process of TestAllocsRestart
+
+	// fdpass_test.go
+	"fdpass":         fdpassRole,
+	"fdpass-overlap": fdpassOverlapRole,
+	"fdpass-hook":    fdpassHookRole,
+	"fdpass-many":    fdpassManyRole,
+	"fdpass-hostile": fdpassHostileRole,
+
+	// systemd_test.go
+	"systemd-service": systemdServiceRole,
+	"systemd-reload":  systemdReloadRole,
+
+	// bench_test.go
+	"bench-floor": benchFloorChild,
+	"bench-ready": benchReadyChild,
+	"bench-sink":  benchSinkChild,
+	"bench-state": benchStateChild,
 }
 
 func runTestRole(role string) int {
@@ -109,9 +144,11 @@ func takeKnob(env string) bool {
 	return p != "" && os.Remove(p) == nil
 }
 
-// testServer is a minimal service: it receives its generation from the old
-// process, listens where asked, starts the restarter and, when a restart
-// succeeded, reports the new pid and exits.
+// testServer is role "server", a small service: it receives its
+// generation from the old process, listens where asked, starts the
+// restarter and, when a restart succeeded, reports the new pid and exits.
+// Every report names the pid first, so that a test can wait for one
+// process's report with the prefix "kind pid=N".
 func testServer() int {
 	gen := 0
 	pid := os.Getpid()
@@ -182,8 +219,9 @@ func testServer() int {
 		}
 		addrs = append(addrs, a.Network()+"="+a.String())
 	}
-	if startedByRestart() {
-		waitFIFO(os.Getenv(envTestHoldFIFO))
+	if fifo := os.Getenv(envTestHoldFIFO); fifo != "" && startedByRestart() {
+		report("holding pid=%d gen=%d", pid, gen)
+		waitFIFO(fifo)
 	}
 	if startedByRestart() && takeKnob(envTestFailFile) {
 		switch os.Getenv(envTestFailMode) {
@@ -274,50 +312,6 @@ func testServer() int {
 	return 0
 }
 
-// waitFIFO waits for a line on the fifo at path, if path is set.
-func waitFIFO(path string) {
-	if path == "" {
-		return
-	}
-	if f, err := os.Open(path); err == nil {
-		bufio.NewReader(f).ReadString('\n')
-		f.Close()
-	}
-}
-
-// releaseFIFO writes the line that a process in waitFIFO waits for; it
-// blocks until that process has opened the fifo.
-func releaseFIFO(t *testing.T, path string) {
-	t.Helper()
-	done := make(chan error, 1)
-	go func() {
-		f, err := os.OpenFile(path, os.O_WRONLY, 0)
-		if err == nil {
-			_, err = f.WriteString("go\n")
-			f.Close()
-		}
-		done <- err
-	}()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(testDeadline):
-		t.Fatalf("nobody opened the fifo %s in %v", path, testDeadline)
-	}
-}
-
-// makeFIFO creates a fifo in dir and returns its path.
-func makeFIFO(t *testing.T, dir, name string) string {
-	t.Helper()
-	p := filepath.Join(dir, name)
-	if err := unix.Mkfifo(p, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return p
-}
-
 // reportLogs sends the library's warnings and errors to the test as "log"
 // reports: "log pid=PID level=LEVEL msg=MESSAGE k=v...".
 type reportLogs struct{}
@@ -336,7 +330,8 @@ func (reportLogs) Handle(_ context.Context, r slog.Record) error {
 	return nil
 }
 
-// serveHello greets every connection with the pid and generation.
+// serveHello greets every connection with the pid and generation; see
+// dialHello.
 func serveHello(ln net.Listener, gen int) {
 	for {
 		c, err := ln.Accept()
@@ -348,56 +343,82 @@ func serveHello(ln net.Listener, gen int) {
 	}
 }
 
-// testReportFDs reports the fds it was started with, then behaves as a
-// server; it runs first thing, before the runtime opens any fd of its own.
-func testReportFDs() int {
-	// Listing /proc/self/fd opens one fd of its own; read the links first,
-	// then drop that fd from the report by its target (the listing dir).
-	ents, _ := os.ReadDir("/proc/self/fd")
-	var fds []string
-	for _, e := range ents {
-		target, err := os.Readlink("/proc/self/fd/" + e.Name())
-		if err != nil || strings.HasPrefix(target, "/proc/") {
-			continue // the listing's own fd, closed by now
-		}
-		kind := "other(" + target + ")"
-		switch {
-		case strings.HasPrefix(target, "socket:"):
-			kind = "socket"
-		case strings.HasPrefix(target, "pipe:"):
-			kind = "pipe"
-		case strings.HasPrefix(target, "anon_inode:"), strings.HasPrefix(target, "/sys/fs/cgroup/"):
-			// The runtime's own (epoll, eventfd, pidfd, and the cgroup
-			// CPU limit files it watches for GOMAXPROCS), opened
-			// close-on-exec after the exec; not inherited.
-			continue
-		}
-		fd, _ := strconv.Atoi(e.Name())
-		if fd <= 2 {
-			kind = "stdio"
-		}
-		fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
-		if err == nil && fl&unix.FD_CLOEXEC != 0 {
-			kind += "+cloexec"
-		}
-		fds = append(fds, e.Name()+":"+kind)
+// dialHello connects to a listener of a test role and returns its
+// greeting, a line of key=value fields (pid, gen, ...), parsed.
+func dialHello(t testing.TB, network, addr string) map[string]string {
+	t.Helper()
+	h, err := tryHello(network, addr)
+	if err != nil {
+		t.Fatal(err)
 	}
-	var env []string
-	for _, kv := range os.Environ() {
-		if strings.HasPrefix(kv, "LISTEN_") || strings.HasPrefix(kv, "SHELLFLIP_") && !strings.HasPrefix(kv, "SHELLFLIP_TEST_") {
-			env = append(env, kv)
-		}
-	}
-	report("fds pid=%d open=%s env=%s", os.Getpid(), strings.Join(fds, ","), strings.Join(env, ";"))
-	return testServer()
+	return h
 }
 
-// testClient asks for a restart and reports the outcome: it runs as another
-// uid in TestControlSocketForeignUID.
-func testClient() int {
-	pid, err := RequestRestart(context.Background(), os.Getenv(envTestSocket))
-	report("client pid=%d err=%v", pid, err)
-	return 0
+// tryHello is dialHello for a caller that only reports a failure.
+func tryHello(network, addr string) (map[string]string, error) {
+	c, err := net.DialTimeout(network, addr, testDeadline)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	return readHelloErr(c)
+}
+
+// readHello reads the greeting on a connection made earlier.
+func readHello(t testing.TB, c net.Conn) map[string]string {
+	t.Helper()
+	h, err := readHelloErr(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+func readHelloErr(c net.Conn) (map[string]string, error) {
+	c.SetReadDeadline(time.Now().Add(testDeadline))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return nil, fmt.Errorf("reading the greeting on %s: %v", c.RemoteAddr(), err)
+	}
+	return parseReport("hello " + strings.TrimSpace(line)), nil
+}
+
+// testReaper is role "reaper": it makes itself the child subreaper, starts
+// generation 0 of the role named by $SHELLFLIP_TEST_REAPER_ROLE, and reaps
+// every process that is orphaned below it, reporting each exit. An old
+// generation is the parent of the new one and exits after the handover,
+// so every new generation is orphaned; under the reaper a test can wait
+// for its exact exit (testCluster.waitReaped) instead of guessing when
+// whatever pid 1 is got round to it.
+func testReaper() int {
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		report("error pid=%d prctl: %v", os.Getpid(), err)
+		return 1
+	}
+	// syscall.ForkExec, unlike os/exec, does not deduplicate: drop the
+	// role before setting it anew.
+	env := slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, envTestRole+"=") })
+	env = append(env, envTestRole+"="+os.Getenv(envTestReaperRole))
+	child, err := syscall.ForkExec(os.Args[0], []string{os.Args[0], "-test.run=^$"},
+		&syscall.ProcAttr{Env: env, Files: []uintptr{0, 1, 2}})
+	if err != nil {
+		report("error pid=%d fork: %v", os.Getpid(), err)
+		return 1
+	}
+	report("reaper pid=%d child=%d", os.Getpid(), child)
+	for {
+		var ws unix.WaitStatus
+		pid, err := unix.Wait4(-1, &ws, 0, nil)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			// ECHILD: the last generation is gone.
+			return 0
+		}
+		status := (&childWatch{ws: ws}).status()
+		report("reaped pid=%d status=%s", pid, strings.ReplaceAll(status, " ", "_"))
+	}
 }
 
 // testReports receives the lines the test's processes send. A goroutine
@@ -507,112 +528,245 @@ type testCluster struct {
 	t       *testing.T
 	dir     string
 	socket  string
+	hold    string // with clusterHeld: the fifo new processes wait on
+	reaper  bool   // with clusterReaped
 	reports *testReports
-	exited  chan struct{} // closed when generation 0 has exited and was reaped
-	status  string        // how generation 0 ended, once exited is closed
-	mu      sync.Mutex
-	pids    []int
+	first   *os.Process   // the process the test started (adopt), if any
+	exited  chan struct{} // closed when first has exited and was reaped
+	status  string        // how first ended, once exited is closed
+
+	mu   sync.Mutex
+	live map[int]*os.Process // started and not seen reaped; killed at cleanup
 }
 
-func newTestCluster(t *testing.T) *testCluster {
+// clusterOpt changes how a cluster's generations run.
+type clusterOpt int
+
+const (
+	// clusterReaped runs generation 0 under role "reaper" (testReaper):
+	// every generation is reaped as soon as it exits, and the test can
+	// wait for that (waitReaped). The process the test starts, and whose
+	// end closes exited, is then the reaper.
+	clusterReaped clusterOpt = 1 << iota
+	// clusterHeld makes every new process wait on a fifo before Start
+	// (hold): restart lets it go, and a test that requests a restart by
+	// itself can act while the restart is in flight.
+	clusterHeld
+)
+
+func newTestCluster(t *testing.T, opts ...clusterOpt) *testCluster {
 	dir := t.TempDir()
-	c := &testCluster{t: t, dir: dir, socket: filepath.Join(dir, "ctl.sock"), exited: make(chan struct{})}
+	c := &testCluster{t: t, dir: dir, socket: filepath.Join(dir, "ctl.sock"), exited: make(chan struct{}), live: map[int]*os.Process{}}
 	c.reports = newTestReports(t, dir)
+	for _, o := range opts {
+		switch o {
+		case clusterReaped:
+			c.reaper = true
+		case clusterHeld:
+			c.hold = makeFIFO(t, dir, "hold")
+		}
+	}
 	t.Cleanup(c.killAll)
 	return c
 }
 
-// start runs generation 0 of the test server with extra environment, and
-// waits until it is ready.
-func (c *testCluster) start(role string, env ...string) map[string]string {
-	c.t.Helper()
-	return c.startBin(os.Args[0], role, env...)
-}
-
-// startBin is start with the test binary at bin.
-func (c *testCluster) startBin(bin, role string, env ...string) map[string]string {
-	c.t.Helper()
-	return c.startCmd(bin, role, nil, env...)
-}
-
-// startCmd is startBin with a chance to adjust the command first. If adjust
-// is set, the ready report's pid is not checked against the started one
-// (adjust may put it in another pid namespace).
-func (c *testCluster) startCmd(bin, role string, adjust func(*exec.Cmd), env ...string) map[string]string {
-	c.t.Helper()
+// command returns a command that runs bin (a copy of the test binary) in
+// role, with the test's environment as childEnv leaves it, the cluster's
+// report and control sockets, and extra environment.
+func (c *testCluster) command(bin, role string, env ...string) *exec.Cmd {
 	cmd := exec.Command(bin, "-test.run=^$")
-	cmd.Env = append(os.Environ(),
-		// A race-enabled binary otherwise sleeps a second at exit.
-		"GORACE=atexit_sleep_ms=0",
-		envTestRole+"="+role,
-		envTestReport+"="+c.reports.path,
-		envTestSocket+"="+c.socket)
+	cmd.Env = childEnv(envTestRole+"="+role, envTestReport+"="+c.reports.path, envTestSocket+"="+c.socket)
+	if c.hold != "" {
+		cmd.Env = append(cmd.Env, envTestHoldFIFO+"="+c.hold)
+	}
 	cmd.Env = append(cmd.Env, env...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	return cmd
+}
+
+// start runs generation 0 of role with extra environment, and waits until
+// it is ready. It returns the ready report.
+func (c *testCluster) start(role string, env ...string) map[string]string {
+	c.t.Helper()
+	return c.startCmd(os.Args[0], role, nil, env...)
+}
+
+// startCmd is start with the test binary at bin, and a chance to adjust
+// the command first. If adjust is set, the ready report's pid is not
+// checked against the started one (adjust may put it in another pid
+// namespace).
+func (c *testCluster) startCmd(bin, role string, adjust func(*exec.Cmd), env ...string) map[string]string {
+	c.t.Helper()
+	var cmd *exec.Cmd
+	if c.reaper {
+		cmd = c.command(bin, "reaper", append([]string{envTestReaperRole + "=" + role}, env...)...)
+	} else {
+		cmd = c.command(bin, role, env...)
+	}
 	if adjust != nil {
 		adjust(cmd)
 	}
 	if err := cmd.Start(); err != nil {
 		c.t.Fatal(err)
 	}
-	// The first generation is our child: reap it in the background. Later
-	// generations are its children, reaped by it, or reparented.
+	c.adopt(cmd)
+	gen0 := strconv.Itoa(cmd.Process.Pid)
+	if c.reaper {
+		gen0 = c.reports.next("reaper pid=" + gen0)["child"]
+		c.trackPid(gen0)
+	}
+	c.reports.next("started")
+	rep := c.reports.next("ready")
+	if adjust == nil && rep["pid"] != gen0 {
+		c.t.Fatalf("ready report from pid %s, started %s", rep["pid"], gen0)
+	}
+	return rep
+}
+
+// adopt makes cmd, started by the test, the process whose end closes
+// exited; it is killed at cleanup. Later generations are its children,
+// reaped by it, by the reaper, or by whoever adopts them.
+func (c *testCluster) adopt(cmd *exec.Cmd) {
+	c.first = cmd.Process
 	go func() {
 		cmd.Wait()
 		c.status = cmd.ProcessState.String()
 		close(c.exited)
 	}()
-	c.track(cmd.Process.Pid)
-	c.reports.next("started")
-	rep := c.reports.next("ready")
-	if adjust == nil && rep["pid"] != strconv.Itoa(cmd.Process.Pid) {
-		c.t.Fatalf("ready report from pid %s, started %d", rep["pid"], cmd.Process.Pid)
-	}
-	return rep
 }
 
+// track makes the cluster kill pid at cleanup. It holds the process by a
+// pidfd (os.FindProcess), so that the kill cannot hit another process that
+// reused the pid by then.
 func (c *testCluster) track(pid int) {
+	p, err := os.FindProcess(pid)
+	if err != nil {
+		c.t.Fatalf("pid %d: %v", pid, err)
+	}
 	c.mu.Lock()
-	c.pids = append(c.pids, pid)
-	c.mu.Unlock()
+	defer c.mu.Unlock()
+	if old := c.live[pid]; old != nil {
+		old.Release()
+	}
+	c.live[pid] = p
+}
+
+// trackPid is track for a pid from a report.
+func (c *testCluster) trackPid(pid string) {
+	c.t.Helper()
+	n, err := strconv.Atoi(pid)
+	if err != nil {
+		c.t.Fatalf("pid %q in a report", pid)
+	}
+	c.track(n)
+}
+
+// nextNew waits for the next report that starts with prefix, from a
+// process the cluster tracks from then on.
+func (c *testCluster) nextNew(prefix string) map[string]string {
+	c.t.Helper()
+	rep := c.reports.next(prefix)
+	c.trackPid(rep["pid"])
+	return rep
 }
 
 func (c *testCluster) killAll() {
 	c.mu.Lock()
-	started := len(c.pids) > 0
-	for _, pid := range c.pids {
-		unix.Kill(pid, unix.SIGKILL)
+	for _, p := range c.live {
+		p.Kill()
+		p.Release()
 	}
+	clear(c.live)
 	c.mu.Unlock()
-	// Wait for generation 0 to be reaped, so that exec.Cmd's fds for it
-	// are closed before the next test counts fds.
-	if started {
+	// Wait for the process the test started to be reaped, so that
+	// exec.Cmd's fds for it are closed before the next test counts fds.
+	if c.first != nil {
+		c.first.Kill()
 		select {
 		case <-c.exited:
 		case <-time.After(testDeadline):
-			c.t.Errorf("generation 0 was not reaped after SIGKILL")
+			c.t.Errorf("the cluster's first process was not reaped after SIGKILL")
 		}
 	}
 }
 
-// restart asks for a restart over the control socket and waits for the new
-// generation's ready report and the old one's exit report.
+// waitExit waits until the process the test started has exited, and
+// returns how it ended.
+func (c *testCluster) waitExit() string {
+	c.t.Helper()
+	select {
+	case <-c.exited:
+		return c.status
+	case <-time.After(testDeadline):
+		c.t.Fatalf("the cluster's first process is still running after %v", testDeadline)
+		return ""
+	}
+}
+
+// waitReaped waits until the reaper (clusterReaped) reaped pid, and returns
+// how it ended.
+func (c *testCluster) waitReaped(pid string) string {
+	c.t.Helper()
+	rep := c.reports.next("reaped pid=" + pid)
+	n, _ := strconv.Atoi(pid)
+	c.mu.Lock()
+	if p := c.live[n]; p != nil {
+		p.Release()
+		delete(c.live, n)
+	}
+	c.mu.Unlock()
+	return strings.ReplaceAll(rep["status"], "_", " ")
+}
+
+// asked is the outcome of a RequestRestart.
+type asked struct {
+	pid int
+	err error
+}
+
+// ask requests a restart on a goroutine, bounded by testDeadline; the
+// channel receives the outcome.
+func (c *testCluster) ask() <-chan asked {
+	ch := make(chan asked, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
+		defer cancel()
+		pid, err := RequestRestart(ctx, c.socket)
+		ch <- asked{pid, err}
+	}()
+	return ch
+}
+
+// restart asks for a restart over the control socket, releases the new
+// process if the cluster holds it, and waits for the new generation's
+// ready report and the old one's "replaced" report; under the reaper, also
+// until the old one exited with status 0 and was reaped. It returns the
+// new generation's ready report.
 func (c *testCluster) restart(oldPid string) (newReady map[string]string) {
 	c.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
-	defer cancel()
-	pid, err := RequestRestart(ctx, c.socket)
-	if err != nil {
-		c.t.Fatalf("RequestRestart: %v (reports: %q)", err, c.reports.drain())
+	answer := c.ask()
+	if c.hold != "" {
+		c.nextNew("holding")
+		releaseFIFO(c.t, c.hold)
 	}
-	c.track(pid)
+	a := <-answer
+	if a.err != nil {
+		c.t.Fatalf("RequestRestart: %v (reports: %q)", a.err, c.reports.drain())
+	}
+	c.track(a.pid)
+	pid := strconv.Itoa(a.pid)
 	ready := c.reports.next("ready")
-	if ready["pid"] != strconv.Itoa(pid) {
-		c.t.Fatalf("RequestRestart returned pid %d, but pid %s became ready", pid, ready["pid"])
+	if ready["pid"] != pid {
+		c.t.Fatalf("RequestRestart returned pid %s, but pid %s became ready", pid, ready["pid"])
 	}
 	repl := c.reports.next("replaced")
-	if repl["pid"] != oldPid || repl["new"] != strconv.Itoa(pid) {
-		c.t.Fatalf("old process reported %v, want pid=%s new=%d", repl, oldPid, pid)
+	if repl["pid"] != oldPid || repl["new"] != pid {
+		c.t.Fatalf("old process reported %v, want pid=%s new=%s", repl, oldPid, pid)
+	}
+	if c.reaper {
+		if st := c.waitReaped(oldPid); st != "exit status 0" {
+			c.t.Fatalf("old generation %s ended with %s", oldPid, st)
+		}
 	}
 	return ready
 }
@@ -620,93 +774,12 @@ func (c *testCluster) restart(oldPid string) (newReady map[string]string) {
 // requestErr asks for a restart that is expected to fail.
 func (c *testCluster) requestErr() error {
 	c.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
-	defer cancel()
-	pid, err := RequestRestart(ctx, c.socket)
-	if err == nil {
-		c.track(pid)
-		c.t.Fatalf("RequestRestart succeeded (pid %d), want a failure", pid)
+	a := <-c.ask()
+	if a.err == nil {
+		c.track(a.pid)
+		c.t.Fatalf("RequestRestart succeeded (pid %d), want a failure", a.pid)
 	}
-	return err
-}
-
-// waitGone waits until pid no longer exists: it was reaped, not a zombie.
-func waitGone(t *testing.T, pid int) {
-	t.Helper()
-	if !waitExited(t, pid) {
-		return
-	}
-	// Exited; the old process reaps it before it answers, so by the time a
-	// test calls this after an answer, there is no zombie either.
-	if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
-		t.Fatalf("pid %d exited but was not reaped: %s", pid, st)
-	}
-}
-
-// waitExited waits until pid has exited (it may be a zombie), and reports
-// whether it existed when called.
-func waitExited(t *testing.T, pid int) bool {
-	t.Helper()
-	// A pidfd becomes readable when the process exits; kill(pid, 0) then
-	// tells a reaped process (ESRCH) from a zombie.
-	pfd, err := unix.PidfdOpen(pid, 0)
-	if err == unix.ESRCH {
-		return false
-	}
-	if err != nil {
-		t.Fatalf("pidfd_open(%d): %v", pid, err)
-	}
-	defer unix.Close(pfd)
-	fds := []unix.PollFd{{Fd: int32(pfd), Events: unix.POLLIN}}
-	if n, err := unix.Poll(fds, int(testDeadline/time.Millisecond)); err != nil || n == 0 {
-		t.Fatalf("pid %d still running after %v", pid, testDeadline)
-	}
-	return true
-}
-
-// buildExample builds ./examples/name into a temporary directory, with the
-// race detector if this test binary has it, and returns the binary's path.
-func buildExample(t *testing.T, name string) string {
-	t.Helper()
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		t.Skipf("no go tool on $PATH to build examples/%s with: %v", name, err)
-	}
-	bin := filepath.Join(t.TempDir(), name)
-	args := []string{"build", "-o", bin}
-	if info, ok := debug.ReadBuildInfo(); ok {
-		for _, s := range info.Settings {
-			if s.Key == "-race" && s.Value == "true" {
-				args = append(args, "-race")
-			}
-		}
-	}
-	cmd := exec.Command(goTool, append(args, "./examples/"+name)...)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go %s: %v\n%s", strings.Join(cmd.Args[1:], " "), err, out)
-	}
-	return bin
-}
-
-// openFDs counts the test process's open fds, once the runtime's poller
-// (which opens fds of its own on first use) is up.
-func openFDs(t *testing.T) int {
-	t.Helper()
-	if r, w, err := os.Pipe(); err == nil {
-		r.Close()
-		w.Close()
-	}
-	return countFDs(t)
-}
-
-// countFDs counts this process's open fds.
-func countFDs(t *testing.T) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
+	return a.err
 }
 
 // nobodyBinary prepares c for a process of uid 65534 (nobody): c's
@@ -740,6 +813,342 @@ func copyExecutable(src, dst string) error {
 		return err
 	}
 	return os.WriteFile(dst, b, 0o755)
+}
+
+// handoffVar reports whether the variable k is one with which a process
+// passes fds to the next (LISTEN_*, or a SHELLFLIP_* that is not a test
+// knob).
+func handoffVar(k string) bool {
+	return strings.HasPrefix(k, "LISTEN_") || strings.HasPrefix(k, "SHELLFLIP_") && !strings.HasPrefix(k, "SHELLFLIP_TEST_")
+}
+
+// handoffEnv lists this process's handoff variables (handoffVar).
+func handoffEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if k, _, _ := strings.Cut(kv, "="); handoffVar(k) {
+			env = append(env, kv)
+		}
+	}
+	return env
+}
+
+// childEnv is the environment for a process the test starts: the test's
+// own, without what would make the process think that a restart or a
+// service manager started it (handoff variables, NOTIFY_SOCKET,
+// WATCHDOG_*), with goraceEnv, then extra.
+func childEnv(extra ...string) []string {
+	env := slices.DeleteFunc(os.Environ(), func(kv string) bool {
+		k, _, _ := strings.Cut(kv, "=")
+		return handoffVar(k) || k == "NOTIFY_SOCKET" || strings.HasPrefix(k, "WATCHDOG_") || k == "GORACE"
+	})
+	return append(append(env, goraceEnv()), extra...)
+}
+
+// goraceEnv is the GORACE setting for the processes the tests start: a
+// race-enabled binary sleeps a second at exit by default
+// (atexit_sleep_ms=1000), which every wait for an old generation to go
+// would pay.
+func goraceEnv() string {
+	return "GORACE=" + strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0")
+}
+
+// shortTempDir returns a new directory, removed at cleanup, whose path
+// leaves room for socket names in sun_path (108 bytes); t.TempDir's names
+// grow with the test's.
+func shortTempDir(t testing.TB, prefix string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+// makeFIFO creates a fifo in dir and returns its path.
+func makeFIFO(t *testing.T, dir, name string) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	if err := unix.Mkfifo(p, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// waitFIFO waits for a line on the fifo at path, if path is set: a role's
+// side of releaseFIFO.
+func waitFIFO(path string) {
+	if path == "" {
+		return
+	}
+	if f, err := os.Open(path); err == nil {
+		bufio.NewReader(f).ReadString('\n')
+		f.Close()
+	}
+}
+
+// releaseFIFO writes the line that a process in waitFIFO waits for, once
+// it has opened the fifo, and fails t if none does within testDeadline.
+func releaseFIFO(t *testing.T, path string) {
+	t.Helper()
+	if err := writeFIFO(path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// releaseLater is releaseFIFO for each fifo in turn, for a goroutine: for
+// fifos that a later step of the test reaches.
+func releaseLater(fifos ...string) {
+	for _, fifo := range fifos {
+		if writeFIFO(fifo) != nil {
+			return
+		}
+	}
+}
+
+func writeFIFO(path string) error {
+	// Opening for writing blocks until a reader opens the fifo. If none
+	// does in time, a reader of our own unblocks the open.
+	timer := time.AfterFunc(testDeadline, func() {
+		if f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NONBLOCK, 0); err == nil {
+			defer f.Close()
+		}
+	})
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if !timer.Stop() {
+		if err == nil {
+			f.Close()
+		}
+		return fmt.Errorf("nobody opened the fifo %s in %v", path, testDeadline)
+	}
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteString("go\n")
+	return errors.Join(err, f.Close())
+}
+
+// waitExited waits until pid has exited (it may be a zombie), and reports
+// whether it existed when called. A pidfd becomes readable when the
+// process exits; this works for processes that are not the test's
+// children.
+func waitExited(t testing.TB, pid int) bool {
+	t.Helper()
+	pfd, err := unix.PidfdOpen(pid, 0)
+	if err == unix.ESRCH {
+		return false
+	}
+	if err != nil {
+		t.Fatalf("pidfd_open(%d): %v", pid, err)
+	}
+	defer unix.Close(pfd)
+	fds := []unix.PollFd{{Fd: int32(pfd), Events: unix.POLLIN}}
+	n, err := ignoringEINTR(func() (int, error) { return unix.Poll(fds, int(testDeadline/time.Millisecond)) })
+	if err != nil || n == 0 {
+		t.Fatalf("pid %d still running after %v (%v)", pid, testDeadline, err)
+	}
+	return true
+}
+
+// waitGone waits until pid no longer exists: it exited and was reaped.
+func waitGone(t testing.TB, pid int) {
+	t.Helper()
+	if !waitExited(t, pid) {
+		return
+	}
+	// Exited; the old process reaps it before it answers, so by the time a
+	// test calls this after an answer, there is no zombie either.
+	if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
+		t.Fatalf("pid %d exited but was not reaped: %s", pid, st)
+	}
+}
+
+// waitUntil polls cond, every few milliseconds, until it returns "", and
+// fails t with the last thing it returned (what is not so yet) if that
+// takes longer than testDeadline. It is for what no event announces:
+// another process's fd table, the kernel's socket tables, a property of a
+// systemd unit. Everything else waits for an event.
+func waitUntil(t testing.TB, cond func() (notYet string)) {
+	t.Helper()
+	deadline := time.Now().Add(testDeadline)
+	for {
+		notYet := cond()
+		if notYet == "" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after %v: %s", testDeadline, notYet)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// unixConns returns the server side of every connection to the unix
+// socket at path, established and not yet closed, by inode
+// ("socket:[N]", as a /proc/PID/fd link names it): /proc/net/unix lists
+// them under the listening socket's path, accepted or not.
+func unixConns(t testing.TB, path string) []string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/net/unix")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conns []string
+	for _, line := range strings.Split(string(b), "\n") {
+		// Num RefCount Protocol Flags Type St Inode Path: St 03 is connected.
+		if f := strings.Fields(line); len(f) == 8 && f[7] == path && f[5] == "03" {
+			conns = append(conns, "socket:["+f[6]+"]")
+		}
+	}
+	return conns
+}
+
+// procFDs returns the open fds of process pid ("self": this one) and what
+// each refers to (its /proc/PID/fd link), without the fd of the listing
+// itself.
+func procFDs(pid string) (map[int]string, error) {
+	dir := "/proc/" + pid + "/fd"
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	fds := map[int]string{}
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		target, err := os.Readlink(dir + "/" + e.Name())
+		if err != nil || strings.HasPrefix(target, "/proc/") {
+			continue // the listing's own fd, closed by now
+		}
+		fds[fd] = target
+	}
+	return fds, nil
+}
+
+// fdTargets is procFDs for a test.
+func fdTargets(t testing.TB, pid int) map[int]string {
+	t.Helper()
+	fds, err := procFDs(strconv.Itoa(pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fds
+}
+
+// fdID identifies an open file: its /proc/self/fd link, and its device
+// and inode numbers, which are the same in every process that shares the
+// file; and the close-on-exec flag of the fd.
+type fdID struct {
+	target   string
+	dev, ino uint64
+	cloexec  bool
+}
+
+// statFD identifies what fd refers to. It opens nothing, so that a role
+// may call it before the runtime's poller is up.
+func statFD(fd int) (fdID, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fdID{}, err
+	}
+	target, _ := os.Readlink("/proc/self/fd/" + strconv.Itoa(fd))
+	return fdID{target: target, dev: st.Dev, ino: st.Ino, cloexec: cloexec(fd)}, nil
+}
+
+// state tells whether fd still holds the file it held when id was taken:
+// "same", "closed" or "other" (closed and the number reused).
+func (id fdID) state(fd int) string {
+	cur, err := statFD(fd)
+	switch {
+	case err == unix.EBADF:
+		return "closed"
+	case err != nil:
+		return "error:" + err.Error()
+	case cur.dev == id.dev && cur.ino == id.ino:
+		return "same"
+	}
+	return "other"
+}
+
+// cloexec reports whether fd is open and close-on-exec.
+func cloexec(fd int) bool {
+	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+	return err == nil && fl&unix.FD_CLOEXEC != 0
+}
+
+// listFDs lists this process's open fds for checkFDs, once the runtime's
+// poller (which opens fds of its own on first use) is up.
+func listFDs(t testing.TB) map[int]string {
+	t.Helper()
+	if r, w, err := os.Pipe(); err == nil {
+		r.Close()
+		w.Close()
+	}
+	return fdTargets(t, os.Getpid())
+}
+
+// checkFDs is the fd-leak check: it fails t for every fd open now that was
+// not open in before (listFDs), by number and target, so that an fd closed
+// meanwhile cannot hide a new one. With exact, it also fails t for every fd
+// of before that is closed now, as code that closes what it does not own
+// would leave it; leave that off where an earlier test's garbage may be
+// finalized meanwhile (an os.Process holds a pidfd until then).
+func checkFDs(t testing.TB, before map[int]string, exact bool) {
+	t.Helper()
+	after := listFDs(t)
+	var opened, closed []string
+	for fd, target := range after {
+		if before[fd] != target {
+			opened = append(opened, fmt.Sprintf("%d>%s", fd, target))
+		}
+	}
+	for fd, target := range before {
+		if after[fd] != target {
+			closed = append(closed, fmt.Sprintf("%d>%s", fd, target))
+		}
+	}
+	slices.Sort(opened)
+	slices.Sort(closed)
+	if len(opened) > 0 {
+		t.Errorf("fds left open: %v (%d fds before, %d after)", opened, len(before), len(after))
+	}
+	if exact && len(closed) > 0 {
+		t.Errorf("fds closed that were open before: %v", closed)
+	}
+}
+
+// openFDs counts this process's open fds, as listFDs lists them.
+// httpd_test.go compares counts; everything else uses checkFDs.
+func openFDs(t *testing.T) int {
+	t.Helper()
+	return len(listFDs(t))
+}
+
+// buildExample builds ./examples/name into a temporary directory, with the
+// race detector if this test binary has it, and returns the binary's path.
+func buildExample(t *testing.T, name string) string {
+	t.Helper()
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		t.Skipf("no go tool on $PATH to build examples/%s with: %v", name, err)
+	}
+	bin := filepath.Join(t.TempDir(), name)
+	args := []string{"build", "-o", bin}
+	if info, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range info.Settings {
+			if s.Key == "-race" && s.Value == "true" {
+				args = append(args, "-race")
+			}
+		}
+	}
+	cmd := exec.Command(goTool, append(args, "./examples/"+name)...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go %s: %v\n%s", strings.Join(cmd.Args[1:], " "), err, out)
+	}
+	return bin
 }
 
 // adoptInherited puts fds into the registry as if they had been inherited.

@@ -1,6 +1,6 @@
 //go:build linux
 
-package shellflip
+package main
 
 import (
 	"bufio"
@@ -8,6 +8,7 @@ import (
 	"cmp"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"io"
 	"net"
@@ -15,22 +16,24 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
-// examples/restarter, driven as a user would.
-
-// These tests drive examples/restarter as a user would: the example is
-// built once, started as a real process, restarted with its own "restart"
+// These tests drive the example as a user would: it is built with go
+// build, started as a real process, restarted with its own "restart"
 // command, and talked to by real TCP clients. Every generation of a server
 // writes to the stdout and stderr of the first, so the test reads them from
 // pipes it owns for as long as the test runs, line by line with deadlines.
+// They use nothing of the library's but what the example does; the
+// library's own tests play the old process of a restart by hand
+// (TestGiveUpOnBadState, in the repository's root).
 
 // restarterDeadline bounds every wait; a healthy run is far quicker.
 const restarterDeadline = 30 * time.Second
@@ -44,7 +47,7 @@ var (
 // TestRestarterExampleDefaultSocket: without -socket, the server and the
 // restart command meet at $XDG_RUNTIME_DIR/restarter.sock.
 func TestRestarterExampleDefaultSocket(t *testing.T) {
-	bin := buildExample(t, "restarter")
+	bin := restarterBuild(t)
 	dir := restarterTempDir(t)
 	t.Setenv("XDG_RUNTIME_DIR", dir)
 	srv := restarterStartWith(t, bin, func(cmd *exec.Cmd) { cmd.Args = cmd.Args[:1] })
@@ -55,7 +58,7 @@ func TestRestarterExampleDefaultSocket(t *testing.T) {
 		t.Fatalf("restart without -socket: exit code %d, stdout %q, stderr %q", code, stdout, stderr)
 	}
 	pid, _ := strconv.Atoi(m[1])
-	t.Cleanup(func() { unix.Kill(pid, unix.SIGKILL) })
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
 	srv.expectInstance(1, addr)
 	if _, err := os.Stat(filepath.Join(dir, "restarter.sock")); err != nil {
 		t.Errorf("no control socket in $XDG_RUNTIME_DIR: %v", err)
@@ -63,58 +66,52 @@ func TestRestarterExampleDefaultSocket(t *testing.T) {
 }
 
 func TestRestarterExample(t *testing.T) {
-	fds := openFDs(t)
+	fds := restarterOpenFDs(t)
 	t.Cleanup(func() {
 		// This runs after every subtest and its cleanups. Fewer fds than
 		// before is no leak of ours: an earlier test's process handle may
 		// have been released meanwhile.
-		if n := openFDs(t); n > fds {
+		if n := restarterOpenFDs(t); n > fds {
 			t.Errorf("the test process has %d fds open, %d before: the tests leaked some", n, fds)
 		}
 	})
-	bin := buildExample(t, "restarter")
-	t.Run("Restart", func(t *testing.T) {
-		t.Parallel()
-		restarterTestRestart(t, bin)
-	})
-	t.Run("MaxGeneration", func(t *testing.T) {
-		t.Parallel()
-		restarterTestMaxGeneration(t, bin)
-	})
-	t.Run("NoServer", func(t *testing.T) {
-		t.Parallel()
-		socket := filepath.Join(restarterTempDir(t), "none.sock")
-		if text := restarterRestartFails(t, bin, socket); !strings.Contains(text, socket) {
-			t.Errorf("failure text %q does not name the socket %s", text, socket)
-		}
-	})
-	t.Run("BadDeploy", func(t *testing.T) {
-		t.Parallel()
-		restarterTestBadDeploy(t, bin)
-	})
-	t.Run("EscapedFailure", func(t *testing.T) {
-		t.Parallel()
-		// What the server says reaches a terminal: escapes are printed
-		// escaped, and the answer stays on one line.
-		socket := filepath.Join(restarterTempDir(t), "fake.sock")
-		fakeControlServer(t, socket, appendRestartFailed(nil, "\x1b[2Jgone\r\nRestart succeeded, child pid is 1"))
-		if text := restarterRestartFails(t, bin, socket); text != `\x1b[2Jgone\r\nRestart succeeded, child pid is 1` {
-			t.Errorf("failure text %q, want the server's text with its control characters escaped", text)
-		}
-	})
-	t.Run("State", func(t *testing.T) {
-		t.Parallel()
-		restarterTestState(t, bin)
-	})
-	t.Run("Usage", func(t *testing.T) {
-		t.Parallel()
-		for _, args := range [][]string{{"bogus"}, {"restart", "now"}, {"-max-generation", "-1"}} {
-			stdout, stderr, code := restarterRun(t, bin, args...)
-			if code != 2 || stdout != "" || !strings.Contains(stderr, "Usage:") {
-				t.Errorf("restarter %q: exit code %d, stdout %q, stderr %q; want 2, nothing, a usage message", args, code, stdout, stderr)
+	bin := restarterBuild(t)
+	for _, sub := range []struct {
+		name string
+		test func(t *testing.T, bin string)
+	}{
+		{"Restart", restarterTestRestart},
+		{"MaxGeneration", restarterTestMaxGeneration},
+		{"NoServer", func(t *testing.T, bin string) {
+			socket := filepath.Join(restarterTempDir(t), "none.sock")
+			if text := restarterRestartFails(t, bin, socket); !strings.Contains(text, socket) {
+				t.Errorf("failure text %q does not name the socket %s", text, socket)
 			}
-		}
-	})
+		}},
+		{"BadDeploy", restarterTestBadDeploy},
+		{"EscapedFailure", func(t *testing.T, bin string) {
+			// What the server says reaches a terminal: escapes are
+			// printed escaped, and the answer stays on one line.
+			socket := filepath.Join(restarterTempDir(t), "fake.sock")
+			restarterFakeServer(t, socket, "\x1b[2Jgone\r\nRestart succeeded, child pid is 1")
+			if text := restarterRestartFails(t, bin, socket); text != `\x1b[2Jgone\r\nRestart succeeded, child pid is 1` {
+				t.Errorf("failure text %q, want the server's text with its control characters escaped", text)
+			}
+		}},
+		{"Usage", func(t *testing.T, bin string) {
+			for _, args := range [][]string{{"bogus"}, {"restart", "now"}, {"-max-generation", "-1"}} {
+				stdout, stderr, code := restarterRun(t, bin, args...)
+				if code != 2 || stdout != "" || !strings.Contains(stderr, "Usage:") {
+					t.Errorf("restarter %q: exit code %d, stdout %q, stderr %q; want 2, nothing, a usage message", args, code, stdout, stderr)
+				}
+			}
+		}},
+	} {
+		t.Run(sub.name, func(t *testing.T) {
+			t.Parallel()
+			sub.test(t, bin)
+		})
+	}
 }
 
 // restarterTestRestart restarts a server with a client connected, and checks
@@ -159,14 +156,7 @@ func restarterTestRestart(t *testing.T, bin string) {
 	default:
 	}
 	old.close()
-	select {
-	case <-srv.exited:
-	case <-time.After(restarterDeadline):
-		t.Fatalf("the old process is still running %v after its last client left", restarterDeadline)
-	}
-	if st := srv.cmd.ProcessState; !st.Success() {
-		t.Fatalf("the old process ended with %v, want exit status 0", st)
-	}
+	srv.waitLeft()
 	fresh.echo("after the old process exited")
 	fresh.close()
 }
@@ -253,92 +243,7 @@ func restarterTestBadDeploy(t *testing.T, bin string) {
 	}
 	held.echo("after the fixed restart")
 	held.close()
-	select {
-	case <-srv.exited:
-	case <-time.After(restarterDeadline):
-		t.Fatalf("the old process is still running %v after its last client left", restarterDeadline)
-	}
-	if st := srv.cmd.ProcessState; !st.Success() {
-		t.Fatalf("the old process ended with %v, want exit status 0", st)
-	}
-}
-
-// restarterTestState starts the example as the new process of a restart,
-// with the test in the old process's place, and checks what it makes of the
-// state it is handed.
-func restarterTestState(t *testing.T, bin string) {
-	for _, tc := range []struct {
-		name  string
-		state []byte
-		gen   int // -1: the state must be refused
-	}{
-		// The old process sends its generation as 4 bytes, big-endian.
-		{"generation 7", binary.BigEndian.AppendUint32(nil, 7), 8},
-		{"generation 256", binary.BigEndian.AppendUint32(nil, 256), 257},
-		{"empty", nil, -1},
-		{"short", []byte{0, 0, 7}, -1},
-		{"long", append(binary.BigEndian.AppendUint32(nil, 7), 0), -1},
-		{"last generation", binary.BigEndian.AppendUint32(nil, 1<<32-1), -1},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			readyOld, readyNew := restarterSocketpair(t)
-			stateR, stateW, err := os.Pipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer stateR.Close()
-			// A few bytes fit in the pipe: write them all and close, so
-			// the new process reads them and then EOF.
-			_, err = stateW.Write(tc.state)
-			stateW.Close()
-			if err != nil {
-				t.Fatal(err)
-			}
-
-			srv := restarterStartWith(t, bin, func(cmd *exec.Cmd) {
-				cmd.ExtraFiles = []*os.File{readyNew, stateR} // fds 3 and 4
-				cmd.Env = append(cmd.Env, envReadyFD+"=3", envStateFD+"=4")
-			})
-			readyNew.Close()
-			stateR.Close()
-
-			// Played by hand, the old process's side: the new process asks
-			// for the state, which is in the pipe already, then says it is
-			// ready, or gives up with the reason.
-			readyOld.SetReadDeadline(time.Now().Add(restarterDeadline))
-			if kind, _, err := readyMsg(readyOld); kind != msgState || err != nil {
-				t.Fatalf("readiness socket: read %q, %v; want %q", kind, err, msgState)
-			}
-			kind, reason, err := readyMsg(readyOld)
-			if tc.gen >= 0 {
-				if kind != msgReady || err != nil {
-					t.Fatalf("readiness socket: read %q, %v; want %q", kind, err, msgReady)
-				}
-				// As the old process would: confirm that it is main.
-				readyOld.Write([]byte{msgMain})
-				srv.expectInstance(tc.gen, "")
-				return
-			}
-			if kind != msgGiveUp || reason == "" {
-				t.Errorf("readiness socket: read %q %q, %v; want %q and why the state was refused", kind, reason, err, msgGiveUp)
-			}
-			select {
-			case <-srv.exited:
-			case <-time.After(restarterDeadline):
-				t.Fatalf("still running %v after being handed bad state", restarterDeadline)
-			}
-			if code := srv.cmd.ProcessState.ExitCode(); code != 1 {
-				t.Errorf("exit code %d after bad state, want 1", code)
-			}
-			if line, ok := <-srv.lines; ok {
-				t.Errorf("stdout after bad state: %q, want nothing", line)
-			}
-			srv.closePipes() // the process is gone: its stderr is complete
-			if log := srv.stderr(); !strings.Contains(log, "cannot take over from the old process") {
-				t.Errorf("stderr does not say why the state was refused:\n%s", log)
-			}
-		})
-	}
+	srv.waitLeft()
 }
 
 // restarterTempDir returns a directory short enough for a socket path
@@ -415,22 +320,14 @@ func restarterStartWith(t *testing.T, bin string, setup func(*exec.Cmd)) *restar
 	// them after generation 0 has exited and was waited for, which would
 	// have closed Cmd's read ends under them.
 	var outW, errW *os.File
-	var err error
-	if s.outR, outW, err = os.Pipe(); err != nil {
-		t.Fatal(err)
-	}
-	if s.errR, errW, err = os.Pipe(); err != nil {
-		s.outR.Close()
-		outW.Close()
-		t.Fatal(err)
-	}
+	s.outR, outW = restarterPipe(t)
+	s.errR, errW = restarterPipe(t)
 	s.cmd.Stdout, s.cmd.Stderr = outW, errW
-	err = s.cmd.Start()
+	err := s.cmd.Start()
+	// Only the servers hold the write ends from here on.
 	outW.Close()
 	errW.Close()
 	if err != nil {
-		s.outR.Close()
-		s.errR.Close()
 		t.Fatal(err)
 	}
 	go func() {
@@ -481,6 +378,35 @@ func restarterStartWith(t *testing.T, bin string, setup func(*exec.Cmd)) *restar
 		}
 	})
 	return s
+}
+
+// waitLeft waits until generation 0, whose last client has left, has
+// exited, and fails the test unless it exited with status 0.
+func (s *restarterServer) waitLeft() {
+	s.t.Helper()
+	select {
+	case <-s.exited:
+	case <-time.After(restarterDeadline):
+		s.t.Fatalf("the old process is still running %v after its last client left", restarterDeadline)
+	}
+	if st := s.cmd.ProcessState; !st.Success() {
+		s.t.Fatalf("the old process ended with %v, want exit status 0", st)
+	}
+}
+
+// restarterPipe returns a pipe whose ends are closed when the test ends,
+// if they were not before.
+func restarterPipe(t *testing.T) (r, w *os.File) {
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		r.Close()
+		w.Close()
+	})
+	return r, w
 }
 
 // closePipes closes the read ends of stdout and stderr, and waits until the
@@ -612,23 +538,67 @@ func (c *restarterClient) echo(msg string) {
 
 func (c *restarterClient) close() { c.conn.Close() }
 
-// restarterSocketpair returns the two ends of a unix stream socketpair: the
-// old process's end, pollable so that deadlines work, and the new one's.
-func restarterSocketpair(t *testing.T) (oldEnd, newEnd *os.File) {
+// restarterBuild builds the example into a temporary directory, with the
+// race detector if this test binary has it, and returns the binary's path.
+func restarterBuild(t *testing.T) string {
 	t.Helper()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	goTool, err := exec.LookPath("go")
 	if err != nil {
-		t.Fatal(os.NewSyscallError("socketpair", err))
+		t.Skipf("no go tool on $PATH to build the example with: %v", err)
 	}
-	if err := unix.SetNonblock(fds[0], true); err != nil {
-		unix.Close(fds[0])
-		unix.Close(fds[1])
-		t.Fatal(os.NewSyscallError("setnonblock", err))
+	bin := filepath.Join(t.TempDir(), "restarter")
+	cmd := exec.Command(goTool, "build", "-o", bin)
+	if info, ok := debug.ReadBuildInfo(); ok && slices.Contains(info.Settings, debug.BuildSetting{Key: "-race", Value: "true"}) {
+		cmd.Args = append(cmd.Args, "-race")
 	}
-	oldEnd, newEnd = os.NewFile(uintptr(fds[0]), "ready-old"), os.NewFile(uintptr(fds[1]), "ready-new")
-	t.Cleanup(func() {
-		oldEnd.Close()
-		newEnd.Close()
-	})
-	return oldEnd, newEnd
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%s: %v\n%s", strings.Join(cmd.Args, " "), err, out)
+	}
+	return bin
+}
+
+// restarterOpenFDs counts this process's open fds, once the runtime's
+// poller (which opens fds of its own on first use) is up.
+func restarterOpenFDs(t *testing.T) int {
+	t.Helper()
+	if r, w, err := os.Pipe(); err == nil {
+		r.Close()
+		w.Close()
+	}
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// restarterFakeServer listens at path as a control socket would, and
+// answers the one request the test makes with a failure that says text: a
+// frame of the control protocol, a 4-byte big-endian length and the JSON
+// of {"Response":{"RestartFailed":text}}, as shellflip's Rust crate writes
+// it.
+func restarterFakeServer(t *testing.T, path, text string) {
+	t.Helper()
+	payload, err := json.Marshal(map[string]map[string]string{"Response": {"RestartFailed": text}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		conn, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		// The request: a length, then that many bytes.
+		var n [4]byte
+		if _, err := io.ReadFull(conn, n[:]); err == nil {
+			io.CopyN(io.Discard, conn, int64(binary.BigEndian.Uint32(n[:])))
+		}
+		conn.Write(append(binary.BigEndian.AppendUint32(nil, uint32(len(payload))), payload...))
+	}()
 }
