@@ -107,13 +107,6 @@ const (
 // benchFDCounts are the numbers of fds passed by the sub-benchmarks.
 var benchFDCounts = []int{0, 1, 16, 256, 1000}
 
-func init() {
-	testRoles["bench-floor"] = benchFloorChild
-	testRoles["bench-ready"] = benchReadyChild
-	testRoles["bench-sink"] = benchSinkChild
-	testRoles["bench-state"] = benchStateChild
-}
-
 // benchFloorChild writes one byte to fd 3 and exits: the least a new
 // process can do to say it runs.
 func benchFloorChild() int {

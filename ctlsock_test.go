@@ -615,3 +615,49 @@ func TestLogLimiter(t *testing.T) {
 		t.Errorf("after %v: %d, want 200 occurrences reported", logEvery, n)
 	}
 }
+
+// levelRecorder is a slog.Handler that keeps the level of each message.
+type levelRecorder struct{ levels chan slog.Level }
+
+func (h levelRecorder) Enabled(context.Context, slog.Level) bool { return true }
+func (h levelRecorder) WithAttrs([]slog.Attr) slog.Handler       { return h }
+func (h levelRecorder) WithGroup(string) slog.Handler            { return h }
+func (h levelRecorder) Handle(_ context.Context, r slog.Record) error {
+	h.levels <- r.Level
+	return nil
+}
+
+// TestControlSocketProbeIsDebug: a client that connects and goes away
+// without a word (another instance probing the path) is logged at debug
+// level, not as a warning; a garbage request is still a warning.
+func TestControlSocketProbeIsDebug(t *testing.T) {
+	rec := levelRecorder{make(chan slog.Level, 8)}
+	path := filepath.Join(t.TempDir(), "ctl.sock")
+	s, err := listenControl(path, -1, "", slog.New(rec))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.finish(0, errors.New("done"), false)
+	go s.serve()
+	for _, tc := range []struct {
+		send string
+		want slog.Level
+	}{{"", slog.LevelDebug}, {"\x00\x00\x00\x01x", slog.LevelWarn}} {
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte(tc.send))
+		c.(*net.UnixConn).CloseWrite()
+		io.Copy(io.Discard, c) // the answer, then end of file
+		c.Close()
+		select {
+		case l := <-rec.levels:
+			if l != tc.want {
+				t.Errorf("sending %q: logged at %v, want %v", tc.send, l, tc.want)
+			}
+		case <-time.After(testDeadline):
+			t.Fatalf("sending %q: nothing logged", tc.send)
+		}
+	}
+}

@@ -90,6 +90,7 @@ var testRoles = map[string]func() int{
 	// notify_test.go
 	"fds":     testReportFDs, // "server", after reporting what it was started with
 	"inherit": testInherit,   // Start with the fds and variables a hostile parent gave
+	"state":   stateRole,     // a service whose new process does odd things with the state
 
 	// sdnotify_test.go
 	"sd-helper": testSdHelper, // processNotifier with $NOTIFY_SOCKET as the test set it
