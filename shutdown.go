@@ -119,10 +119,11 @@ func (c *ShutdownCoordinator) Serve(ln net.Listener, handle func(net.Conn, *Shut
 	}
 }
 
-// Shutdown begins shutdown, closing every handle's Done, and then waits until every acquired handle has been released or ctx is done,
-// whichever comes first. It returns nil if all handles were released, and
-// ctx.Err() otherwise; if both have happened by the time it looks, it
-// returns nil.
+// Shutdown begins shutdown, closing every handle's Done (and so ending
+// Serve), and then waits until every acquired handle has been released or
+// ctx is done, whichever comes first. It returns nil if all handles were
+// released, and ctx.Err() otherwise; if both have happened by the time it
+// looks, it returns nil.
 //
 // When Shutdown returns nil the coordinator is drained: no handle is
 // unreleased and every later Acquire returns nil. When it returns an
