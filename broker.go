@@ -486,6 +486,12 @@ func (br *broker) start(p []byte, fds []int) error {
 	for _, fd := range slices.Concat(fds[:3], br.fds, fds[3:]) {
 		files = append(files, uintptr(fd))
 	}
+	// A parent that gave up waiting for this answer has closed its end:
+	// it wants no new process, and would not know of it.
+	hup := []unix.PollFd{{Fd: int32(br.fd)}}
+	if n, _ := unix.Poll(hup, 0); n > 0 && hup[0].Revents&unix.POLLHUP != 0 {
+		return errors.New("the old process is gone")
+	}
 	if err := sealFDs(); err != nil {
 		return err
 	}
