@@ -135,6 +135,9 @@ type brokerReply struct {
 // SIGINT, SIGTERM. It works on Linux only: elsewhere NewBroker returns
 // ErrNotSupported.
 func NewBroker() (*Broker, error) {
+	if len(os.Args) == 0 {
+		return nil, errors.New("shellflip: this process has no arguments, not even a name, to restart with")
+	}
 	dir, err := startDir()
 	if err != nil {
 		return nil, fmt.Errorf("shellflip: starting the broker: %w", err)
@@ -143,10 +146,30 @@ func NewBroker() (*Broker, error) {
 	if err != nil {
 		return nil, os.NewSyscallError("socketpair", err)
 	}
-	env := append(baseEnviron(os.Environ(), nil), envBrokerFD+"=3", envBrokerProgram+"="+startedAs.program)
+	// The broker's socket goes at fd k, above the fds a restart will pass
+	// and the copies the new process will claim: fork sizes a child's fd
+	// table by its parent's highest open fd (dup_fd in fs/file.c), so the
+	// broker's children get room for both, as they would from this
+	// process. A table that must grow later, in a process that has
+	// threads, waits for an RCU grace period (expand_fdtable), which took
+	// 5 to 16 ms a growth here. The fds in between are closed in the
+	// child before the exec, where growing is cheap.
+	lockRegistry()
+	k := 3 + 2*len(fdreg.entries) + 64
+	fdreg.mu.Unlock()
+	var lim unix.Rlimit // ForkExec moves fds above k on the way
+	if unix.Getrlimit(unix.RLIMIT_NOFILE, &lim) == nil && lim.Cur < uint64(k)+8 {
+		k = max(3, int(lim.Cur)-8)
+	}
+	files := []uintptr{0, 1, 2}
+	for len(files) < k {
+		files = append(files, ^uintptr(0)) // -1: closed
+	}
+	files = append(files, uintptr(fds[1]))
+	env := append(baseEnviron(os.Environ(), nil), envBrokerFD+"="+strconv.Itoa(k), envBrokerProgram+"="+startedAs.program)
 	// /proc/self/exe: the broker runs this very binary, even if a deploy
 	// replaced its file since.
-	pid, err := forkExec("/proc/self/exe", os.Args, env, dir, []uintptr{0, 1, 2, uintptr(fds[1])})
+	pid, err := forkExec("/proc/self/exe", os.Args, env, dir, files)
 	unix.Close(fds[1])
 	if err != nil {
 		unix.Close(fds[0])
@@ -195,12 +218,12 @@ func (b *Broker) spawn(ctx context.Context, files []uintptr, h handoff) (*childW
 func (b *Broker) request(ctx context.Context, msg []byte, fds []uintptr) (*childWatch, error) {
 	ch := make(chan brokerReply, 1)
 	b.mu.Lock()
-	gone := b.gone
-	b.reply = ch
-	b.mu.Unlock()
-	if gone {
+	if b.gone {
+		b.mu.Unlock()
 		return nil, errBrokerGone
 	}
+	b.reply = ch
+	b.mu.Unlock()
 	ints := make([]int, len(fds))
 	for i, fd := range fds {
 		ints[i] = int(fd)

@@ -47,7 +47,13 @@ func init() {
 	testRoles["broker-child"] = brokerChild
 }
 
+// envTestNofile sets RLIMIT_NOFILE (soft and hard) before NewBroker.
+const envTestNofile = "SHELLFLIP_TEST_NOFILE"
+
 func brokerOrExit() *Broker {
+	if n, err := strconv.ParseUint(os.Getenv(envTestNofile), 10, 64); err == nil {
+		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &syscall.Rlimit{Cur: n, Max: n})
+	}
 	b, err := NewBroker()
 	if err != nil {
 		report("error pid=%d broker: %v", os.Getpid(), err)
@@ -109,6 +115,20 @@ func TestBrokerManyFDs(t *testing.T) {
 	}
 	r0 := c.start("broker-server", envTestListen+"="+strings.Join(spec, ","))
 	if r1 := c.restart(r0["pid"]); r1["addrs"] != r0["addrs"] || strings.Count(r1["addrs"], ",") != 299 {
+		t.Errorf("the new process listens on %s, the old on %s", r1["addrs"], r0["addrs"])
+	}
+}
+
+// TestBrokerLowNofile: NewBroker puts the broker's socket at a high fd,
+// for its children's fd tables, but below RLIMIT_NOFILE.
+func TestBrokerLowNofile(t *testing.T) {
+	c := newTestCluster(t)
+	var spec []string
+	for i := range 100 {
+		spec = append(spec, fmt.Sprintf("tcp=127.3.0.%d:0", i+1))
+	}
+	r0 := c.start("broker-server", envTestNofile+"=260", envTestListen+"="+strings.Join(spec, ","))
+	if r1 := c.restart(r0["pid"]); r1["addrs"] != r0["addrs"] {
 		t.Errorf("the new process listens on %s, the old on %s", r1["addrs"], r0["addrs"])
 	}
 }

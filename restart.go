@@ -169,8 +169,9 @@ type Restarter struct {
 // A restart signal that arrives before Start returns is dropped: sent to
 // every process of the service, it is meant for the old one.
 //
-// Programs that confine themselves with seccomp, capabilities or Landlock
-// should call Start before doing so; see the package documentation.
+// Programs that confine themselves with seccomp should start a broker
+// before they do (NewBroker, Config.Broker), and may then call Start
+// inside the filter; see the package documentation.
 //
 // The returned Restarter ends when a restart succeeded (Wait returns the new
 // process's pid: drain and exit), when restarts became impossible (Wait
