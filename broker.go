@@ -314,14 +314,16 @@ func (b *Broker) close() {
 
 // The broker's side.
 
-// runBrokerRole makes this process a broker, if NewBroker started it as
-// one ($SHELLFLIP_BROKER_FD is set), and then never returns.
-func runBrokerRole() {
-	s, ok := os.LookupEnv(envBrokerFD)
-	if !ok {
-		return
+// init makes this process a broker, if NewBroker started it as one
+// ($SHELLFLIP_BROKER_FD is set), and then never returns. It runs before
+// notify.go's init (the go command initialises a package's files in name
+// order), though nothing depends on it: what that one would do here is
+// change WATCHDOG_PID=auto to the broker's pid, which baseEnviron turns
+// back to auto.
+func init() {
+	if s, ok := os.LookupEnv(envBrokerFD); ok {
+		os.Exit(serveBroker(s))
 	}
-	os.Exit(serveBroker(s))
 }
 
 // broker is the broker's state: what it starts, fixed at its start, and

@@ -18,5 +18,3 @@ func (*Broker) check() error { return ErrNotSupported }
 func (*Broker) spawn(context.Context, []uintptr, handoff) (*childWatch, error) {
 	return nil, ErrNotSupported
 }
-
-func runBrokerRole() {}

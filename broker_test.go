@@ -88,6 +88,19 @@ func TestBrokerRestart(t *testing.T) {
 	}
 }
 
+// TestBrokerWatchdog: systemd's watchdog passes to each new process
+// through the broker, as without one (TestRestartHandsOverWatchdog).
+func TestBrokerWatchdog(t *testing.T) {
+	c := newTestCluster(t)
+	r := c.start("broker-server", envTestWatchdog+"=1")
+	for gen := 0; gen <= 2; gen++ {
+		if r["watchdog"] != "1.5s/true/<nil>" {
+			t.Errorf("generation %d sees watchdog %s, want 1.5s/true/<nil>", gen, r["watchdog"])
+		}
+		r = c.restart(r["pid"])
+	}
+}
+
 // TestBrokerNewProcessFDs: a new process started by the broker has the
 // fds and variables it would have without one.
 func TestBrokerNewProcessFDs(t *testing.T) {

@@ -85,9 +85,6 @@ type inheritedFD struct {
 var inherited = inheritance{readyFD: -1, stateFD: -1, controlFD: -1}
 
 func init() {
-	// First: a broker (broker.go) never returns, and must see the
-	// environment as its parent left it.
-	runBrokerRole()
 	fixupPIDs()
 	recordStart()
 	catchEarlySignals()

@@ -186,6 +186,9 @@ func (s *server) hello() (pid, gen int) {
 	c.SetDeadline(time.Now().Add(deadline))
 	io.WriteString(c, "GET / HTTP/1.1\r\nHost: locked\r\n\r\n")
 	b, err := io.ReadAll(c)
+	if err != nil {
+		s.t.Fatalf("GET /: %v", err)
+	}
 	if _, err := fmt.Sscanf(string(b[max(0, strings.LastIndex(string(b), "\r\n\r\n")+4):]), "pid=%d generation=%d\n", &pid, &gen); err != nil || !strings.HasPrefix(string(b), "HTTP/1.1 200 ") {
 		s.t.Fatalf("GET /: %q, %v", b, err)
 	}

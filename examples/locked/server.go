@@ -58,9 +58,9 @@ func serve(listen, socket string, useBroker bool) int {
 		return 1
 	}
 	// What packages open lazily must be opened now, while files may be:
-	// the time package reads /etc/localtime the first time a local time
-	// is formatted, as the logs do.
-	time.Now().Zone()
+	// the time package reads /etc/localtime the first time the local zone
+	// is used (the logs' times).
+	_ = time.Local.String()
 	if err := lockDown(); err != nil {
 		// Before Start: the restart that started this process fails, and
 		// the old one keeps serving.
