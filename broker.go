@@ -20,34 +20,29 @@ import (
 )
 
 // This file is the restart broker, both ends of it: the old process's side
-// (Broker), and the broker itself, a copy of the program that the package's
-// init turns into a broker before main runs (runBrokerRole).
+// (Broker), and the broker itself, a copy of the program that this file's
+// init turns into a broker before main runs.
 //
-// Why a process. A seccomp filter meant to keep a service from starting
-// programs denies execve and process-creating clone, which a restart needs.
-// shellflip keeps a restart thread outside its filter; a Go program cannot:
-// it must filter all its threads at once (SECCOMP_FILTER_FLAG_TSYNC), since
-// the runtime moves goroutines between threads and clones new threads from
-// any of them. Filters also pass through execve: a new process started by a
-// filtered one would run under the old filter as well as its own, one more
-// per generation, until the kernel's limit on a filter chain
-// (MAX_INSNS_PER_PATH, 32768 instructions) makes the lockdown fail. The
-// broker is started before the lockdown, so it is never filtered, and
-// neither are the processes it starts: each generation runs under exactly
-// its own filter.
+// Why a process: a seccomp filter that keeps a service from starting
+// programs denies execve and process clone, which a restart needs, and a Go
+// program must filter all its threads at once (TSYNC), so none stays
+// outside to fork from, as shellflip's restart thread does. Filters also
+// pass through execve: a new process started by a filtered one would run
+// under one more filter each generation, until the chain reaches the
+// kernel's limit (MAX_INSNS_PER_PATH, 32768 instructions). The broker
+// starts before the lockdown, and neither it nor what it starts is
+// filtered.
 //
-// What it trusts. The program, its arguments and its environment are fixed
-// when the broker starts, by its own command line and environment, and are
-// never taken from a message: a locked process that was taken over can make
-// the broker start that program, with fds of its choosing, and nothing
-// else. A message brings only fds and what names them, and is checked: the
-// fd names as systemd's, their count, the kinds of the library's own fds,
-// the signal number and the control socket's identity. A message that fails
-// a check is answered with an error, its fds and those of the request so
-// far are closed, and nothing is started. The broker kills only its own
-// children, as the old process did (waitid(WNOWAIT), then wait4 under the
-// kill's mutex: see waitChild), and exits at end of file on its socket,
-// which is when its parent exits, however it exits.
+// What it trusts: nothing from a message but fds and their names. The
+// program, its arguments and its environment are its own, fixed when it
+// started: a locked process that was taken over can make it start that
+// program, with fds of its choosing, and nothing else. Each message is
+// checked (fd names as systemd's, counts, the kinds of the library's own
+// fds, the signal, the control socket's identity); one that fails is
+// answered with an error, the request's fds are closed, and nothing
+// starts. It kills only its own children not reaped yet, safe from pid
+// reuse as waitChild is, and exits at end of file: when its parent exits,
+// however that happens.
 //
 // The socket is a SOCK_SEQPACKET socketpair: each send is one message,
 // never merged with another or split. The old process sends
@@ -62,7 +57,7 @@ import (
 //	                        0 for none
 //	'K' pid:uint32          kill pid, if it is a child not reaped yet
 //
-// and the broker answers each message but 'K' with one of
+// and the broker answers each message but a well-formed 'K' with one of
 //
 //	'A'                     the fds were taken
 //	'P' pid:uint32 path     the new process pid runs the program at path
@@ -112,28 +107,24 @@ type brokerReply struct {
 	err   error
 }
 
-// NewBroker starts the restart broker: a process that starts the new
-// processes of this process's restarts (pass it in Config.Broker), so that
-// this process, once it has locked itself down with seccomp, needs no
-// fork, exec, wait or kill (SECURITY.md lists what it does need;
-// examples/locked is a program that does it). Call it early, and before
-// the lockdown: the broker must be started from outside the filter.
+// NewBroker starts the restart broker, which starts the new processes of
+// this process's restarts (pass it in Config.Broker), so that this process,
+// once it has locked itself down with seccomp, needs no fork, exec, wait or
+// kill (SECURITY.md lists what it needs; examples/locked does it). Call it
+// before the lockdown: the broker must start outside the filter.
 //
-// The broker is this program: the running executable, re-executed in a
-// role that the package's init takes on before main runs, and that never
-// returns to main. It restarts the program as this process was started
-// (see Config.Path), with this process's arguments and its environment as
-// they are now, and nothing else: Start refuses a Config that sets Path,
-// Args or Env along with Broker. Each restart sends it the fds to pass; it
-// starts the new process with exactly those, as Start would without it, so
-// that the new process sees the same fds, variables and handover, but is
-// the broker's child, not this process's.
+// The broker is this program, the running executable, re-executed in a
+// role that the package's init takes on, and that never returns to main.
+// It restarts the program as this process was started (see Config.Path),
+// with this process's arguments and its environment as they are now, and
+// nothing else: Start refuses Path, Args or Env along with a Broker. The
+// new process gets exactly the fds and variables it would get without a
+// broker, but is the broker's child.
 //
 // The broker is this process's child, connected to it by a socketpair and
-// nothing else; it is not filtered, and it exits when this process does.
-// It ignores the signals that would end it before this process: SIGHUP,
-// SIGINT, SIGTERM. It works on Linux only: elsewhere NewBroker returns
-// ErrNotSupported.
+// nothing else, and exits when this process does; it drops SIGHUP, SIGINT
+// and SIGTERM, which would end it first. Linux only: elsewhere NewBroker
+// returns ErrNotSupported.
 func NewBroker() (*Broker, error) {
 	if len(os.Args) == 0 {
 		return nil, errors.New("shellflip: this process has no arguments, not even a name, to restart with")
