@@ -137,7 +137,7 @@ func runDemo(restarts int, interval time.Duration, clients int) (err error) {
 			return err
 		}
 		current = pid
-		row(gen, pid, strconv.FormatFloat(took.Seconds()*1000, 'f', 1, 64)+" ms")
+		row(gen, pid, strconv.FormatFloat(took.Seconds()*1000, 'f', 1, 64)+"ms")
 	}
 	time.Sleep(interval)
 	load.stop()

@@ -447,6 +447,68 @@ func TestLockedNotify(t *testing.T) {
 	checkLocked(t, newPid)
 }
 
+// TestLockedLoad: wrk, which keeps connections alive and never retries,
+// sees no error and no status but 200 while the server restarts again and
+// again, for as long as wrk runs.
+func TestLockedLoad(t *testing.T) {
+	wrk, err := exec.LookPath("wrk")
+	if err != nil {
+		t.Skip("wrk is not installed (Debian package wrk)")
+	}
+	s := start(t)
+	cmd := exec.Command(wrk, "-t2", "-c16", "-d3s", "--timeout", "10s", "http://"+s.addr+"/")
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	restarts := 0
+	var wrkErr error
+	for running := true; running; {
+		select {
+		case wrkErr = <-done:
+			running = false
+			continue
+		default:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), deadline)
+		_, err := shellflip.RequestRestart(ctx, s.socket)
+		cancel()
+		if err != nil {
+			t.Fatalf("restart %d: %v", restarts+1, err)
+		}
+		restarts++
+		s.instance(restarts)
+	}
+	if wrkErr != nil || strings.Contains(out.String(), "Socket errors") || strings.Contains(out.String(), "Non-2xx") || !strings.Contains(out.String(), "requests in") {
+		t.Errorf("wrk, during %d restarts:\n%s", restarts, out.String())
+	}
+	t.Logf("%d restarts under load", restarts)
+}
+
+// TestLockedDemo: "locked demo" restarts a server under load, with no
+// failed request, and shows one filter in every generation.
+func TestLockedDemo(t *testing.T) {
+	out, err := exec.Command(lockedBin, "demo", "-restarts", "3", "-interval", "100ms", "-clients", "4").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "\nOK: ") {
+		t.Fatalf("locked demo: %v\n%s", err, out)
+	}
+	rows := 0
+	for _, line := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(line); len(f) == 5 && f[0] != "generation" {
+			if f[4] != "1" {
+				t.Errorf("a generation runs under %s filters: %q", f[4], line)
+			}
+			rows++
+		}
+	}
+	if rows != 4 {
+		t.Errorf("%d generations in the table, want 4:\n%s", rows, out)
+	}
+}
+
 // TestLockedChain: 500 restarts in a row (50 with -short), each new process
 // locked under its own filter only; in the end every generation and every
 // broker has exited 0.
