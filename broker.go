@@ -123,8 +123,10 @@ type brokerReply struct {
 //
 // The broker is this process's child, connected to it by a socketpair and
 // nothing else, and exits when this process does; it drops SIGHUP, SIGINT
-// and SIGTERM, which would end it first. Linux only: elsewhere NewBroker
-// returns ErrNotSupported.
+// and SIGTERM, which would end it first. Signals this process ignores when
+// NewBroker is called stay ignored in the new processes, as they would
+// without a broker. Linux only: elsewhere NewBroker returns
+// ErrNotSupported.
 func NewBroker() (*Broker, error) {
 	if len(os.Args) == 0 {
 		return nil, errors.New("shellflip: this process has no arguments, not even a name, to restart with")
@@ -355,9 +357,16 @@ func serveBroker(fdVar string) int {
 	startedAs.program = prog
 	// It lives as long as its parent: the signals that would end it first
 	// (the terminal's ^C to the process group, "systemctl kill") are caught
-	// and dropped. Caught, not ignored: an ignored signal would stay
-	// ignored in the new processes it starts.
-	signal.Notify(make(chan os.Signal, 1), unix.SIGHUP, unix.SIGINT, unix.SIGTERM)
+	// and dropped. Caught, not ignored, and left ignored if they were (as
+	// nohup leaves SIGHUP): the new processes it starts keep an ignored
+	// signal ignored, as they would without a broker, and a caught one
+	// not.
+	dropped := make(chan os.Signal, 1)
+	for _, s := range []os.Signal{unix.SIGHUP, unix.SIGINT, unix.SIGTERM} {
+		if !signal.Ignored(s) {
+			signal.Notify(dropped, s)
+		}
+	}
 
 	br := &broker{fd: fd, args: os.Args, env: os.Environ(), spawner: newSpawner(), children: map[int]*childWatch{}}
 	buf := make([]byte, maxBrokerMsg)

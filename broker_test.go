@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -35,7 +36,7 @@ func init() {
 	// A server that restarts through a broker of its own, and reports its
 	// parent (the old process's broker) and its broker.
 	testRoles["broker-server"] = func() int {
-		report("parent pid=%d ppid=%d", os.Getpid(), os.Getppid())
+		report("parent pid=%d ppid=%d hupignored=%v", os.Getpid(), os.Getppid(), signal.Ignored(syscall.SIGHUP))
 		testBroker = brokerOrExit
 		return testServer()
 	}
@@ -85,6 +86,26 @@ func TestBrokerRestart(t *testing.T) {
 			waitExited(t, pid)
 		}
 		r = n
+	}
+}
+
+// TestBrokerNohup: a signal ignored when the program started (nohup's
+// SIGHUP) stays ignored in every generation, as without a broker: the
+// broker must not catch it, or its children would get the default.
+func TestBrokerNohup(t *testing.T) {
+	nohup, err := exec.LookPath("nohup")
+	if err != nil {
+		t.Skip(err)
+	}
+	c := newTestCluster(t)
+	r := c.startCmd(os.Args[0], "broker-server", func(cmd *exec.Cmd) {
+		cmd.Path, cmd.Args = nohup, append([]string{"nohup"}, cmd.Args...)
+	})
+	for gen := 0; gen <= 2; gen++ {
+		if p := c.reports.nextFrom("parent", r["pid"]); p["hupignored"] != "true" {
+			t.Errorf("generation %d does not ignore SIGHUP", gen)
+		}
+		r = c.restart(r["pid"])
 	}
 }
 
