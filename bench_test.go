@@ -889,7 +889,7 @@ func benchWaitExited(ctx context.Context, pid int) error {
 	defer unix.Close(pfd)
 	d, _ := ctx.Deadline()
 	fds := []unix.PollFd{{Fd: int32(pfd), Events: unix.POLLIN}}
-	if n, err := unix.Poll(fds, int(time.Until(d)/time.Millisecond)); err != nil || n == 0 {
+	if n, err := ignoringEINTR(func() (int, error) { return unix.Poll(fds, int(time.Until(d)/time.Millisecond)) }); err != nil || n == 0 {
 		return fmt.Errorf("not gone: %v", err)
 	}
 	return nil

@@ -659,7 +659,7 @@ func waitExited(t *testing.T, pid int) bool {
 	}
 	defer unix.Close(pfd)
 	fds := []unix.PollFd{{Fd: int32(pfd), Events: unix.POLLIN}}
-	if n, err := unix.Poll(fds, int(testDeadline/time.Millisecond)); err != nil || n == 0 {
+	if n, err := ignoringEINTR(func() (int, error) { return unix.Poll(fds, int(testDeadline/time.Millisecond)) }); err != nil || n == 0 {
 		t.Fatalf("pid %d still running after %v", pid, testDeadline)
 	}
 	return true
