@@ -48,6 +48,13 @@ import (
 //	                         socket: the same restart requested with
 //	                                 RequestRestart on the control socket,
 //	                                 answered with the new pid.
+//	                         broker: call, with Config.Broker: a broker
+//	                                 (made once, outside the timer) starts
+//	                                 the new process and reaps it.
+//	                         locked: broker, and the new process starts a
+//	                                 broker of its own before Start, as
+//	                                 every generation of a locked service
+//	                                 does (examples/locked); no filter.
 //	BenchmarkHandover        pipe:   64 MiB through a raw pipe to a new
 //	                                 process;
 //	                         shellflip: the same 64 MiB through
@@ -61,6 +68,12 @@ import (
 // claim=none it claims none, and Ready closes them, as for a new version
 // that no longer serves them. The floor passes the same fds to a child that
 // ignores them.
+//
+// The broker kinds' new processes are the broker's children, which this
+// process does not reap: their <kind>-newcpu is the broker's CPU time and
+// its reaped children's (the new processes; not the new processes' own
+// brokers, which init reaps). BenchmarkRestartToReady also reports the
+// broker's resident memory after the run (broker-rss-B).
 //
 // Each kind reports its wall time (<kind>-sec/op: the median iteration's,
 // which a stall in a few iterations does not move), the CPU time of this
@@ -89,6 +102,8 @@ const (
 	benchEnvClaim = "SHELLFLIP_BENCH_CLAIM"
 	// benchEnvSize is the number of state bytes the new process must read.
 	benchEnvSize = "SHELLFLIP_BENCH_SIZE"
+	// benchEnvBroker makes the new process start a broker before Start.
+	benchEnvBroker = "SHELLFLIP_BENCH_BROKER"
 
 	// benchFloorFD is where the floor's child finds its pipe: the first fd
 	// after stdio, with nothing in the environment naming it.
@@ -146,7 +161,15 @@ func benchReadyChild() int {
 		}
 		lns = append(lns, ln)
 	}
-	if _, err := Start(context.Background(), Config{SocketPath: os.Getenv(benchEnvSocket)}); err != nil {
+	var b *Broker
+	if os.Getenv(benchEnvBroker) != "" {
+		var err error
+		if b, err = NewBroker(); err != nil {
+			fmt.Fprintf(os.Stderr, "bench-ready: %v\n", err)
+			return 1
+		}
+	}
+	if _, err := Start(context.Background(), Config{SocketPath: os.Getenv(benchEnvSocket), Broker: b}); err != nil {
 		fmt.Fprintf(os.Stderr, "bench-ready: %v\n", err)
 		return 1
 	}
@@ -483,15 +506,96 @@ func BenchmarkRestartToReady(b *testing.B) {
 					}
 				}
 				call, socket := config(""), config(filepath.Join(b.TempDir(), "ctl.sock"))
+				broker := benchBroker(b, call.Env)
+				locked := benchBroker(b, append(call.Env, benchEnvBroker+"=1"))
 				kFloor := &benchKind{name: "floor", run: func(t *benchTimer) error { return benchFloor(t, floor) }}
 				kCall := &benchKind{name: "call", run: func(t *benchTimer) error { return benchRestart(t, call, false) }}
 				kSocket := &benchKind{name: "socket", run: func(t *benchTimer) error { return benchRestart(t, socket, true) }}
-				benchAlternate(b, kFloor, kCall, kSocket)
+				kBroker := &benchKind{name: "broker", run: broker.run}
+				kLocked := &benchKind{name: "locked", run: locked.run}
+				benchAlternate(b, kFloor, kCall, kSocket, kBroker, kLocked)
 				benchRatio(b, kCall, kFloor)
 				benchRatio(b, kSocket, kFloor)
+				benchRatio(b, kBroker, kCall)
+				benchRatio(b, kLocked, kCall)
+				b.ReportMetric(float64(benchRSS(b, broker.b.pid)), "broker-rss-B")
 			})
 		}
 	}
+}
+
+// benchBrokerKind restarts through b, whose new processes run with env.
+type benchBrokerKind struct {
+	b   *Broker
+	cfg Config
+}
+
+// benchBroker makes a broker whose new processes get env (added to this
+// process's environment while NewBroker takes it), closed and reaped when
+// the benchmark ends.
+func benchBroker(b *testing.B, env []string) *benchBrokerKind {
+	for _, kv := range env {
+		k, v, _ := strings.Cut(kv, "=")
+		os.Setenv(k, v)
+	}
+	br, err := NewBroker()
+	for _, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		os.Unsetenv(k)
+	}
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		br.close()
+		var ws unix.WaitStatus
+		unix.Wait4(br.pid, &ws, 0, nil)
+	})
+	return &benchBrokerKind{b: br, cfg: Config{Broker: br, ReadyTimeout: benchTimeout}}
+}
+
+// run is benchRestart through the broker, with the CPU time of the broker
+// and its reaped children (see the top of the file) added to newCPU, which
+// benchAlternate cannot see.
+func (k *benchBrokerKind) run(t *benchTimer) error {
+	cpu0 := benchProcCPU(k.b.pid)
+	err := benchRestart(t, k.cfg, false)
+	t.k.newCPU += benchProcCPU(k.b.pid) - cpu0
+	return err
+}
+
+// benchProcCPU returns the CPU time of pid and of the children it reaped
+// (utime, stime, cutime and cstime in /proc/pid/stat).
+func benchProcCPU(pid int) time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// The fields after the command, which is in parentheses and may hold
+	// anything: utime is the 12th of them.
+	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+	var ticks int64
+	for _, s := range f[11:15] {
+		n, _ := strconv.ParseInt(s, 10, 64)
+		ticks += n
+	}
+	return time.Duration(ticks) * time.Second / 100 // USER_HZ
+}
+
+// benchRSS returns pid's resident memory in bytes (VmRSS).
+func benchRSS(b *testing.B, pid int) int {
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, line := range strings.Split(string(st), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			return kb << 10
+		}
+	}
+	b.Fatalf("no VmRSS in /proc/%d/status", pid)
+	return 0
 }
 
 // BenchmarkHandover moves 64 MiB from the old process to the new one.
@@ -778,7 +882,7 @@ func benchWaitExited(ctx context.Context, pid int) error {
 	defer unix.Close(pfd)
 	d, _ := ctx.Deadline()
 	fds := []unix.PollFd{{Fd: int32(pfd), Events: unix.POLLIN}}
-	if n, err := unix.Poll(fds, int(time.Until(d)/time.Millisecond)); err != nil || n == 0 {
+	if n, err := ignoringEINTR(func() (int, error) { return unix.Poll(fds, int(time.Until(d)/time.Millisecond)) }); err != nil || n == 0 {
 		return fmt.Errorf("not gone: %v", err)
 	}
 	return nil

@@ -43,6 +43,10 @@ const (
 	envControlID = "SHELLFLIP_CONTROL_ID" // DEV:INO of the control socket's file, to tell whether the path still names it
 	envSignal    = "SHELLFLIP_SIGNAL"     // the restart signal's number: caught from init on, so that it cannot kill the new process
 
+	// A broker's (broker.go), set by NewBroker.
+	envBrokerFD      = "SHELLFLIP_BROKER_FD"      // its end of the socketpair to its parent
+	envBrokerProgram = "SHELLFLIP_BROKER_PROGRAM" // the program its parent was started as, which restarts run
+
 	envListenPID     = "LISTEN_PID"
 	envListenFDs     = "LISTEN_FDS"
 	envListenFDNames = "LISTEN_FDNAMES"
@@ -110,13 +114,34 @@ type handoff struct {
 	signal           os.Signal
 }
 
-// environ returns the new process's environment: environ (this process's),
-// less the variables that describe this process's own fds, plus extra (which
-// wins over variables of the same name), plus the variables naming the new
-// process's fds. LISTEN_PID is "auto": the new process's init sets its own
-// pid there. So is WATCHDOG_PID if systemd set it to this process: the
-// watchdog passes to the new main process with everything else.
+// environ returns the new process's environment: baseEnviron(environ,
+// extra), plus the variables naming the new process's fds. LISTEN_PID is
+// "auto": the new process's init sets its own pid there.
 func (h handoff) environ(environ, extra []string) []string {
+	env := baseEnviron(environ, extra)
+	if len(h.names) > 0 {
+		env = append(env,
+			envListenPID+"="+listenPIDAuto,
+			envListenFDs+"="+strconv.Itoa(len(h.names)),
+			envListenFDNames+"="+strings.Join(h.names, ":"))
+	}
+	env = append(env, envReadyFD+"="+strconv.Itoa(h.readyFD), envStateFD+"="+strconv.Itoa(h.stateFD))
+	if h.ctlFD >= 0 {
+		env = append(env, envControlFD+"="+strconv.Itoa(h.ctlFD), envControlID+"="+h.ctlID)
+	}
+	if n, ok := h.signal.(syscall.Signal); ok {
+		env = append(env, envSignal+"="+strconv.Itoa(int(n)))
+	}
+	return env
+}
+
+// baseEnviron returns environ (this process's) less the variables that
+// describe this process's own fds, plus extra (which wins over variables of
+// the same name): what every restart passes on, whatever fds it passes. A
+// WATCHDOG_PID that systemd set to this process becomes "auto": the
+// watchdog passes to the new main process with everything else. Applied to
+// its own result, it changes nothing, which is how a broker uses it.
+func baseEnviron(environ, extra []string) []string {
 	ownWatchdog := envWatchdogPID + "=" + strconv.Itoa(os.Getpid())
 	drop := func(kv string) bool {
 		k, _, _ := strings.Cut(kv, "=")
@@ -139,21 +164,7 @@ func (h handoff) environ(environ, extra []string) []string {
 			env = append(env, kv)
 		}
 	}
-	env = append(env, extra...)
-	if len(h.names) > 0 {
-		env = append(env,
-			envListenPID+"="+listenPIDAuto,
-			envListenFDs+"="+strconv.Itoa(len(h.names)),
-			envListenFDNames+"="+strings.Join(h.names, ":"))
-	}
-	env = append(env, envReadyFD+"="+strconv.Itoa(h.readyFD), envStateFD+"="+strconv.Itoa(h.stateFD))
-	if h.ctlFD >= 0 {
-		env = append(env, envControlFD+"="+strconv.Itoa(h.ctlFD), envControlID+"="+h.ctlID)
-	}
-	if n, ok := h.signal.(syscall.Signal); ok {
-		env = append(env, envSignal+"="+strconv.Itoa(int(n)))
-	}
-	return env
+	return append(env, extra...)
 }
 
 // reservedEnv reports whether the library sets the variable k for the new
@@ -161,7 +172,8 @@ func (h handoff) environ(environ, extra []string) []string {
 func reservedEnv(k string) bool {
 	switch k {
 	case envListenPID, envListenFDs, envListenFDNames, envWatchdogPID,
-		envReadyFD, envStateFD, envControlFD, envControlID, envSignal:
+		envReadyFD, envStateFD, envControlFD, envControlID, envSignal,
+		envBrokerFD, envBrokerProgram:
 		return true
 	}
 	return false
@@ -411,9 +423,14 @@ func catchEarlySignals() {
 		return
 	}
 	os.Unsetenv(envSignal)
-	if n, err := strconv.Atoi(s); err == nil && n > 0 && n < 65 && n != int(unix.SIGKILL) && n != int(unix.SIGSTOP) {
+	if n, err := strconv.Atoi(s); err == nil && validSignal(n) {
 		signal.Notify(earlySignals, syscall.Signal(n))
 	}
+}
+
+// validSignal reports whether n may be a restart signal.
+func validSignal(n int) bool {
+	return n > 0 && n < 65 && n != int(unix.SIGKILL) && n != int(unix.SIGSTOP)
 }
 
 // stopEarlySignals ends catchEarlySignals' watch: Start calls it once it

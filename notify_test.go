@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"math"
 	"os"
 	"os/exec"
@@ -154,7 +155,8 @@ func TestNewProcessFDs(t *testing.T) {
 func testReportFDs() int {
 	self, _ := procFDs("self")
 	var fds []string
-	for fd, target := range self {
+	for _, fd := range slices.Sorted(maps.Keys(self)) {
+		target := self[fd]
 		kind := "other(" + target + ")"
 		switch {
 		case strings.HasPrefix(target, "socket:"):

@@ -85,6 +85,12 @@ type Config struct {
 	// Logger receives the library's logs; nil means none. Its keys do not
 	// clash with a program's: the new process's pid is "new_pid".
 	Logger *slog.Logger
+
+	// Broker, if set, starts the new processes, so that this process
+	// makes no fork, exec, wait or kill of its own: for programs that lock
+	// themselves down with seccomp (see NewBroker). Path, Args and Env
+	// must then be unset: the broker decides what runs.
+	Broker *Broker
 }
 
 // Lifecycle holds hooks into the restart, each optional. They run on the
@@ -163,8 +169,9 @@ type Restarter struct {
 // A restart signal that arrives before Start returns is dropped: sent to
 // every process of the service, it is meant for the old one.
 //
-// Programs that confine themselves with seccomp, capabilities or Landlock
-// should call Start before doing so; see the package documentation.
+// Programs that confine themselves with seccomp should start a broker
+// before they do (NewBroker, Config.Broker), and may then call Start
+// inside the filter; see the package documentation.
 //
 // The returned Restarter ends when a restart succeeded (Wait returns the new
 // process's pid: drain and exit), when restarts became impossible (Wait
@@ -202,6 +209,14 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 			return nil, fmt.Errorf("shellflip: Config.Env may not set %s: the library sets it for the new process", k)
 		}
 	}
+	if cfg.Broker != nil {
+		if cfg.Path != "" || cfg.Args != nil || cfg.Env != nil {
+			return nil, errors.New("shellflip: Config.Path, Args and Env cannot be set with a Broker, which runs the program as this process was started")
+		}
+		if err := cfg.Broker.check(); err != nil {
+			return nil, err
+		}
+	}
 
 	r.ctx, r.cancel = context.WithCancel(ctx)
 	r.sig = make(chan os.Signal, 1) // signal.Notify needs a buffer
@@ -219,7 +234,9 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 	if r.ctl != nil {
 		go r.ctl.serve()
 	}
-	r.spawner = newSpawner()
+	if cfg.Broker == nil {
+		r.spawner = newSpawner()
+	}
 	go r.run(r.ctx)
 	return r, nil
 }
@@ -539,19 +556,22 @@ func (r *Restarter) restart(ctx context.Context) (out outcome) {
 	parent := ctx
 	ctx, cancel := context.WithTimeoutCause(ctx, r.cfg.ReadyTimeout, r.notReady)
 	defer cancel()
-	path, dir, err := program(r.cfg.Path)
-	if err != nil {
-		return outcome{err: err}
+	var path, dir string
+	if r.cfg.Broker == nil { // the broker finds the program itself
+		var err error
+		if path, dir, err = program(r.cfg.Path); err != nil {
+			return outcome{err: err}
+		}
+		if r.cfg.Path == "" && path != startedAs.program {
+			r.log.Warn("shellflip: no executable at the program's path; restarting the running executable", "path", startedAs.program, "executable", path)
+		}
 	}
-	if r.cfg.Path == "" && path != startedAs.program {
-		r.log.Warn("shellflip: no executable at the program's path; restarting the running executable", "path", startedAs.program, "executable", path)
-	}
-	child, ready, stateW, err := r.spawn(path, dir)
+	child, ready, stateW, err := r.spawn(ctx, path, dir)
 	if err != nil {
 		return outcome{err: err}
 	}
 	defer closeFD(&stateW)
-	r.log.Info("shellflip: new process started", "new_pid", child.pid, "path", path)
+	r.log.Info("shellflip: new process started", "new_pid", child.pid, "path", child.path)
 
 	asked, err := r.awaitReady(ctx, child, ready, &stateW)
 	if err == nil && !asked && r.hooks.SendState != nil {
@@ -599,14 +619,15 @@ func (e *gaveUpError) Error() string { return "gave up: " + e.reason }
 // spawn starts the new process with exactly its fds: stdio, the registry's
 // fds from 3 on (as systemd would pass them), then the library's own. It
 // returns the child, this process's end of the readiness socket and the
-// write end of the state pipe.
-func (r *Restarter) spawn(path, dir string) (_ *childWatch, ready *os.File, stateW int, err error) {
+// write end of the state pipe. With a broker, the broker starts it (and
+// seals its own fds); ctx bounds the wait for the broker's answer.
+func (r *Restarter) spawn(ctx context.Context, path, dir string) (child *childWatch, ready *os.File, stateW int, err error) {
 	readyP, readyC, err := newReadyPair()
 	if err != nil {
 		return nil, nil, -1, err
 	}
 	stateR, stateW, err := newStatePipe()
-	if err == nil {
+	if err == nil && r.cfg.Broker == nil {
 		err = sealFDs()
 	}
 	if err != nil {
@@ -623,20 +644,31 @@ func (r *Restarter) spawn(path, dir string) (_ *childWatch, ready *os.File, stat
 		h.ctlFD, h.ctlID = len(files), r.ctl.id.String()
 		files = append(files, uintptr(r.ctl.fd))
 	}
-	pid, err := r.spawner.spawn(path, r.cfg.Args, h.environ(os.Environ(), r.cfg.Env), dir, files)
+	if r.cfg.Broker != nil {
+		child, err = r.cfg.Broker.spawn(ctx, files, h)
+	} else {
+		var pid int
+		if pid, err = r.spawner.spawn(path, r.cfg.Args, h.environ(os.Environ(), r.cfg.Env), dir, files); err == nil {
+			child = watchChild(pid, path)
+		} else {
+			err = fmt.Errorf("starting %s: %w", path, err)
+		}
+	}
 	unlock()
 	closeFD(&readyC)
 	closeFD(&stateR)
 	if err != nil {
+		if r.cfg.Broker != nil {
+			// A broker that did not answer in time may have started the
+			// new process all the same: tell it that it is not wanted, as
+			// restart does, rather than let it take the closed socket for
+			// this process's death and carry on as the main process.
+			writeAll(readyP, reasonMsg(msgRejected, err.Error()))
+		}
 		closeFD(&readyP)
 		closeFD(&stateW)
-		return nil, nil, -1, fmt.Errorf("starting %s: %w", path, err)
+		return nil, nil, -1, err
 	}
-	child := &childWatch{pid: pid, done: make(chan struct{})}
-	go func() {
-		waitChild(child)
-		close(child.done)
-	}()
 	if ready, err = pollableFile(readyP, "shellflip-ready"); err != nil {
 		closeFD(&stateW)
 		child.kill()

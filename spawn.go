@@ -77,16 +77,24 @@ func lookPath(file string) string {
 	return ""
 }
 
+// startDir returns the directory to start a new process in: "" for this
+// process's, if it has not left the one it started in; otherwise that one,
+// as a fresh start would be, or an error if it is gone.
+func startDir() (string, error) {
+	if fi, err := os.Stat("."); err == nil && startedAs.dirInfo != nil && os.SameFile(fi, startedAs.dirInfo) {
+		return "", nil
+	}
+	if _, err := os.Stat(startedAs.dir); err != nil {
+		return "", fmt.Errorf("the directory this process started in: %w", err)
+	}
+	return startedAs.dir, nil
+}
+
 // program returns the path of the program to start, given Config.Path, and
-// the directory to start it in ("": this process's, which it has not left).
+// the directory to start it in (see startDir).
 func program(configured string) (path, dir string, err error) {
-	if fi, err := os.Stat("."); err != nil || startedAs.dirInfo == nil || !os.SameFile(fi, startedAs.dirInfo) {
-		// The program has changed directory since: go back, as a fresh
-		// start would be, and say so if that is impossible.
-		if _, err := os.Stat(startedAs.dir); err != nil {
-			return "", "", fmt.Errorf("the directory this process started in: %w", err)
-		}
-		dir = startedAs.dir
+	if dir, err = startDir(); err != nil {
+		return "", "", err
 	}
 	if configured != "" {
 		if !filepath.IsAbs(configured) {
@@ -161,7 +169,13 @@ func (s *spawner) spawn(path string, argv, env []string, dir string, files []uin
 	return res.pid, res.err
 }
 
-func (s *spawner) close() { close(s.reqs) }
+// close ends the spawner's thread; nil-safe (a Restarter with a broker has
+// no spawner).
+func (s *spawner) close() {
+	if s != nil {
+		close(s.reqs)
+	}
+}
 
 // forkExec starts path with exactly files as its fds (child fd i is parent fd
 // files[i]; the runtime's fork code clears close-on-exec on those and only
@@ -206,19 +220,39 @@ func sealFDsWith(closeRange func() error, dir string) error {
 	return nil
 }
 
-// childWatch is the new process, seen from the old one: a goroutine runs
-// waitChild (spawn_linux.go, spawn_other.go), which reaps it exactly once,
-// then closes done; kill never reaches a stranger that was given the pid.
+// childWatch is the new process, seen from the process that started it: a
+// goroutine runs waitChild (spawn_linux.go, spawn_other.go), which reaps it
+// exactly once, then closes done; kill never reaches a stranger that was
+// given the pid. A child that a broker started is the broker's to wait for
+// and kill (broker.go): killer asks it to, and done closes when it reports
+// the child reaped, or is gone (lost).
 type childWatch struct {
-	pid  int
-	done chan struct{} // closed once the child has exited and was reaped
-	mu   sync.Mutex    // orders kill against the reaping wait4
-	gone bool          // reaped: the pid may belong to someone else now
-	ws   unix.WaitStatus
+	pid    int
+	path   string        // the program it runs, for logs
+	done   chan struct{} // closed once the child has exited and was reaped
+	mu     sync.Mutex    // orders kill against the reaping wait4
+	gone   bool          // reaped: the pid may belong to someone else now
+	ws     unix.WaitStatus
+	killer func() // nil: this process's own child
+	lost   bool   // the broker went away first: how the child ended is unknown
+}
+
+// watchChild starts watching pid, a child of this process.
+func watchChild(pid int, path string) *childWatch {
+	c := &childWatch{pid: pid, path: path, done: make(chan struct{})}
+	go func() {
+		waitChild(c)
+		close(c.done)
+	}()
+	return c
 }
 
 // kill sends SIGKILL unless the child was already reaped.
 func (c *childWatch) kill() {
+	if c.killer != nil {
+		c.killer()
+		return
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.gone {
@@ -233,6 +267,8 @@ func (c *childWatch) killed() bool { return c.ws.Signaled() && c.ws.Signal() == 
 // after done.
 func (c *childWatch) status() string {
 	switch ws := c.ws; {
+	case c.lost:
+		return "status unknown: the broker exited"
 	case ws.Exited():
 		return "exit status " + strconv.Itoa(ws.ExitStatus())
 	case ws.Signaled():

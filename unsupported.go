@@ -30,6 +30,7 @@ type Config struct {
 	NotifyReload bool
 	PIDFile      string
 	Logger       *slog.Logger
+	Broker       *Broker
 }
 
 type Lifecycle struct {
@@ -40,6 +41,10 @@ type Lifecycle struct {
 }
 
 type Restarter struct{ done chan struct{} }
+
+type Broker struct{ done chan struct{} }
+
+func NewBroker() (*Broker, error) { return nil, ErrNotSupported }
 
 type ListenConfig struct {
 	net.ListenConfig

@@ -250,6 +250,7 @@ func testServer() int {
 		PIDFile:      os.Getenv(envTestPIDFile),
 		Path:         os.Getenv(envTestPath),
 		Signal:       sig,
+		Broker:       testBroker(),
 		Logger:       slog.New(reportLogs{}),
 		Lifecycle: &Lifecycle{
 			SendState: func(ctx context.Context, w io.Writer) error {
