@@ -10,7 +10,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -252,56 +251,11 @@ func (r *Restarter) start() (err error) {
 	} else {
 		closeFD(&ctlFD)
 	}
-	return r.becomeMain()
-}
-
-// becomeMain declares this process ready and, in a process started by a
-// restart, waits until it is the main process; see Start.
-func (r *Restarter) becomeMain() error {
 	// The inherited fds nobody claimed are closed once this process is
 	// ready, not before: with many fds that is real work, which the old
 	// process need not wait for.
 	defer closeUnclaimed()
-	if !startedByRestart() {
-		if r.cfg.PIDFile != "" {
-			if err := writePIDFile(r.cfg.PIDFile, os.Getpid()); err != nil {
-				return fmt.Errorf("shellflip: writing the PID file: %w", err)
-			}
-		}
-		becomeMain()
-		r.notify("READY=1")
-		return nil
-	}
-	answer, err := ready()
-	if err != nil {
-		return err
-	}
-	for {
-		select {
-		case a := <-answer:
-			switch a.kind {
-			case msgRejected:
-				return fmt.Errorf("shellflip: the old process rejected this process: %s", a.reason)
-			case msgMain:
-			default: // msgMainPID, or end of file: the old process is gone
-				if a.kind != msgMainPID {
-					r.log.Warn("shellflip: the old process went away during the handover; carrying on alone")
-				}
-				if r.cfg.PIDFile != "" {
-					if err := writePIDFile(r.cfg.PIDFile, os.Getpid()); err != nil {
-						r.log.Error("shellflip: writing the PID file", "path", r.cfg.PIDFile, "err", err)
-					}
-				}
-			}
-			becomeMain()
-			// The old process has stopped accepting: the restart is done,
-			// and a reload of Type=notify-reload ends here.
-			r.notify("READY=1")
-			return nil
-		case <-r.sig:
-			r.log.Warn("shellflip: restart signal ignored: this process is not the main process yet")
-		}
-	}
+	return commit(r.log, r.sig, r.cfg.PIDFile)
 }
 
 // Done is closed when the Restarter has ended.
@@ -375,7 +329,7 @@ func (r *Restarter) run(ctx context.Context) {
 			if r.cfg.NotifyReload {
 				reloading = true
 				if usec, err := monotonicUsec(); err == nil {
-					r.notify("RELOADING=1", "MONOTONIC_USEC="+strconv.FormatInt(usec, 10))
+					notifySystemd(r.log, "RELOADING=1", "MONOTONIC_USEC="+strconv.FormatInt(usec, 10))
 				}
 			}
 		case q := <-reqs:
@@ -411,7 +365,7 @@ func (r *Restarter) run(ctx context.Context) {
 		r.log.Error("shellflip: restart failed", "err", out.err)
 		if reloading {
 			// Leave the reloading state: this process carries on.
-			r.notify("READY=1", "STATUS=restart failed: "+oneLine(out.err.Error()))
+			notifySystemd(r.log, "READY=1", "STATUS=restart failed: "+oneLine(out.err.Error()))
 		}
 		for _, q := range waiting {
 			q.respond(r.log, 0, out.err)
@@ -422,10 +376,6 @@ func (r *Restarter) run(ctx context.Context) {
 		}
 	}
 }
-
-// handOverTimeout bounds how long the old process waits for systemd to
-// process the new MAINPID.
-const handOverTimeout = 5 * time.Second
 
 // handOver makes the new process the service's main process. This process
 // keeps serving until the last moment, so that nothing waits on the
@@ -476,53 +426,6 @@ func (r *Restarter) handOver(out outcome, waiting []*restartRequest) {
 	r.log.Info("shellflip: restart complete", "new_pid", out.pid)
 }
 
-// notify sends fields to systemd, if this process is managed by it and may
-// talk to it, within handOverTimeout, and logs what went wrong.
-func (r *Restarter) notify(fields ...string) {
-	n, err := processNotifier()
-	if err == nil {
-		ctx, cancel := context.WithTimeout(context.Background(), handOverTimeout)
-		err = n.send(ctx, nil, fields...)
-		cancel()
-	}
-	if err != nil {
-		r.log.Warn("shellflip: notifying systemd", "err", err)
-	}
-}
-
-// oneLine makes s fit a STATUS= value.
-func oneLine(s string) string {
-	return strings.Map(func(c rune) rune {
-		if c == '\n' || c == '\r' || c == 0 {
-			return ' '
-		}
-		return c
-	}, s)
-}
-
-// writePIDFile writes pid to path atomically: a reader sees the old
-// content or the new, never a partial file.
-func writePIDFile(path string, pid int) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	_, err = f.WriteString(strconv.Itoa(pid) + "\n")
-	if err == nil {
-		err = f.Chmod(0o644)
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), path)
-	}
-	if err != nil {
-		os.Remove(f.Name())
-	}
-	return err
-}
-
 // end records how the Restarter ended and releases its resources. The
 // restart signal stays caught, and from now on is dropped: Go's default for
 // SIGHUP is to exit, and a draining process must not die of a signal meant
@@ -535,12 +438,6 @@ func (r *Restarter) end(pid int, err error) {
 	r.pid, r.err = pid, err
 	close(r.done)
 }
-
-var (
-	errExited   = errors.New("exited before it was ready")
-	errReadyEOF = errors.New("closed its readiness socket before it was ready")
-	errNoState  = errors.New("did not ask for the state (it never called ReceiveState), which it would lose")
-)
 
 // restart starts the new process, serves its requests for the state, and
 // waits until it is ready, has failed, or ran out of time.
@@ -573,7 +470,7 @@ func (r *Restarter) restart(ctx context.Context) (out outcome) {
 	defer closeFD(&stateW)
 	r.log.Info("shellflip: new process started", "new_pid", child.pid, "path", child.path)
 
-	asked, err := r.awaitReady(ctx, child, ready, &stateW)
+	asked, err := awaitReady(ctx, child, ready, &stateW, r.hooks.SendState)
 	if err == nil && !asked && r.hooks.SendState != nil {
 		err = errNoState
 	}
@@ -610,11 +507,6 @@ func (r *Restarter) restart(ctx context.Context) (out outcome) {
 	}
 	return outcome{err: err}
 }
-
-// gaveUpError is the reason a new process gave up with (GiveUp).
-type gaveUpError struct{ reason string }
-
-func (e *gaveUpError) Error() string { return "gave up: " + e.reason }
 
 // spawn starts the new process with exactly its fds: stdio, the registry's
 // fds from 3 on (as systemd would pass them), then the library's own. It
@@ -676,67 +568,4 @@ func (r *Restarter) spawn(ctx context.Context, path, dir string) (child *childWa
 		return nil, nil, -1, err
 	}
 	return child, ready, stateW, nil
-}
-
-// awaitReady serves the new process's messages until it is ready: it sends
-// the state when asked (and reports whether it was), and fails on a
-// process that gave up, exited, sent garbage, or ran out of time (ctx).
-// Read here rather than on a goroutine of its own beside a select: the
-// readiness is what the whole restart waits for, and each hop costs time.
-func (r *Restarter) awaitReady(ctx context.Context, child *childWatch, ready *os.File, stateW *int) (asked bool, err error) {
-	stop := context.AfterFunc(ctx, func() { ready.SetReadDeadline(time.Unix(1, 0)) })
-	defer stop()
-	for {
-		kind, reason, err := readyMsg(ready)
-		switch {
-		case err == io.EOF:
-			return asked, errReadyEOF
-		case err != nil && ctx.Err() != nil:
-			return asked, context.Cause(ctx)
-		case err != nil:
-			return asked, err
-		case kind == msgState && !asked:
-			asked = true
-			if err := sendState(ctx, *stateW, r.hooks.SendState); err != nil {
-				*stateW = -1
-				return asked, fmt.Errorf("sending state: %w", err)
-			}
-			*stateW = -1
-		case kind == msgGiveUp:
-			return asked, &gaveUpError{reason}
-		case kind == msgReady:
-			select {
-			case <-child.done:
-				// A process that exited is no successor, even if its
-				// readiness came first.
-				return asked, errExited
-			default:
-				return asked, nil
-			}
-		default:
-			return asked, fmt.Errorf("unexpected byte %#x on the readiness socket", kind)
-		}
-	}
-}
-
-// sendState runs the SendState hook on the write end of the state pipe,
-// fd, which it closes: the new process reads to end of file.
-func sendState(ctx context.Context, fd int, hook func(context.Context, io.Writer) error) error {
-	w, err := pollableFile(fd, "shellflip-state")
-	if err != nil {
-		return err
-	}
-	defer w.Close()
-	if hook == nil {
-		return nil
-	}
-	stop := context.AfterFunc(ctx, func() { w.SetWriteDeadline(time.Unix(1, 0)) })
-	defer stop()
-	if err := hook(ctx, w); err != nil {
-		if ctx.Err() != nil {
-			return fmt.Errorf("%w: %w", context.Cause(ctx), err)
-		}
-		return err
-	}
-	return nil
 }

@@ -221,7 +221,7 @@ func sealFDsWith(closeRange func() error, dir string) error {
 }
 
 // childWatch is the new process, seen from the process that started it: a
-// goroutine runs waitChild (spawn_linux.go, spawn_other.go), which reaps it
+// goroutine started by watchChild (spawn_linux.go, spawn_other.go) reaps it
 // exactly once, then closes done; kill never reaches a stranger that was
 // given the pid. A child that a broker started is the broker's to wait for
 // and kill (broker.go): killer asks it to, and done closes when it reports
@@ -235,16 +235,6 @@ type childWatch struct {
 	ws     unix.WaitStatus
 	killer func() // nil: this process's own child
 	lost   bool   // the broker went away first: how the child ended is unknown
-}
-
-// watchChild starts watching pid, a child of this process.
-func watchChild(pid int, path string) *childWatch {
-	c := &childWatch{pid: pid, path: path, done: make(chan struct{})}
-	go func() {
-		waitChild(c)
-		close(c.done)
-	}()
-	return c
 }
 
 // kill sends SIGKILL unless the child was already reaped.

@@ -95,7 +95,8 @@ func closeFDs(fds []int) {
 	}
 }
 
-// waitChild waits for c's process to exit and reaps it.
+// watchChild starts watching pid, a child of this process: a goroutine
+// waits for it to exit, reaps it, and closes done.
 //
 // waitid(WNOWAIT) first learns that the child exited while leaving it a
 // zombie, so its pid cannot be reused; only then, under c.mu, is it reaped.
@@ -104,15 +105,20 @@ func closeFDs(fds []int) {
 // pidfds: a seccomp policy that answers their probes with SIGSYS kills Go
 // programs (golang/go#69065), and waitid/wait4 are in every policy that
 // allows fork.
-func waitChild(c *childWatch) {
-	var info unix.Siginfo
-	ignoringEINTR(func() (int, error) {
-		return 0, unix.Waitid(unix.P_PID, c.pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
-	})
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	ignoringEINTR(func() (int, error) { return unix.Wait4(c.pid, &c.ws, 0, nil) })
-	c.gone = true
+func watchChild(pid int, path string) *childWatch {
+	c := &childWatch{pid: pid, path: path, done: make(chan struct{})}
+	go func() {
+		defer close(c.done)
+		var info unix.Siginfo
+		ignoringEINTR(func() (int, error) {
+			return 0, unix.Waitid(unix.P_PID, c.pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
+		})
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		ignoringEINTR(func() (int, error) { return unix.Wait4(c.pid, &c.ws, 0, nil) })
+		c.gone = true
+	}()
+	return c
 }
 
 // peerUID returns the effective uid of the process at the other end of a

@@ -87,17 +87,22 @@ func closeFDs(fds []int) {
 	}
 }
 
-// waitChild: see spawn_linux.go. Without waitid(WNOWAIT) the reaping
+// watchChild: see spawn_linux.go. Without waitid(WNOWAIT) the reaping
 // wait4 cannot be ordered against kill: a kill that loses the race by
 // microseconds could reach a new process that was given the same pid.
 // os.Process had the same window before pidfds; it needs the pid space to
 // wrap around in between.
-func waitChild(c *childWatch) {
-	var ws unix.WaitStatus
-	ignoringEINTR(func() (int, error) { return unix.Wait4(c.pid, &ws, 0, nil) })
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.ws, c.gone = ws, true
+func watchChild(pid int, path string) *childWatch {
+	c := &childWatch{pid: pid, path: path, done: make(chan struct{})}
+	go func() {
+		defer close(c.done)
+		var ws unix.WaitStatus
+		ignoringEINTR(func() (int, error) { return unix.Wait4(c.pid, &ws, 0, nil) })
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		c.ws, c.gone = ws, true
+	}()
+	return c
 }
 
 // peerUID: see spawn_linux.go. LOCAL_PEERCRED gives the credentials at
