@@ -88,17 +88,22 @@
 //	shutdown::ShutdownHandle                 ShutdownHandle
 //	shutdown::ShutdownSignal                 ShutdownHandle.Done
 //
-// # Threads, seccomp and the like
+// # seccomp
 //
-// Start reserves one OS thread for forking, as shellflip does: a goroutine
-// locked to its thread, which runs nothing else. In Go that buys little
-// against per-thread confinement (the runtime moves goroutines between
-// threads and clones new ones from any), and a seccomp filter installed
-// with SECCOMP_FILTER_FLAG_TSYNC, as Go programs must install theirs,
-// applies to it too. The package uses no pidfds, which SIGSYS-answering
-// filters have killed Go programs for probing (golang/go#69065), and no
-// Pdeathsig, which follows the forking thread rather than the process
-// (golang/go#27505). SECURITY.md lists the system calls of each step.
+// A Go program confines itself with a seccomp filter installed on all its
+// threads (SECCOMP_FILTER_FLAG_TSYNC), and filters survive execve: a
+// restart would need fork and exec in the filter, and every generation
+// would run under all its predecessors' filters. The Go answer is a
+// process: NewBroker, called before the lockdown, starts the program again
+// as a restart broker, unfiltered, and Config.Broker sends restarts there.
+// The locked process then makes no fork, exec, wait or kill, and each
+// generation runs under exactly its own filter (examples/locked).
+//
+// The package uses no pidfds, which SIGSYS-answering filters have killed Go
+// programs for probing (golang/go#69065), and no Pdeathsig, which follows
+// the forking thread rather than the process (golang/go#27505). SECURITY.md
+// lists the system calls of each step, and those of examples/locked's
+// filter.
 //
 // # Platforms
 //
