@@ -15,26 +15,23 @@
 package main
 
 import (
-	"context"
 	"flag"
-	"fmt"
 	"log"
 	"os"
-	"path/filepath"
 	"time"
 
-	"github.com/shellflip-go/shellflip"
+	"github.com/shellflip-go/shellflip/examples/internal/cmdline"
 )
 
 func main() {
 	listen := flag.String("listen", "127.0.0.1:8080", "serve on TCP `address` ADDR")
-	socket := flag.String("socket", defaultSocket("counter"), "control socket `path` (default: $XDG_RUNTIME_DIR/counter.sock, or /run/counter.sock as root)")
+	socket := flag.String("socket", cmdline.DefaultSocket("counter"), "control socket `path` (default: $XDG_RUNTIME_DIR/counter.sock, or /run/counter.sock as root)")
 	flag.Parse()
 	switch args := flag.Args(); {
 	case len(args) == 0:
-		os.Exit(serve(*listen, needSocket(*socket)))
+		os.Exit(serve(*listen, cmdline.NeedSocket(*socket)))
 	case len(args) == 1 && args[0] == "restart":
-		os.Exit(requestRestart(needSocket(*socket)))
+		os.Exit(cmdline.Restart(cmdline.NeedSocket(*socket), restartTimeout))
 	default:
 		log.Printf("unexpected arguments %q", args)
 		flag.Usage()
@@ -42,40 +39,7 @@ func main() {
 	}
 }
 
-// requestRestart asks the server on socket to restart, and says how it went.
-func requestRestart(socket string) int {
-	// The answer comes once the new process is ready, which the server
-	// allows a minute (Config.ReadyTimeout's default); wait a little more.
-	ctx, cancel := context.WithTimeout(context.Background(), 70*time.Second)
-	defer cancel()
-	pid, err := shellflip.RequestRestart(ctx, socket)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "Restart failed: %v\n", err)
-		return 1
-	}
-	fmt.Printf("Restart succeeded, child pid is %d\n", pid)
-	return 0
-}
-
-// defaultSocket is where the control socket goes unless -socket says
-// otherwise: a directory that other users cannot write to, so that none of
-// them can take the path first and answer restart requests
-// ($XDG_RUNTIME_DIR, or /run as root); "" if there is none.
-func defaultSocket(name string) string {
-	if dir := os.Getenv("XDG_RUNTIME_DIR"); dir != "" {
-		return filepath.Join(dir, name+".sock")
-	}
-	if os.Geteuid() == 0 {
-		return "/run/" + name + ".sock"
-	}
-	return ""
-}
-
-// needSocket returns socket, or exits with a usage error if it is empty.
-func needSocket(socket string) string {
-	if socket == "" {
-		fmt.Fprintf(os.Stderr, "%s: nowhere to put the control socket that only this user can take: set -socket PATH, or XDG_RUNTIME_DIR\n", filepath.Base(os.Args[0]))
-		os.Exit(2)
-	}
-	return socket
-}
+// restartTimeout bounds "counter restart": the server gives a new process a
+// minute (Config.ReadyTimeout's default) to become ready, and hands over in
+// a few seconds more.
+const restartTimeout = 70 * time.Second

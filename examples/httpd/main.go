@@ -44,19 +44,17 @@
 package main
 
 import (
-	"context"
 	"flag"
 	"fmt"
 	"os"
-	"path/filepath"
 	"time"
 
-	"github.com/shellflip-go/shellflip"
+	"github.com/shellflip-go/shellflip/examples/internal/cmdline"
 )
 
 func main() {
 	listen := flag.String("listen", "127.0.0.1:8080", "serve on TCP `address` ADDR, unless systemd passed a socket named \"http\"")
-	socket := flag.String("socket", defaultSocket("httpd"), "control socket `path` (default: $XDG_RUNTIME_DIR/httpd.sock, or /run/httpd.sock as root)")
+	socket := flag.String("socket", cmdline.DefaultSocket("httpd"), "control socket `path` (default: $XDG_RUNTIME_DIR/httpd.sock, or /run/httpd.sock as root)")
 	drain := flag.Duration("drain", 30*time.Second, "after a restart or a stop, wait at most `D` for requests in flight")
 	notifyReload := flag.Bool("notify-reload", false, "run as a systemd Type=notify-reload service: SIGHUP restarts, announced with RELOADING=1")
 	storeFDs := flag.Bool("store-fds", false, "keep the listening socket in systemd's fd store (FileDescriptorStoreMax=), so it survives a crash or \"systemctl restart\"")
@@ -70,9 +68,9 @@ func main() {
 			fmt.Fprintf(os.Stderr, "httpd: -drain %v: want a positive duration\n", *drain)
 			os.Exit(2)
 		}
-		os.Exit(serve(*listen, needSocket(*socket), *drain, *notifyReload, *storeFDs))
+		os.Exit(serve(*listen, cmdline.NeedSocket(*socket), *drain, *notifyReload, *storeFDs))
 	case len(args) == 1 && args[0] == "restart":
-		os.Exit(requestRestart(needSocket(*socket)))
+		os.Exit(cmdline.Restart(cmdline.NeedSocket(*socket), restartTimeout))
 	case args[0] == "demo":
 		os.Exit(demo(args[1:]))
 	default:
@@ -96,40 +94,3 @@ func usage() {
 // restartTimeout bounds "httpd restart": the new process has readyTimeout to
 // become ready, and the old one a few seconds more to hand over to it.
 const restartTimeout = readyTimeout + 20*time.Second
-
-// requestRestart asks the server on socket to restart and prints the
-// outcome.
-func requestRestart(socket string) int {
-	ctx, cancel := context.WithTimeout(context.Background(), restartTimeout)
-	defer cancel()
-	pid, err := shellflip.RequestRestart(ctx, socket)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "Restart failed: %v\n", err)
-		return 1
-	}
-	fmt.Printf("Restart succeeded, child pid is %d\n", pid)
-	return 0
-}
-
-// defaultSocket is where the control socket goes unless -socket says
-// otherwise: a directory that other users cannot write to, so that none of
-// them can take the path first and answer restart requests
-// ($XDG_RUNTIME_DIR, or /run as root); "" if there is none.
-func defaultSocket(name string) string {
-	if dir := os.Getenv("XDG_RUNTIME_DIR"); dir != "" {
-		return filepath.Join(dir, name+".sock")
-	}
-	if os.Geteuid() == 0 {
-		return "/run/" + name + ".sock"
-	}
-	return ""
-}
-
-// needSocket returns socket, or exits with a usage error if it is empty.
-func needSocket(socket string) string {
-	if socket == "" {
-		fmt.Fprintf(os.Stderr, "%s: nowhere to put the control socket that only this user can take: set -socket PATH, or XDG_RUNTIME_DIR\n", filepath.Base(os.Args[0]))
-		os.Exit(2)
-	}
-	return socket
-}

@@ -51,19 +51,17 @@
 package main
 
 import (
-	"context"
 	"flag"
 	"fmt"
 	"os"
-	"path/filepath"
 	"time"
 
-	"github.com/shellflip-go/shellflip"
+	"github.com/shellflip-go/shellflip/examples/internal/cmdline"
 )
 
 func main() {
 	listen := flag.String("listen", "127.0.0.1:8080", "serve on TCP `address` ADDR")
-	socket := flag.String("socket", defaultSocket("locked"), "control socket `path` (default: $XDG_RUNTIME_DIR/locked.sock, or /run/locked.sock as root)")
+	socket := flag.String("socket", cmdline.DefaultSocket("locked"), "control socket `path` (default: $XDG_RUNTIME_DIR/locked.sock, or /run/locked.sock as root)")
 	broker := flag.Bool("broker", true, "restart through a broker; without one, restarts fail inside the filter")
 	flag.Usage = usage
 	flag.Parse()
@@ -71,9 +69,9 @@ func main() {
 	args := flag.Args()
 	switch {
 	case len(args) == 0:
-		os.Exit(serve(*listen, needSocket(*socket), *broker))
+		os.Exit(serve(*listen, cmdline.NeedSocket(*socket), *broker))
 	case len(args) == 1 && args[0] == "restart":
-		os.Exit(requestRestart(needSocket(*socket)))
+		os.Exit(cmdline.Restart(cmdline.NeedSocket(*socket), restartTimeout))
 	case args[0] == "demo":
 		os.Exit(demo(args[1:]))
 	default:
@@ -94,37 +92,3 @@ func usage() {
 // restartTimeout bounds "locked restart": the new process has readyTimeout
 // to become ready, and the old one a few seconds more to hand over.
 const restartTimeout = readyTimeout + 20*time.Second
-
-func requestRestart(socket string) int {
-	ctx, cancel := context.WithTimeout(context.Background(), restartTimeout)
-	defer cancel()
-	pid, err := shellflip.RequestRestart(ctx, socket)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "Restart failed: %v\n", err)
-		return 1
-	}
-	fmt.Printf("Restart succeeded, child pid is %d\n", pid)
-	return 0
-}
-
-// defaultSocket is a path in a directory that other users cannot write to,
-// so that none of them can take it first: $XDG_RUNTIME_DIR, or /run as
-// root; "" if there is none.
-func defaultSocket(name string) string {
-	if dir := os.Getenv("XDG_RUNTIME_DIR"); dir != "" {
-		return filepath.Join(dir, name+".sock")
-	}
-	if os.Geteuid() == 0 {
-		return "/run/" + name + ".sock"
-	}
-	return ""
-}
-
-// needSocket returns socket, or exits with a usage error if it is empty.
-func needSocket(socket string) string {
-	if socket == "" {
-		fmt.Fprintf(os.Stderr, "%s: nowhere to put the control socket that only this user can take: set -socket PATH, or XDG_RUNTIME_DIR\n", filepath.Base(os.Args[0]))
-		os.Exit(2)
-	}
-	return socket
-}

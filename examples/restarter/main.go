@@ -46,15 +46,15 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"syscall"
 	"time"
 
 	"github.com/shellflip-go/shellflip"
+	"github.com/shellflip-go/shellflip/examples/internal/cmdline"
 )
 
 func main() {
-	socket := flag.String("socket", defaultSocket("restarter"), "restart coordination socket `path` (default: $XDG_RUNTIME_DIR/restarter.sock, or /run/restarter.sock as root)")
+	socket := flag.String("socket", cmdline.DefaultSocket("restarter"), "restart coordination socket `path` (default: $XDG_RUNTIME_DIR/restarter.sock, or /run/restarter.sock as root)")
 	listen := flag.String("listen", "127.0.0.1:0", "TCP `address` to serve on; the socket is kept across restarts")
 	maxGen := flag.Uint("max-generation", 4, "a process of a generation above `N` refuses to restart")
 	flag.Usage = func() {
@@ -67,31 +67,14 @@ func main() {
 
 	switch args := flag.Args(); {
 	case len(args) == 0:
-		os.Exit(serve(needSocket(*socket), *listen, *maxGen))
+		os.Exit(serve(cmdline.NeedSocket(*socket), *listen, *maxGen))
 	case len(args) == 1 && args[0] == "restart":
-		os.Exit(requestRestart(needSocket(*socket)))
+		os.Exit(cmdline.Restart(cmdline.NeedSocket(*socket), restartTimeout))
 	default:
 		fmt.Fprintf(os.Stderr, "restarter: unexpected arguments %q\n", args)
 		flag.Usage()
 		os.Exit(2)
 	}
-}
-
-// requestRestart asks the server on socket to restart and prints the
-// outcome.
-func requestRestart(socket string) int {
-	// The answer comes once the new process is ready, which the server
-	// allows a minute (Config.ReadyTimeout's default); give it a little
-	// longer than that.
-	ctx, cancel := context.WithTimeout(context.Background(), 70*time.Second)
-	defer cancel()
-	pid, err := shellflip.RequestRestart(ctx, socket)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "Restart failed: %v\n", err)
-		return 1
-	}
-	fmt.Printf("Restart succeeded, child pid is %d\n", pid)
-	return 0
 }
 
 // serve runs one generation of the echo server until a restart replaced it
@@ -243,25 +226,7 @@ func echo(c net.Conn, h *shellflip.ShutdownHandle, log *slog.Logger) {
 	}
 }
 
-// defaultSocket is where the control socket goes unless -socket says
-// otherwise: a directory that other users cannot write to, so that none of
-// them can take the path first and answer restart requests
-// ($XDG_RUNTIME_DIR, or /run as root); "" if there is none.
-func defaultSocket(name string) string {
-	if dir := os.Getenv("XDG_RUNTIME_DIR"); dir != "" {
-		return filepath.Join(dir, name+".sock")
-	}
-	if os.Geteuid() == 0 {
-		return "/run/" + name + ".sock"
-	}
-	return ""
-}
-
-// needSocket returns socket, or exits with a usage error if it is empty.
-func needSocket(socket string) string {
-	if socket == "" {
-		fmt.Fprintf(os.Stderr, "%s: nowhere to put the control socket that only this user can take: set -socket PATH, or XDG_RUNTIME_DIR\n", filepath.Base(os.Args[0]))
-		os.Exit(2)
-	}
-	return socket
-}
+// restartTimeout bounds "restarter restart": the server gives a new process a
+// minute (Config.ReadyTimeout's default) to become ready, and hands over in
+// a few seconds more.
+const restartTimeout = 70 * time.Second
