@@ -23,7 +23,7 @@ import (
 
 // fdEntry is one named fd. The registry owns fd (a close-on-exec duplicate)
 // and closes it only in Remove or, for inherited fds nobody claimed, in
-// Ready. The program's net.Listener and friends hold duplicates of their
+// Start. The program's net.Listener and friends hold duplicates of their
 // own, so closing those never closes what the next process inherits.
 type fdEntry struct {
 	name string
@@ -46,7 +46,7 @@ func (e *fdEntry) close() {
 	unix.Close(e.fd)
 }
 
-// fdreg is the process's registry. After Ready it holds no inherited fd
+// fdreg is the process's registry. After Start it holds no inherited fd
 // that was not claimed: closeUnclaimed removed those.
 var fdreg struct {
 	mu      sync.Mutex
@@ -202,7 +202,7 @@ func (lc *ListenConfig) name(network, address string) string {
 	return ListenerName(network, address)
 }
 
-// getOrCreate is the common part of ListenNamed and ListenPacketNamed:
+// getOrCreate is the common part of ListenConfig.Listen and ListenPacket:
 // claim the fd registered under name, or create a socket and register a
 // duplicate of it.
 //
