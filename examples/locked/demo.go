@@ -27,6 +27,10 @@ import (
 // "locked demo": start a server, load it, restart it, and tell.
 
 func demo(args []string) int {
+	if cgo {
+		fmt.Fprintln(os.Stderr, "locked demo: this binary was built with cgo, which its seccomp filter does not allow for; run CGO_ENABLED=0 go run ./examples/locked demo")
+		return 2
+	}
 	fs := flag.NewFlagSet("locked demo", flag.ContinueOnError)
 	restarts := fs.Int("restarts", 5, "restart the server `N` times")
 	interval := fs.Duration("interval", 300*time.Millisecond, "let the clients work for `D` between restarts")

@@ -3,6 +3,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"runtime"
@@ -145,6 +146,12 @@ func filter() []unix.SockFilter {
 // Both are for good: nothing undoes them, and the process's children
 // inherit them.
 func lockDown() error {
+	if cgo {
+		// The table lists what the Go runtime calls. A binary built with
+		// cgo starts its threads with libc's pthread_create, whose calls
+		// (mprotect first) it does not have: it would die of SIGSYS.
+		return errors.New("built with cgo: the filter allows the Go runtime's system calls, not libc's; build locked with CGO_ENABLED=0")
+	}
 	p := filter()
 	prog := unix.SockFprog{Len: uint16(len(p)), Filter: &p[0]}
 	// no_new_privs is set on this thread (seccomp requires it of the

@@ -48,6 +48,11 @@
 // "locked demo" starts a server, loads it, restarts it, and prints each
 // generation's seccomp filter count (Seccomp_filters in /proc/PID/status),
 // which stays 1.
+//
+// Build it with CGO_ENABLED=0 (the filter lists the Go runtime's system
+// calls, not libc's), on amd64:
+//
+//	CGO_ENABLED=0 go run ./examples/locked demo
 package main
 
 import (

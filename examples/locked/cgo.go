@@ -1,0 +1,6 @@
+//go:build cgo
+
+package main
+
+// cgo is whether this binary was built with cgo; see lockDown.
+const cgo = true
