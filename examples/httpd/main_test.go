@@ -985,7 +985,7 @@ type httpdLoad struct {
 
 // httpdStartLoad starts n keep-alive clients, n clients with a new
 // connection per request, and n keep-alive clients asking for
-// /slow?ms=200, against addr.
+// /slow?ms=slowMS, against addr: the demo's load, counted by pid.
 func httpdStartLoad(t *testing.T, addr string, n int) *httpdLoad {
 	l := &httpdLoad{t: t, quit: make(chan struct{}), changed: make(chan struct{}),
 		byPid: map[int]int{}, retired: map[int]bool{}}
@@ -993,7 +993,7 @@ func httpdStartLoad(t *testing.T, addr string, n int) *httpdLoad {
 	for range n {
 		l.client(addr, true, "/")
 		l.client(addr, false, "/")
-		l.client(addr, true, "/slow?ms=200")
+		l.client(addr, true, "/slow?ms="+strconv.Itoa(slowMS))
 	}
 	return l
 }
