@@ -32,15 +32,16 @@ import (
 )
 
 // These tests drive the example as its users do: it is built once with go
-// build (with the race detector if this test binary has it), started as a real process (alone, or under systemd-socket-activate),
-// restarted with its own "restart" command or over the control socket, and
-// loaded by real HTTP clients, Go's and wrk. Every generation of a server
-// writes to the stdout and stderr of the first, which are pipes the test
-// reads line by line; the end of stdout means that every generation has
-// exited. Waits are for events (a line, a response, a written request, an
-// exit), each with a deadline. They use nothing of the library's but what
-// a user has, RequestRestart; the library's own tests of examples/httpd
-// under systemd are in the repository's root (TestSystemdHTTPD).
+// build (with the race detector if this test binary has it), started as a
+// real process (alone, or under systemd-socket-activate), restarted with
+// its own "restart" command or over the control socket, and loaded by real
+// HTTP clients, Go's and wrk. Every generation of a server writes to the
+// stdout and stderr of the first, which are pipes the test reads line by
+// line; the end of stdout means that every generation has exited. Waits
+// are for events (a line, a response, a written request, an exit), each
+// with a deadline. Of the library they use only what a user would,
+// RequestRestart; the example under systemd is tested in the repository's
+// root (TestSystemdHTTPD), with the harness that boots systemd.
 
 // httpdDeadline bounds every wait; a healthy run is far quicker.
 const httpdDeadline = 30 * time.Second
