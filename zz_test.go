@@ -1122,13 +1122,6 @@ func checkFDs(t testing.TB, before map[int]string, exact bool) {
 	}
 }
 
-// openFDs counts this process's open fds, as listFDs lists them.
-// httpd_test.go compares counts; everything else uses checkFDs.
-func openFDs(t *testing.T) int {
-	t.Helper()
-	return len(listFDs(t))
-}
-
 // buildExample builds ./examples/name into a temporary directory, with the
 // race detector if this test binary has it, and returns the binary's path.
 func buildExample(t *testing.T, name string) string {

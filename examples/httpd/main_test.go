@@ -1,6 +1,6 @@
 //go:build linux
 
-package shellflip
+package main
 
 import (
 	"bufio"
@@ -17,6 +17,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,38 +27,39 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shellflip-go/shellflip"
 	"golang.org/x/sys/unix"
 )
 
-// examples/httpd: zero downtime under load, wrk, socket activation, the demo.
-
-// These tests drive examples/httpd as its users do: the example is built
-// once, started as a real process (alone, or under systemd-socket-activate),
-// restarted with its own "restart" command or over the control socket, and
-// loaded by real HTTP clients, Go's and wrk. Every generation of a server
-// writes to the stdout and stderr of the first, which are pipes the test
-// reads line by line; the end of stdout means that every generation has
-// exited. Waits are for events (a line, a response, a written request, an
-// exit), each with a deadline.
+// These tests drive the example as its users do: it is built once with go
+// build (with the race detector if this test binary has it), started as a
+// real process (alone, or under systemd-socket-activate), restarted with
+// its own "restart" command or over the control socket, and loaded by real
+// HTTP clients, Go's and wrk. Every generation of a server writes to the
+// stdout and stderr of the first, which are pipes the test reads line by
+// line; the end of stdout means that every generation has exited. Waits
+// are for events (a line, a response, a written request, an exit), each
+// with a deadline. Of the library they use only what a user would,
+// RequestRestart; the example under systemd is tested in the repository's
+// root (TestSystemdHTTPD), with the harness that boots systemd.
 
 // httpdDeadline bounds every wait; a healthy run is far quicker.
 const httpdDeadline = 30 * time.Second
 
 var (
-	httpdInstanceRE = regexp.MustCompile(`^Instance no\. (\d+) listening on (\S+)$`)
-	httpdRestartRE  = regexp.MustCompile(`^Restart succeeded, child pid is ([1-9]\d*)\n$`)
-	httpdBodyRE     = regexp.MustCompile(`^pid=([1-9]\d*) generation=(\d+)\n$`)
+	httpdRestartRE = regexp.MustCompile(`^Restart succeeded, child pid is ([1-9]\d*)\n$`)
+	httpdBodyRE    = regexp.MustCompile(`^pid=([1-9]\d*) generation=(\d+)\n$`)
 )
 
 func TestHTTPDExample(t *testing.T) {
-	fds := openFDs(t)
+	fds := httpdOpenFDs(t)
 	t.Cleanup(func() {
 		// Runs after every subtest and its cleanups.
-		if n := openFDs(t); n != fds {
+		if n := httpdOpenFDs(t); n != fds {
 			t.Errorf("the test process has %d fds open, %d before: the tests leaked some", n, fds)
 		}
 	})
-	bin := buildExample(t, "httpd")
+	bin := httpdBuild(t)
 	t.Run("Basic", func(t *testing.T) { httpdTestBasic(t, bin) })
 	t.Run("Drain", func(t *testing.T) { httpdTestDrain(t, bin) })
 	t.Run("BadDeploy", func(t *testing.T) { httpdTestBadDeploy(t, bin) })
@@ -218,7 +221,11 @@ func httpdTestDrain(t *testing.T, bin string) {
 func httpdTestBadDeploy(t *testing.T, bin string) {
 	dir := t.TempDir()
 	deployed := filepath.Join(dir, "httpd") // where the server runs from, and restarts from
-	if err := copyExecutable(bin, deployed); err != nil {
+	b, err := os.ReadFile(bin)
+	if err == nil {
+		err = os.WriteFile(deployed, b, 0o755)
+	}
+	if err != nil {
 		t.Fatal(err)
 	}
 	s := httpdStart(t, deployed, "-listen", "127.0.0.1:0")
@@ -338,6 +345,9 @@ func httpdTestBadDeploy(t *testing.T, bin string) {
 // per request and slow requests never stop while the server restarts 10
 // times, and not one request fails, nor needs the client's retry.
 func httpdTestZeroDowntime(t *testing.T, bin string) {
+	if testing.Short() {
+		t.Skip("testing.Short(): 9 clients of 3 kinds while the server restarts 10 times")
+	}
 	const restarts = 10
 	s := httpdStart(t, bin, "-listen", "127.0.0.1:0")
 	l := httpdStartLoad(t, s.addr, 3)
@@ -350,7 +360,7 @@ func httpdTestZeroDowntime(t *testing.T, bin string) {
 			return l.byPid[cur] >= 20 && l.slowInFlight.Load() > 0
 		})
 		ctx, cancel := context.WithTimeout(context.Background(), httpdDeadline)
-		pid, err := RequestRestart(ctx, s.socket)
+		pid, err := shellflip.RequestRestart(ctx, s.socket)
 		cancel()
 		if err != nil {
 			t.Fatalf("restart %d: %v", i, err)
@@ -380,6 +390,9 @@ func httpdTestZeroDowntime(t *testing.T, bin string) {
 // httpdTestWrk: wrk, which never retries, sees no socket error and no
 // status other than 2xx while the server restarts several times.
 func httpdTestWrk(t *testing.T, bin string) {
+	if testing.Short() {
+		t.Skip("testing.Short(): wrk loads the server for 4 s while it restarts 6 times")
+	}
 	wrk, err := exec.LookPath("wrk")
 	if err != nil {
 		t.Skip("wrk is not installed (Debian package wrk: apt-get install -y wrk)")
@@ -492,6 +505,9 @@ func httpdTestSocketActivation(t *testing.T, bin string) {
 // httpdTestDemo: "httpd demo" restarts its server under load without a
 // failed request, prints its table, and leaves no process behind.
 func httpdTestDemo(t *testing.T, bin string) {
+	if testing.Short() {
+		t.Skip("testing.Short(): the demo loads the server for 1.6 s while it restarts 3 times")
+	}
 	stdout, stderr, code := httpdRun(t, bin, "demo", "-restarts", "3")
 	t.Logf("httpd demo -restarts 3:\n%s", stdout)
 	if code != 0 {
@@ -583,17 +599,49 @@ func httpdRuns(pid int, bin string) bool {
 	return err == nil && strings.TrimSuffix(exe, " (deleted)") == bin
 }
 
-// httpdEnv is the environment of the processes the tests start. A binary
-// built with the race detector sleeps a second before it exits, unless told
-// otherwise (GORACE atexit_sleep_ms, 1000 by default): a second per "httpd
-// restart" and per old process would slow the tests down and stretch every
-// restart past the server's idle grace.
+// httpdEnv is the environment of the processes the tests start: the
+// demo's (demoEnv: nothing that would make a server think systemd runs it),
+// with GORACE's atexit_sleep_ms at 0. A binary built with the race detector
+// sleeps a second before it exits otherwise: a second per "httpd restart"
+// and per old process would slow the tests down and stretch every restart
+// past the server's idle grace. The last GORACE in the list is the one a
+// command gets (os/exec's Cmd.Env).
 func httpdEnv() []string {
-	gorace := "atexit_sleep_ms=0"
-	if v := os.Getenv("GORACE"); v != "" {
-		gorace = v + " " + gorace
+	return append(demoEnv(), "GORACE="+strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
+}
+
+// httpdBuild builds the example into a temporary directory, with the race
+// detector if this test binary has it, and returns the binary's path.
+func httpdBuild(t *testing.T) string {
+	t.Helper()
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		t.Skipf("no go tool on $PATH to build the example with: %v", err)
 	}
-	return append(os.Environ(), "GORACE="+gorace)
+	bin := filepath.Join(t.TempDir(), "httpd")
+	cmd := exec.Command(goTool, "build", "-o", bin)
+	if info, ok := debug.ReadBuildInfo(); ok && slices.Contains(info.Settings, debug.BuildSetting{Key: "-race", Value: "true"}) {
+		cmd.Args = append(cmd.Args, "-race")
+	}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%s: %v\n%s", strings.Join(cmd.Args, " "), err, out)
+	}
+	return bin
+}
+
+// httpdOpenFDs counts this process's open fds, once the runtime's poller
+// (which opens fds of its own on first use) is up.
+func httpdOpenFDs(t *testing.T) int {
+	t.Helper()
+	if r, w, err := os.Pipe(); err == nil {
+		r.Close()
+		w.Close()
+	}
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
 }
 
 // httpdServer is a server started by the test and every generation it
@@ -689,7 +737,7 @@ func (s *httpdServer) cleanup() {
 // which must be the server's address once that is known.
 func (s *httpdServer) instance(gen uint64) string {
 	s.t.Helper()
-	m := httpdInstanceRE.FindStringSubmatch(s.out.wait(s.t, "the server", regexp.MustCompile(`^Instance no\. `)))
+	m := instanceRE.FindStringSubmatch(s.out.wait(s.t, "the server", regexp.MustCompile(`^Instance no\. `)))
 	if m == nil || m[1] != strconv.FormatUint(gen, 10) || s.addr != "" && m[2] != s.addr {
 		s.t.Fatalf("the server printed %q, want instance no. %d listening on %s", m, gen, s.addr)
 	}
@@ -938,7 +986,7 @@ type httpdLoad struct {
 
 // httpdStartLoad starts n keep-alive clients, n clients with a new
 // connection per request, and n keep-alive clients asking for
-// /slow?ms=200, against addr.
+// /slow?ms=slowMS, against addr: the demo's load, counted by pid.
 func httpdStartLoad(t *testing.T, addr string, n int) *httpdLoad {
 	l := &httpdLoad{t: t, quit: make(chan struct{}), changed: make(chan struct{}),
 		byPid: map[int]int{}, retired: map[int]bool{}}
@@ -946,7 +994,7 @@ func httpdStartLoad(t *testing.T, addr string, n int) *httpdLoad {
 	for range n {
 		l.client(addr, true, "/")
 		l.client(addr, false, "/")
-		l.client(addr, true, "/slow?ms=200")
+		l.client(addr, true, "/slow?ms="+strconv.Itoa(slowMS))
 	}
 	return l
 }
