@@ -14,7 +14,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -23,6 +22,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/shellflip-go/shellflip/examples/internal/extest"
 )
 
 // The counter as its users run it: built with go build (with the race
@@ -132,24 +133,12 @@ type counter struct {
 	pids   []int
 }
 
-// startCounter builds the counter into a directory of its own and starts
-// it there, in a process group of its own, on a port of the kernel's
-// choosing.
+// startCounter builds the counter and starts it, in a process group of its
+// own, on a port of the kernel's choosing.
 func startCounter(t *testing.T) *counter {
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		t.Skipf("no go tool on $PATH to build the counter with: %v", err)
-	}
 	dir := t.TempDir()
-	s := &counter{path: filepath.Join(dir, "counter"), socket: filepath.Join(dir, "counter.sock"),
+	s := &counter{path: extest.Build(t, "counter"), socket: filepath.Join(dir, "counter.sock"),
 		lines: make(chan string, 64), gone: make(chan struct{}), stderr: &lockedBuffer{}}
-	args := []string{"build", "-o", s.path}
-	if info, ok := debug.ReadBuildInfo(); ok && slices.Contains(info.Settings, debug.BuildSetting{Key: "-race", Value: "true"}) {
-		args = append(args, "-race")
-	}
-	if out, err := exec.Command(goTool, append(args, ".")...).CombinedOutput(); err != nil {
-		t.Fatalf("go %s: %v\n%s", strings.Join(args, " "), err, out)
-	}
 
 	s.cmd = exec.Command(s.path, "-listen", "127.0.0.1:0", "-socket", s.socket)
 	s.cmd.Env = env()

@@ -17,8 +17,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime/debug"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -26,6 +24,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/shellflip-go/shellflip/examples/internal/extest"
 
 	"github.com/shellflip-go/shellflip"
 	"golang.org/x/sys/unix"
@@ -52,14 +52,14 @@ var (
 )
 
 func TestHTTPDExample(t *testing.T) {
-	fds := httpdOpenFDs(t)
+	fds := extest.OpenFDs(t)
 	t.Cleanup(func() {
 		// Runs after every subtest and its cleanups.
-		if n := httpdOpenFDs(t); n != fds {
+		if n := extest.OpenFDs(t); n != fds {
 			t.Errorf("the test process has %d fds open, %d before: the tests leaked some", n, fds)
 		}
 	})
-	bin := httpdBuild(t)
+	bin := extest.Build(t, "httpd")
 	t.Run("Basic", func(t *testing.T) { httpdTestBasic(t, bin) })
 	t.Run("Drain", func(t *testing.T) { httpdTestDrain(t, bin) })
 	t.Run("BadDeploy", func(t *testing.T) { httpdTestBadDeploy(t, bin) })
@@ -608,40 +608,6 @@ func httpdRuns(pid int, bin string) bool {
 // command gets (os/exec's Cmd.Env).
 func httpdEnv() []string {
 	return append(demoEnv(), "GORACE="+strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
-}
-
-// httpdBuild builds the example into a temporary directory, with the race
-// detector if this test binary has it, and returns the binary's path.
-func httpdBuild(t *testing.T) string {
-	t.Helper()
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		t.Skipf("no go tool on $PATH to build the example with: %v", err)
-	}
-	bin := filepath.Join(t.TempDir(), "httpd")
-	cmd := exec.Command(goTool, "build", "-o", bin)
-	if info, ok := debug.ReadBuildInfo(); ok && slices.Contains(info.Settings, debug.BuildSetting{Key: "-race", Value: "true"}) {
-		cmd.Args = append(cmd.Args, "-race")
-	}
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(cmd.Args, " "), err, out)
-	}
-	return bin
-}
-
-// httpdOpenFDs counts this process's open fds, once the runtime's poller
-// (which opens fds of its own on first use) is up.
-func httpdOpenFDs(t *testing.T) int {
-	t.Helper()
-	if r, w, err := os.Pipe(); err == nil {
-		r.Close()
-		w.Close()
-	}
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
 }
 
 // httpdServer is a server started by the test and every generation it

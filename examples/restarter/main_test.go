@@ -16,14 +16,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime/debug"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/shellflip-go/shellflip/examples/internal/extest"
 )
 
 // These tests drive the example as a user would: it is built with go
@@ -47,7 +47,7 @@ var (
 // TestRestarterExampleDefaultSocket: without -socket, the server and the
 // restart command meet at $XDG_RUNTIME_DIR/restarter.sock.
 func TestRestarterExampleDefaultSocket(t *testing.T) {
-	bin := restarterBuild(t)
+	bin := extest.Build(t, "restarter")
 	dir := restarterTempDir(t)
 	t.Setenv("XDG_RUNTIME_DIR", dir)
 	srv := restarterStartWith(t, bin, func(cmd *exec.Cmd) { cmd.Args = cmd.Args[:1] })
@@ -66,16 +66,16 @@ func TestRestarterExampleDefaultSocket(t *testing.T) {
 }
 
 func TestRestarterExample(t *testing.T) {
-	fds := restarterOpenFDs(t)
+	fds := extest.OpenFDs(t)
 	t.Cleanup(func() {
 		// This runs after every subtest and its cleanups. Fewer fds than
 		// before is no leak of ours: an earlier test's process handle may
 		// have been released meanwhile.
-		if n := restarterOpenFDs(t); n > fds {
+		if n := extest.OpenFDs(t); n > fds {
 			t.Errorf("the test process has %d fds open, %d before: the tests leaked some", n, fds)
 		}
 	})
-	bin := restarterBuild(t)
+	bin := extest.Build(t, "restarter")
 	for _, sub := range []struct {
 		name string
 		test func(t *testing.T, bin string)
@@ -537,40 +537,6 @@ func (c *restarterClient) echo(msg string) {
 }
 
 func (c *restarterClient) close() { c.conn.Close() }
-
-// restarterBuild builds the example into a temporary directory, with the
-// race detector if this test binary has it, and returns the binary's path.
-func restarterBuild(t *testing.T) string {
-	t.Helper()
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		t.Skipf("no go tool on $PATH to build the example with: %v", err)
-	}
-	bin := filepath.Join(t.TempDir(), "restarter")
-	cmd := exec.Command(goTool, "build", "-o", bin)
-	if info, ok := debug.ReadBuildInfo(); ok && slices.Contains(info.Settings, debug.BuildSetting{Key: "-race", Value: "true"}) {
-		cmd.Args = append(cmd.Args, "-race")
-	}
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(cmd.Args, " "), err, out)
-	}
-	return bin
-}
-
-// restarterOpenFDs counts this process's open fds, once the runtime's
-// poller (which opens fds of its own on first use) is up.
-func restarterOpenFDs(t *testing.T) int {
-	t.Helper()
-	if r, w, err := os.Pipe(); err == nil {
-		r.Close()
-		w.Close()
-	}
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
-}
 
 // restarterFakeServer listens at path as a control socket would, and
 // answers the one request the test makes with a failure that says text: a
