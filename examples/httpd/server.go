@@ -6,14 +6,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math"
 	"net/http"
 	"os"
 	"os/signal"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
+
+	"github.com/shellflip-go/shellflip/examples/internal/cmdline"
 
 	"github.com/shellflip-go/shellflip"
 	"github.com/shellflip-go/shellflip/httpdrain"
@@ -46,7 +46,7 @@ func serve(listen, socket string, drain time.Duration, notifyReload, storeFDs bo
 
 	// Everything inherited must be taken before Start: it declares this
 	// process ready and closes what was not taken.
-	gen, err := receiveGeneration()
+	gen, err := cmdline.ReceiveGeneration()
 	if err != nil {
 		log.Error("cannot take over from the old process", "err", err)
 		return 1
@@ -130,30 +130,6 @@ func serve(listen, socket string, drain time.Duration, notifyReload, storeFDs bo
 	}
 	log.Info("drained; exiting", "took", time.Since(start).Round(time.Millisecond))
 	return 0
-}
-
-// receiveGeneration returns this process's generation: 0 after a fresh
-// start, one more than the old process's after a restart. The state is the
-// old process's generation in decimal and a newline.
-func receiveGeneration() (uint64, error) {
-	state, err := shellflip.ReceiveState()
-	if err != nil || state == nil {
-		return 0, err
-	}
-	defer state.Close()
-	b, err := io.ReadAll(io.LimitReader(state, 32))
-	if err != nil {
-		return 0, fmt.Errorf("reading the state: %w", err)
-	}
-	line, ok := strings.CutSuffix(string(b), "\n")
-	prev, perr := strconv.ParseUint(line, 10, 64)
-	if !ok || perr != nil {
-		return 0, fmt.Errorf("the state %q is not a generation number and a newline", b)
-	}
-	if prev == math.MaxUint64 {
-		return 0, fmt.Errorf("the old process is generation %d, the last there can be", prev)
-	}
-	return prev + 1, nil
 }
 
 // server is the HTTP side of one generation.

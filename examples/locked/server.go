@@ -4,20 +4,18 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"math"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
-	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/shellflip-go/shellflip/examples/internal/cmdline"
 
 	"github.com/shellflip-go/shellflip"
 )
@@ -47,7 +45,7 @@ func serve(listen, socket string, useBroker bool) int {
 			return 1
 		}
 	}
-	gen, err := receiveGeneration()
+	gen, err := cmdline.ReceiveGeneration()
 	if err != nil {
 		log.Error("cannot take over from the old process", "err", err)
 		return 1
@@ -140,25 +138,4 @@ func serve(listen, socket string, useBroker bool) int {
 		srv.Close()
 	}
 	return 0
-}
-
-// receiveGeneration returns this process's generation: 0 after a fresh
-// start, one more than the old process's after a restart, whose state is
-// its generation in decimal and a newline.
-func receiveGeneration() (uint64, error) {
-	state, err := shellflip.ReceiveState()
-	if err != nil || state == nil {
-		return 0, err
-	}
-	defer state.Close()
-	b, err := io.ReadAll(io.LimitReader(state, 32))
-	if err != nil {
-		return 0, fmt.Errorf("reading the state: %w", err)
-	}
-	line, ok := strings.CutSuffix(string(b), "\n")
-	prev, perr := strconv.ParseUint(line, 10, 64)
-	if !ok || perr != nil || prev == math.MaxUint64 {
-		return 0, errors.New("the state " + strconv.Quote(string(b)) + " is not a generation number and a newline")
-	}
-	return prev + 1, nil
 }

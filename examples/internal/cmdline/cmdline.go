@@ -1,12 +1,16 @@
-// Package cmdline is what the examples' command lines share: where the
-// control socket goes by default, and the restart command.
+// Package cmdline is what the examples share: where the control socket
+// goes by default, the restart command, and the generation as state.
 package cmdline
 
 import (
 	"context"
 	"fmt"
+	"io"
+	"math"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/shellflip-go/shellflip"
@@ -49,4 +53,29 @@ func Restart(socket string, timeout time.Duration) int {
 	}
 	fmt.Printf("Restart succeeded, child pid is %d\n", pid)
 	return 0
+}
+
+// ReceiveGeneration returns this process's generation: 0 after a fresh
+// start, one more than the old process's after a restart. The state is the
+// old process's generation in decimal and a newline (httpd's and locked's
+// SendState write it so).
+func ReceiveGeneration() (uint64, error) {
+	state, err := shellflip.ReceiveState()
+	if err != nil || state == nil {
+		return 0, err
+	}
+	defer state.Close()
+	b, err := io.ReadAll(io.LimitReader(state, 32))
+	if err != nil {
+		return 0, fmt.Errorf("reading the state: %w", err)
+	}
+	line, ok := strings.CutSuffix(string(b), "\n")
+	prev, perr := strconv.ParseUint(line, 10, 64)
+	if !ok || perr != nil {
+		return 0, fmt.Errorf("the state %q is not a generation number and a newline", b)
+	}
+	if prev == math.MaxUint64 {
+		return 0, fmt.Errorf("the old process is generation %d, the last there can be", prev)
+	}
+	return prev + 1, nil
 }
