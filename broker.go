@@ -223,6 +223,10 @@ func (b *Broker) request(ctx context.Context, msg []byte, fds []uintptr) (*child
 	}
 	if _, _, err := b.conn.WriteMsgUnix(msg, unix.UnixRights(ints...), nil); err != nil {
 		b.close()
+		if errors.Is(err, unix.EPIPE) || errors.Is(err, unix.ECONNRESET) {
+			// It died, and this send learnt it before the reader did.
+			return nil, errBrokerGone
+		}
 		return nil, fmt.Errorf("shellflip: sending to the broker: %w", err)
 	}
 	select {
