@@ -3,6 +3,7 @@
 package shellflip
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -12,38 +13,37 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
-// This file is the old process's side of a restart, and the orchestrator of
+// This file is the old process's side of a restart and the orchestrator of
 // both sides: the triggers, the restart loop, one restart from spawn to
-// readiness, the handover (PID file, systemd, requesters, the new process),
-// and the Restarter that reports how it ended.
+// readiness, and the handover.
 
 // Config says how and when to restart. The zero value restarts on SIGUSR1
 // into the same program, with no control socket.
 type Config struct {
-	// SocketPath is the control socket's path; "" means no control socket.
-	// The socket file is created with mode 0600 and passed to the new
-	// process, so it stays bound across restarts.
+	// SocketPath is the control socket's path; "" means none. The socket
+	// file is created with mode 0600 and passes to the new process, so it
+	// stays bound across restarts.
 	SocketPath string
 
 	// Signal triggers a restart; nil means SIGUSR1.
 	Signal os.Signal
 
-	// Env holds extra KEY=value pairs for the new process; they override
-	// variables of the same name in this process's environment. The
-	// variables the library sets for the new process (LISTEN_*,
-	// WATCHDOG_PID, SHELLFLIP_*) are refused.
+	// Env holds KEY=value pairs for the new process, overriding this
+	// process's variables of the same name. The variables the library sets
+	// (LISTEN_*, WATCHDOG_PID, SHELLFLIP_*) are refused.
 	Env []string
 
 	// Lifecycle holds hooks into the restart; nil means none.
 	Lifecycle *Lifecycle
 
-	// ExitOnError ends the Restarter after a failed restart. By default a
-	// failed restart is reported, the old process keeps serving, and later
-	// restart requests are honoured: a bad deploy should not take down a
-	// service that works. (shellflip's default is the opposite.)
+	// ExitOnError ends the Restarter after a failed restart. By default the
+	// failure is reported and the old process keeps serving and honouring
+	// requests: a bad deploy should not take down a service that works.
+	// (shellflip's default is the opposite.)
 	ExitOnError bool
 
 	// ReadyTimeout bounds the time from the spawn to the new process's
@@ -51,44 +51,40 @@ type Config struct {
 	// Zero means a minute.
 	ReadyTimeout time.Duration
 
-	// Path is the program to run and Args its full command line, Args[0]
-	// included. By default they are the program and arguments this process
-	// started with: the path it was started from, as the shell or service
-	// manager resolved it at the time, if that named the running program,
-	// so that a deploy that renames a new binary into place is picked up;
-	// otherwise the path the running program was started from. A program
-	// file that is not executable fails the restart; one that is gone is
-	// replaced by the running executable (on Linux /proc/self/exe, which
-	// works even when its file was deleted).
+	// Path is the program to run and Args its command line, Args[0]
+	// included. By default they are this process's: the path it was
+	// started from (as the shell or service manager resolved it) if that
+	// named the running program at initialisation, so that a deploy that
+	// renames a new binary into place is picked up, and otherwise the
+	// running executable. A program file that is not executable fails the
+	// restart; one that is gone is replaced by the running executable (on
+	// Linux /proc/self/exe, which works even when its file was deleted).
 	Path string
 	Args []string
 
 	// NotifyReload is for units of Type=notify-reload (systemd 253 and
-	// later), which send the unit's ReloadSignal= (SIGHUP by default; set
-	// Signal to match) and then wait for RELOADING=1 and READY=1: a restart
-	// triggered by Signal first sends RELOADING=1 with MONOTONIC_USEC; the
-	// new process's READY=1 ends the reload, and so does READY=1 from this
-	// process, with a STATUS= that says why, if the restart fails.
+	// later), which send ReloadSignal= (SIGHUP by default: set Signal to
+	// match) and wait for RELOADING=1 and then READY=1. A restart triggered
+	// by Signal sends RELOADING=1; the new process's READY=1 ends the
+	// reload, or, if the restart fails, this process's, with a STATUS= that
+	// says why.
 	NotifyReload bool
 
 	// PIDFile, if set, names the service's main process for supervisors
-	// that read PIDFile=: a fresh process writes its pid there before it is
-	// ready (Start fails if it cannot), and after a successful restart the
-	// old process writes the new pid there before systemd or the requester
-	// learn of it; if it cannot, or dies first, the new process does. It
-	// is written atomically (a temporary file in the same directory, then
-	// rename), so a reader never sees it empty or half written, and no
-	// process removes it.
+	// that read PIDFile=. A fresh process writes it before it is ready
+	// (Start fails if it cannot); after a restart the old process writes
+	// the new pid before systemd or the requesters learn of it, or, if it
+	// cannot or dies first, the new process does. Writes are atomic
+	// (a temporary file, then rename); no process removes the file.
 	PIDFile string
 
-	// Logger receives the library's logs; nil means none. Its keys do not
-	// clash with a program's: the new process's pid is "new_pid".
+	// Logger receives the library's logs; nil means none. The new
+	// process's pid is logged as "new_pid".
 	Logger *slog.Logger
 
-	// Broker, if set, starts the new processes, so that this process
-	// makes no fork, exec, wait or kill of its own: for programs that lock
-	// themselves down with seccomp (see NewBroker). Path, Args and Env
-	// must then be unset: the broker decides what runs.
+	// Broker, if set, starts the new processes, so that this process makes
+	// no fork, exec, wait or kill of its own (see NewBroker). Path, Args
+	// and Env must then be unset: the broker decides what runs.
 	Broker *Broker
 }
 
@@ -96,54 +92,49 @@ type Config struct {
 // restart loop's goroutine, one restart at a time.
 //
 // A restart that hands over state has a window in which the old process
-// must hold its state still: it opens when SendState is called and closes
-// when NewProcessReady or NewProcessFailed is. Whatever happens after
-// SendState was called (success, a new process that dies or gives up, the
-// ready timeout, Stop), exactly one of those two runs, once.
+// holds its state still: it opens when SendState is called and closes when
+// NewProcessReady or NewProcessFailed is. Whatever happens after SendState
+// was called (success, a new process that dies or gives up, the ready
+// timeout, Stop), exactly one of those two runs, once.
 type Lifecycle struct {
 	// PreSpawn runs before the new process is started. An error cancels the
 	// restart, and no other hook runs.
 	PreSpawn func(ctx context.Context) error
 
 	// SendState runs when the new process asks for the state
-	// (ReceiveState), and writes it to w. From this call to the outcome,
-	// the program holds its state still: changes made meanwhile would not
-	// reach the new process. w is closed when SendState returns; writes
-	// fail rather than block past the ready timeout. An error fails the
-	// restart.
+	// (ReceiveState), and writes it to w, which is closed when it returns;
+	// writes fail rather than block past the ready timeout. An error fails
+	// the restart.
 	SendState func(ctx context.Context, w io.Writer) error
 
 	// NewProcessReady runs when the new process is ready and systemd (if
-	// any) knows it as the main process, right before the requesters learn
-	// that the restart succeeded and the new process is told that it is
-	// the main process. Stop accepting here (close this process's
-	// listeners: the new process has its own copies), and from here on
-	// pass requests that would change state through to the new process.
-	// The restart has succeeded whatever the hook does.
+	// any) knows it as the main process, right before the requesters and
+	// the new process learn that the restart succeeded, which it has,
+	// whatever the hook does. Stop accepting here (the new process has
+	// its own copies of the listeners), and from here on pass requests
+	// that would change state through to the new process.
 	NewProcessReady func(ctx context.Context, newPid int)
 
 	// NewProcessFailed runs when the new process was started but the
-	// restart failed, after the new process was killed and reaped; undo
-	// here what was done for the handover, and release what was held.
-	// Its ctx is the Restarter's, which may be done (Stop): the hook runs
-	// all the same.
+	// restart failed, after it was killed and reaped: undo here what was
+	// done for the handover. Its ctx is the Restarter's, which may be done
+	// (Stop): the hook runs all the same.
 	NewProcessFailed func(ctx context.Context, err error)
 }
 
 // Restarter serves restart requests until one succeeds or restarts become
 // impossible. Create it with Start.
 type Restarter struct {
-	cfg     Config
-	hooks   Lifecycle
-	log     *slog.Logger
-	ctl     *controlServer // nil without a control socket
-	sig     chan os.Signal
-	spawner *spawner
-	calls   chan *restartRequest // from Restart
-	ctx     context.Context      // Start's, until Stop
-	cancel  context.CancelFunc
-	// notReady is the ready timeout's cause, made once.
-	notReady error
+	cfg      Config
+	hooks    Lifecycle
+	log      *slog.Logger
+	ctl      *controlServer // nil without a control socket
+	sig      chan os.Signal
+	spawner  *spawner             // nil with a broker
+	calls    chan *restartRequest // from Restart
+	ctx      context.Context      // Start's, until Stop
+	cancel   context.CancelFunc
+	notReady error // the ready timeout's cause, made once
 
 	done chan struct{}
 	pid  int // the new process, after a successful restart
@@ -151,48 +142,36 @@ type Restarter struct {
 }
 
 // Start prepares this process for restarts and declares it ready. Call it
-// when initialisation is complete: after listeners were claimed and, in a
-// process started by a restart, the state was received (ReceiveState).
+// once initialisation is complete: listeners claimed and, in a process
+// started by a restart, the state received (ReceiveState).
 //
 // It binds the control socket (or takes it over from the old process),
-// starts watching for the restart signal, starts the thread that forks new
-// processes, and closes the inherited fds the program did not claim. Then,
-// in a fresh process, it writes the PID file and tells systemd READY=1. In
-// a process started by a restart, it tells the old process that it is
-// ready, and returns only once the old process has made it the service's
-// main process: the commit point, after which the old process will not
-// kill it, and from which on it may serve and change state that the old
-// process also changes. If the old process rejects it instead (the restart
-// failed meanwhile), Start returns an error and the program should exit.
+// catches the restart signal, and closes the inherited fds the program did
+// not claim. A fresh process then writes the PID file and tells systemd
+// READY=1. A process started by a restart tells the old process that it is
+// ready, and returns only once the old process has made it the main
+// process: the commit point, after which the old process will not kill it
+// and it may change state that the old process also changes. If the old
+// process rejects it instead, Start returns an error, and the program
+// should exit. A restart signal that arrives before that is dropped: sent
+// to every process of the service, it is meant for the old one.
 //
-// A restart signal that arrives before Start returns is dropped: sent to
-// every process of the service, it is meant for the old one.
-//
-// Programs that confine themselves with seccomp should start a broker
-// before they do (NewBroker, Config.Broker), and may then call Start
-// inside the filter; see the package documentation.
-//
-// The returned Restarter ends when a restart succeeded (Wait returns the new
-// process's pid: drain and exit), when restarts became impossible (Wait
-// returns why), or when ctx is done.
+// The Restarter ends when a restart succeeded (Wait returns the new pid:
+// drain and exit), when restarts became impossible (Wait returns why), or
+// when ctx is done.
 func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 	if err := inherited.err; err != nil {
 		return nil, err
 	}
-	r := &Restarter{cfg: cfg, log: cfg.Logger, done: make(chan struct{}), calls: make(chan *restartRequest)}
+	r := &Restarter{cfg: cfg, log: cmp.Or(cfg.Logger, slog.New(slog.DiscardHandler)), done: make(chan struct{}), calls: make(chan *restartRequest)}
 	if cfg.Lifecycle != nil {
 		r.hooks = *cfg.Lifecycle
-	}
-	if r.log == nil {
-		r.log = slog.New(slog.DiscardHandler)
 	}
 	if r.cfg.ReadyTimeout <= 0 {
 		r.cfg.ReadyTimeout = time.Minute
 	}
 	r.notReady = fmt.Errorf("not ready within %v", r.cfg.ReadyTimeout)
-	if r.cfg.Signal == nil {
-		r.cfg.Signal = defaultSignal
-	}
+	r.cfg.Signal = cmp.Or[os.Signal](r.cfg.Signal, syscall.SIGUSR1)
 	if r.cfg.Args == nil {
 		r.cfg.Args = os.Args
 	}
@@ -240,8 +219,7 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 	return r, nil
 }
 
-// start takes over or binds the control socket and makes this process the
-// main process; see Start.
+// start binds or takes over the control socket and commits; see Start.
 func (r *Restarter) start() (err error) {
 	ctlFD, ctlID := takeControlFD()
 	if r.cfg.SocketPath != "" {
@@ -251,8 +229,7 @@ func (r *Restarter) start() (err error) {
 	} else {
 		closeFD(&ctlFD)
 	}
-	// The inherited fds nobody claimed are closed once this process is
-	// ready, not before: with many fds that is real work, which the old
+	// Closed once ready, not before: with many fds that is work the old
 	// process need not wait for.
 	defer closeUnclaimed()
 	return commit(r.log, r.sig, r.cfg.PIDFile)
@@ -261,11 +238,10 @@ func (r *Restarter) start() (err error) {
 // Done is closed when the Restarter has ended.
 func (r *Restarter) Done() <-chan struct{} { return r.done }
 
-// Wait blocks until the Restarter ends. It returns the new process's pid
-// after a successful restart; the caller should then drain and exit.
-// Otherwise it returns why restarts are no longer possible: the context
-// passed to Start was done, Stop was called, or a restart failed with
-// ExitOnError set.
+// Wait blocks until the Restarter ends, and returns the new process's pid
+// after a successful restart (drain and exit), or why restarts are no
+// longer possible: Start's ctx was done, Stop was called, or a restart
+// failed with ExitOnError set.
 func (r *Restarter) Wait() (newPid int, err error) {
 	<-r.done
 	return r.pid, r.err
@@ -280,10 +256,9 @@ func (r *Restarter) Stop() {
 }
 
 // Restart restarts now, as the signal or a control-socket request would,
-// and returns the new process's pid, or why the restart failed (or did not
-// start: the Restarter has ended, or ctx is done first). A restart already
-// in flight is joined, not repeated. After a successful restart the
-// Restarter ends, as after any other: drain and exit.
+// joining a restart in flight, and returns the new process's pid or why
+// the restart failed or did not start (the Restarter has ended, or ctx is
+// done first). After a successful restart, drain and exit.
 func (r *Restarter) Restart(ctx context.Context) (int, error) {
 	q := &restartRequest{reply: make(chan reply, 1)}
 	select {
@@ -377,14 +352,11 @@ func (r *Restarter) run(ctx context.Context) {
 	}
 }
 
-// handOver makes the new process the service's main process. This process
-// keeps serving until the last moment, so that nothing waits on the
-// handover: the PID file and then systemd learn the new pid (with a
-// barrier, to know systemd processed it); then this process stops
-// accepting (NewProcessReady, and the control socket); the requesters
-// learn the new pid; last, the new process learns that it is main, sends
-// systemd READY=1 (which NotifyAccess=main now accepts from it), and its
-// Start returns.
+// handOver makes the new process the main process. This process serves
+// until the last moment: the PID file and systemd (to its barrier) learn
+// the new pid; this process stops accepting (NewProcessReady, the control
+// socket); the requesters learn the new pid; last, the new process learns
+// that it is main, and its Start sends READY=1 and returns.
 func (r *Restarter) handOver(out outcome, waiting []*restartRequest) {
 	answer := [1]byte{msgMain}
 	if r.cfg.PIDFile != "" {
@@ -427,9 +399,9 @@ func (r *Restarter) handOver(out outcome, waiting []*restartRequest) {
 }
 
 // end records how the Restarter ended and releases its resources. The
-// restart signal stays caught, and from now on is dropped: Go's default for
-// SIGHUP is to exit, and a draining process must not die of a signal meant
-// for its successor (which a signal sent to every process reaches too).
+// restart signal stays caught, and is dropped from now on: Go's default
+// for SIGHUP is to exit, and a draining process must not die of a signal
+// sent to every process of the service for its successor.
 func (r *Restarter) end(pid int, err error) {
 	if r.ctl != nil {
 		r.ctl.finish(pid, err, pid != 0)
@@ -478,41 +450,35 @@ func (r *Restarter) restart(ctx context.Context) (out outcome) {
 		return outcome{pid: child.pid, child: child, ready: ready}
 	}
 
-	// Say so first: if what was started is a wrapper that runs the real
-	// program as its child, the kill reaches only the wrapper, and the
-	// program must learn that it was rejected, not take the closed socket
-	// for the old process's death. Then kill and reap before closing the
-	// socket, so that the new process never sees it close while it lives.
+	// Say so first: if what was started is a wrapper, the kill reaches
+	// only the wrapper, and its child must not take the closed socket for
+	// the old process's death. Kill and reap before closing the socket, so
+	// that the new process never sees it close while it lives.
 	ready.SetWriteDeadline(time.Now().Add(time.Second))
 	ready.Write(reasonMsg(msgRejected, err.Error()))
 	child.kill()
 	<-child.done
 	ready.Close()
 	var gaveUp *gaveUpError
-	switch {
-	case errors.As(err, &gaveUp):
+	if errors.As(err, &gaveUp) {
 		err = fmt.Errorf("new process %d gave up: %s", child.pid, gaveUp.reason)
-	default:
+	} else {
 		if !child.killed() && errors.Is(err, errReadyEOF) {
-			// It was not our SIGKILL that ended it: it exited, and the
-			// closed socket is only how we noticed.
-			err = errExited
+			err = errExited // not by our SIGKILL: the closed socket is how we noticed
 		}
 		err = fmt.Errorf("new process %d: %w (%s)", child.pid, err, child.status())
 	}
 	if r.hooks.NewProcessFailed != nil {
-		// With the Restarter's context, not the expired ready timeout's:
-		// undoing the handover deserves its own time.
+		// The Restarter's context, not the expired ready timeout's.
 		r.hooks.NewProcessFailed(parent, err)
 	}
 	return outcome{err: err}
 }
 
 // spawn starts the new process with exactly its fds: stdio, the registry's
-// fds from 3 on (as systemd would pass them), then the library's own. It
-// returns the child, this process's end of the readiness socket and the
-// write end of the state pipe. With a broker, the broker starts it (and
-// seals its own fds); ctx bounds the wait for the broker's answer.
+// from 3 on, then the library's own. It returns the child, this process's
+// end of the readiness socket and the state pipe's write end. With a
+// broker, the broker starts it; ctx bounds the wait for its answer.
 func (r *Restarter) spawn(ctx context.Context, path, dir string) (child *childWatch, ready *os.File, stateW int, err error) {
 	readyP, readyC, err := newReadyPair()
 	if err != nil {
@@ -551,10 +517,8 @@ func (r *Restarter) spawn(ctx context.Context, path, dir string) (child *childWa
 	closeFD(&stateR)
 	if err != nil {
 		if r.cfg.Broker != nil {
-			// A broker that did not answer in time may have started the
-			// new process all the same: tell it that it is not wanted, as
-			// restart does, rather than let it take the closed socket for
-			// this process's death and carry on as the main process.
+			// A broker that did not answer in time may have started it
+			// all the same: say it is not wanted, as restart does.
 			writeAll(readyP, reasonMsg(msgRejected, err.Error()))
 		}
 		closeFD(&readyP)
