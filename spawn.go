@@ -17,9 +17,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// This file starts the new process and watches it, on every platform: what
-// to run and where, the thread that forks, and the child's wait and kill.
-// spawn_linux.go and spawn_other.go hold what differs between platforms.
+// This file starts the new process and watches it: what to run and where,
+// the thread that forks, and the child's wait and kill. spawn_linux.go and
+// spawn_other.go hold what differs between platforms.
 
 // startedAs records, at initialisation, what a restart runs and where.
 var startedAs struct {
@@ -34,13 +34,12 @@ func recordStart() {
 	startedAs.program = findProgram(os.Args[0])
 }
 
-// findProgram returns the path that restarts run: the path this process
-// was started from (argv0, resolved as the shell or service manager
-// resolved it), so that a deploy that replaces the file there is picked up,
-// but only if it names the running executable now, at initialisation. A
-// parent may set argv0 to anything (exec -a, systemd's ExecStart=@), and a
-// bare name is never looked for in the working directory; otherwise the
-// path the running executable was started from.
+// findProgram returns the path that restarts run: argv0, resolved as the
+// shell or service manager resolved it, so that a deploy that replaces the
+// file there is picked up, but only if it names the running executable now;
+// otherwise the running executable's path. A parent may set argv0 to
+// anything (exec -a, systemd's ExecStart=@), and a bare name is never
+// looked for in the working directory.
 func findProgram(argv0 string) string {
 	exe, err := os.Executable()
 	if err != nil {
@@ -62,8 +61,7 @@ func findProgram(argv0 string) string {
 	return exe
 }
 
-// lookPath finds file in $PATH as a shell (and os/exec, which the library
-// does not use) would, or returns "".
+// lookPath finds file in $PATH as a shell would, or returns "".
 func lookPath(file string) string {
 	for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
 		p := filepath.Join(dir, file)
@@ -77,9 +75,9 @@ func lookPath(file string) string {
 	return ""
 }
 
-// startDir returns the directory to start a new process in: "" for this
-// process's, if it has not left the one it started in; otherwise that one,
-// as a fresh start would be, or an error if it is gone.
+// startDir returns the directory to start a new process in: "" (this
+// process's) if it has not left the one it started in; otherwise that one,
+// or an error if it is gone.
 func startDir() (string, error) {
 	if fi, err := os.Stat("."); err == nil && startedAs.dirInfo != nil && os.SameFile(fi, startedAs.dirInfo) {
 		return "", nil
@@ -108,17 +106,16 @@ func program(configured string) (path, dir string, err error) {
 	case err == nil && !fi.Mode().IsRegular():
 		return "", "", fmt.Errorf("%s is a %v, not a program", path, fi.Mode().Type())
 	case err == nil && fi.Mode().Perm()&0o111 == 0:
-		// A deploy that is not finished: restarting the running
-		// executable instead would report success and run the old code.
+		// A deploy that is not finished: running the old code instead
+		// would report a success.
 		return "", "", fmt.Errorf("%s is not executable (mode %v)", path, fi.Mode().Perm())
 	case err == nil:
 		return path, dir, nil
 	case path != "" && !errors.Is(err, os.ErrNotExist):
 		return "", "", err
 	}
-	// Gone (a binary that "go run" built and removed): run the running
-	// executable, which on Linux /proc/self/exe reaches even when its file
-	// was deleted. (os.Executable names the file, which may be gone.)
+	// Gone (a binary that "go run" built and removed): on Linux
+	// /proc/self/exe reaches the running executable even so.
 	if runtime.GOOS == "linux" && unix.Access("/proc/self/exe", unix.X_OK) == nil {
 		return "/proc/self/exe", dir, nil
 	}
@@ -130,43 +127,39 @@ func program(configured string) (path, dir string, err error) {
 }
 
 // spawner forks from one goroutine locked to its own OS thread, the
-// counterpart of shellflip's dedicated restart thread. See the package
-// documentation for what that buys under seccomp.
+// counterpart of shellflip's dedicated restart thread: a forking thread
+// whose state no other goroutine changed.
 type spawner struct {
 	reqs  chan spawnRequest
-	reply chan spawnResult
+	reply chan spawnRequest
 }
 
 type spawnRequest struct {
-	path      string
+	path, dir string
 	argv, env []string
-	dir       string
 	files     []uintptr
-}
-
-type spawnResult struct {
-	pid int
-	err error
+	pid       int // the result
+	err       error
 }
 
 func newSpawner() *spawner {
-	s := &spawner{reqs: make(chan spawnRequest), reply: make(chan spawnResult)}
+	s := &spawner{reqs: make(chan spawnRequest), reply: make(chan spawnRequest)}
 	go func() {
 		// Never unlocked: when the goroutine returns, the runtime ends the
-		// thread instead of reusing it for other goroutines.
+		// thread instead of reusing it.
 		runtime.LockOSThread()
 		for q := range s.reqs {
-			pid, err := forkExec(q.path, q.argv, q.env, q.dir, q.files)
-			s.reply <- spawnResult{pid, err}
+			q.pid, q.err = forkExec(q.path, q.argv, q.env, q.dir, q.files)
+			s.reply <- q
 		}
 	}()
 	return s
 }
 
 func (s *spawner) spawn(path string, argv, env []string, dir string, files []uintptr) (int, error) {
-	s.reqs <- spawnRequest{path, argv, env, dir, files}
-	res := <-s.reply
-	return res.pid, res.err
+	s.reqs <- spawnRequest{path: path, dir: dir, argv: argv, env: env, files: files}
+	q := <-s.reply
+	return q.pid, q.err
 }
 
 // close ends the spawner's thread; nil-safe (a Restarter with a broker has
@@ -177,27 +170,53 @@ func (s *spawner) close() {
 	}
 }
 
-// forkExec starts path with exactly files as its fds (child fd i is parent fd
-// files[i]; the runtime's fork code clears close-on-exec on those and only
-// those). It runs on the spawner's locked thread. golang.org/x/sys/unix has
-// no ForkExec of its own: syscall.ForkExec is the runtime's raw fork/exec,
-// which takes syscall.ForkLock so that no fd created without close-on-exec
-// by another goroutine can slip into the child.
-//
-// No Pdeathsig: the new process must outlive the old one, and the signal
-// would follow the forking thread, not the process (golang/go#27505). No new
-// session or process group either: the new process stands where the old one
-// stood, in its session, process group and cgroup.
+// forkExec starts path with exactly files as its fds (child fd i is parent
+// fd files[i]). golang.org/x/sys/unix has no ForkExec: syscall.ForkExec
+// takes syscall.ForkLock, so that no fd another goroutine creates without
+// close-on-exec slips into the child. No Pdeathsig (the new process must
+// outlive the old one, and the signal would follow the forking thread:
+// golang/go#27505), and no new session or process group: the new process
+// stands where the old one stood.
 func forkExec(path string, argv, env []string, dir string, files []uintptr) (int, error) {
 	return syscall.ForkExec(path, argv, &syscall.ProcAttr{Dir: dir, Env: env, Files: files})
 }
 
-// sealFDsWith marks every fd above stderr close-on-exec: with closeRange
-// (close_range(2) with CLOSE_RANGE_CLOEXEC) if it works, or else each fd
-// named in dir (a listing of this process's fds such as /proc/self/fd), or
-// else, if neither is available, every fd number up to RLIMIT_NOFILE. The
-// promise that the new process gets only the fds listed for it does not
-// lapse silently: if all three fail, so does the restart.
+// newReadyPair returns the readiness socket's two ends: the old process
+// keeps parent, the new one inherits child.
+func newReadyPair() (parent, child int, err error) {
+	syscall.ForkLock.RLock() // see socketCloexec
+	defer syscall.ForkLock.RUnlock()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|sockCloexec, 0)
+	if err != nil {
+		return -1, -1, os.NewSyscallError("socketpair", err)
+	}
+	if sockCloexec == 0 {
+		unix.CloseOnExec(fds[0])
+		unix.CloseOnExec(fds[1])
+	}
+	return fds[0], fds[1], nil
+}
+
+// socketCloexec creates a socket that is close-on-exec: from birth where
+// there is SOCK_CLOEXEC (spawn_linux.go), and else marked at once under
+// syscall.ForkLock, so that no fork comes between the two steps.
+func socketCloexec(family, typ int) (int, error) {
+	syscall.ForkLock.RLock()
+	defer syscall.ForkLock.RUnlock()
+	fd, err := unix.Socket(family, typ|sockCloexec, 0)
+	if err != nil {
+		return -1, os.NewSyscallError("socket", err)
+	}
+	if sockCloexec == 0 {
+		unix.CloseOnExec(fd)
+	}
+	return fd, nil
+}
+
+// sealFDsWith marks every fd above stderr close-on-exec: by closeRange if
+// it works, or else each fd listed in dir (/proc/self/fd), or else every fd
+// number below RLIMIT_NOFILE. If all three fail, so does the restart: the
+// promise that the new process gets only its own fds does not lapse.
 func sealFDsWith(closeRange func() error, dir string) error {
 	if closeRange() == nil {
 		return nil
@@ -220,21 +239,19 @@ func sealFDsWith(closeRange func() error, dir string) error {
 	return nil
 }
 
-// childWatch is the new process, seen from the process that started it: a
-// goroutine started by watchChild (spawn_linux.go, spawn_other.go) reaps it
-// exactly once, then closes done; kill never reaches a stranger that was
-// given the pid. A child that a broker started is the broker's to wait for
-// and kill (broker.go): killer asks it to, and done closes when it reports
-// the child reaped, or is gone (lost).
+// childWatch is the new process, seen from the process that started it.
+// watchChild's goroutine reaps it once and closes done; kill never reaches
+// a stranger that was given the pid. A broker's child is the broker's to
+// wait for and kill (broker.go): killer asks it to.
 type childWatch struct {
 	pid    int
 	path   string        // the program it runs, for logs
-	done   chan struct{} // closed once the child has exited and was reaped
+	done   chan struct{} // closed once the child was reaped
 	mu     sync.Mutex    // orders kill against the reaping wait4
-	gone   bool          // reaped: the pid may belong to someone else now
+	gone   bool          // reaped: the pid may be someone else's now
 	ws     unix.WaitStatus
 	killer func() // nil: this process's own child
-	lost   bool   // the broker went away first: how the child ended is unknown
+	lost   bool   // the broker exited first: how the child ended is unknown
 }
 
 // kill sends SIGKILL unless the child was already reaped.
@@ -271,10 +288,8 @@ func (c *childWatch) status() string {
 	return fmt.Sprintf("wait status %#x", uint32(c.ws))
 }
 
-// ignoringEINTR calls fn until it fails with something other than EINTR.
-// Go's runtime installs its signal handlers with SA_RESTART, but some
-// system calls (and seccomp or ptrace stops) still return EINTR; see
-// os/file_posix.go.
+// ignoringEINTR calls fn until it fails with something other than EINTR,
+// which some system calls return despite SA_RESTART (see os/file_posix.go).
 func ignoringEINTR[T any](fn func() (T, error)) (T, error) {
 	for {
 		v, err := fn()
@@ -292,9 +307,9 @@ func closeFD(fd *int) {
 	}
 }
 
-// pollableFile wraps fd, which the caller owns and gives up, in an *os.File
-// that the runtime poller serves, so that deadlines work and Close unblocks
-// a pending Read or Write.
+// pollableFile wraps fd, which the caller gives up, in an *os.File that
+// the runtime poller serves, so that deadlines work and Close unblocks a
+// pending Read or Write.
 func pollableFile(fd int, name string) (*os.File, error) {
 	if err := unix.SetNonblock(fd, true); err != nil {
 		unix.Close(fd)

@@ -9,42 +9,14 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// This file holds the restart path's primitives on darwin and FreeBSD: the
-// Linux ones (spawn_linux.go) without pipe2-style flags, waitid(WNOWAIT) or
-// SO_PEERCRED.
+// The restart path's primitives on darwin and FreeBSD: spawn_linux.go's,
+// without SOCK_CLOEXEC, pipe2, waitid(WNOWAIT) or SO_PEERCRED.
 
-// defaultSignal triggers a restart when Config.Signal is nil.
-var defaultSignal os.Signal = unix.SIGUSR1
+// sockCloexec: there is no SOCK_CLOEXEC on darwin.
+const sockCloexec = 0
 
-// newReadyPair: see spawn_linux.go. darwin has no SOCK_CLOEXEC, so the fds
-// are created and marked under syscall.ForkLock: a fork on another thread
-// between the two steps would otherwise leak them into that child.
-func newReadyPair() (parent, child int, err error) {
-	syscall.ForkLock.RLock()
-	defer syscall.ForkLock.RUnlock()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM, 0)
-	if err != nil {
-		return -1, -1, os.NewSyscallError("socketpair", err)
-	}
-	unix.CloseOnExec(fds[0])
-	unix.CloseOnExec(fds[1])
-	return fds[0], fds[1], nil
-}
-
-// socketCloexec creates a socket marked close-on-exec under ForkLock, as
-// newReadyPair.
-func socketCloexec(family, typ int) (int, error) {
-	syscall.ForkLock.RLock()
-	defer syscall.ForkLock.RUnlock()
-	fd, err := unix.Socket(family, typ, 0)
-	if err != nil {
-		return -1, os.NewSyscallError("socket", err)
-	}
-	unix.CloseOnExec(fd)
-	return fd, nil
-}
-
-// acceptCloexec: see spawn_linux.go; without accept4, under ForkLock.
+// acceptCloexec: see spawn_linux.go; without accept4, so marked under
+// syscall.ForkLock: a fork between the two steps would leak the fd.
 func acceptCloexec(fd int) (int, error) {
 	syscall.ForkLock.RLock()
 	defer syscall.ForkLock.RUnlock()
@@ -56,7 +28,7 @@ func acceptCloexec(fd int) (int, error) {
 	return nfd, nil
 }
 
-// newStatePipe: see spawn_linux.go; created under ForkLock as newReadyPair.
+// newStatePipe: see spawn_linux.go; created under ForkLock as acceptCloexec.
 func newStatePipe() (r, w int, err error) {
 	syscall.ForkLock.RLock()
 	defer syscall.ForkLock.RUnlock()
@@ -87,11 +59,10 @@ func closeFDs(fds []int) {
 	}
 }
 
-// watchChild: see spawn_linux.go. Without waitid(WNOWAIT) the reaping
-// wait4 cannot be ordered against kill: a kill that loses the race by
-// microseconds could reach a new process that was given the same pid.
-// os.Process had the same window before pidfds; it needs the pid space to
-// wrap around in between.
+// watchChild: see spawn_linux.go. Without waitid(WNOWAIT), a kill that
+// loses the race against the reaping wait4 by microseconds could reach a
+// process given the same pid, if the pid space wrapped around meanwhile,
+// as with os.Process before pidfds.
 func watchChild(pid int, path string) *childWatch {
 	c := &childWatch{pid: pid, path: path, done: make(chan struct{})}
 	go func() {
