@@ -12,44 +12,42 @@ import (
 	"time"
 )
 
-// This file lets programs that vendor the package build on platforms without
-// fork/exec or unix sockets (windows, plan9, js, wasip1, ...): the API is the
-// one documented in the other files, and every entry point returns
+// The API where there is no fork/exec or unix socket (windows, plan9, js,
+// wasip1, ...), so that programs that vendor the package build there: it is
+// documented in the other files, and every entry point returns
 // ErrNotSupported or does nothing. .ci/run checks that it declares exactly
 // what the Linux build declares.
 
-type Config struct {
-	SocketPath   string
-	Signal       os.Signal
-	Env          []string
-	Lifecycle    *Lifecycle
-	ExitOnError  bool
-	ReadyTimeout time.Duration
-	Path         string
-	Args         []string
-	NotifyReload bool
-	PIDFile      string
-	Logger       *slog.Logger
-	Broker       *Broker
-}
-
-type Lifecycle struct {
-	PreSpawn         func(ctx context.Context) error
-	SendState        func(ctx context.Context, w io.Writer) error
-	NewProcessReady  func(ctx context.Context, newPid int)
-	NewProcessFailed func(ctx context.Context, err error)
-}
-
-type Restarter struct{ done chan struct{} }
-
-type Broker struct{ done chan struct{} }
+type (
+	Config struct {
+		SocketPath   string
+		Signal       os.Signal
+		Env          []string
+		Lifecycle    *Lifecycle
+		ExitOnError  bool
+		ReadyTimeout time.Duration
+		Path         string
+		Args         []string
+		NotifyReload bool
+		PIDFile      string
+		Logger       *slog.Logger
+		Broker       *Broker
+	}
+	Lifecycle struct {
+		PreSpawn         func(ctx context.Context) error
+		SendState        func(ctx context.Context, w io.Writer) error
+		NewProcessReady  func(ctx context.Context, newPid int)
+		NewProcessFailed func(ctx context.Context, err error)
+	}
+	Restarter    struct{ done chan struct{} }
+	Broker       struct{ done chan struct{} }
+	ListenConfig struct {
+		net.ListenConfig
+		Name string
+	}
+)
 
 func NewBroker() (*Broker, error) { return nil, ErrNotSupported }
-
-type ListenConfig struct {
-	net.ListenConfig
-	Name string
-}
 
 func Start(ctx context.Context, cfg Config) (*Restarter, error) { return nil, ErrNotSupported }
 
