@@ -20,9 +20,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The control socket: a unix stream socket on which a client (RequestRestart,
-// or the Rust crate's client) asks for a restart and learns the new pid or
-// why it failed. One request and one response per connection (wire.go).
+// The control socket: a client (RequestRestart, or the Rust crate's) asks for
+// a restart and learns the new pid or why it failed, once per connection.
 
 const (
 	// requestTimeout bounds the time a client may take to send its request
@@ -362,10 +361,9 @@ func checkPeer(conn *net.UnixConn) error {
 	return nil
 }
 
-// stopAccepting ends this process's service of the control socket, at the
-// outcome of a restart: pid and err are what clients accepted meanwhile are
-// told. Connections still in the listening socket's backlog are left there,
-// for the new process (if any) to serve as new requests.
+// stopAccepting ends this process's service of the control socket with the
+// outcome of a restart, pid and err, which clients accepted meanwhile are
+// told. Connections still in the backlog are left to the new process, if any.
 func (s *controlServer) stopAccepting(pid int, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
