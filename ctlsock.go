@@ -20,59 +20,49 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// This file is the control socket: a unix stream socket on which a client
-// (RequestRestart, or shellflip's own Rust client) asks for a restart and
-// learns the new pid or why it failed. One request and one response per
-// connection, in the frames of wire.go.
+// The control socket: a client (RequestRestart, or the Rust crate's) asks for
+// a restart and learns the new pid or why it failed, once per connection.
 
 const (
-	// requestTimeout bounds how long a client may take to send its request
-	// and to read its response, so that a silent client ties up nothing but
-	// its own connection.
-	requestTimeout = 5 * time.Second
-	// maxControlConns bounds the connections served at once; one more is
-	// answered with an error straight away.
-	maxControlConns = 64
+	// requestTimeout bounds the time a client may take to send its request
+	// and to read the response: a silent client ties up only its connection.
+	requestTimeout  = 5 * time.Second
+	maxControlConns = 64 // served at once; one more is refused straight away
 )
 
-// restartRequest is a client waiting for the outcome of a restart: on the
-// control socket (conn), or in this process (Restarter.Restart: reply).
+// restartRequest waits for the outcome of a restart: a client on the control
+// socket (conn), or Restarter.Restart in this process (reply, buffered).
 type restartRequest struct {
 	conn  *net.UnixConn
-	reply chan reply // buffered, one
+	reply chan reply
 }
 
-// reply is the outcome of a restart, for a requester: the new process's
-// pid, or why the restart failed.
+// reply is the outcome of a restart: the new process's pid, or an error.
 type reply struct {
 	pid int
 	err error
 }
 
 // respond sends the outcome and closes the connection. A client that went
-// away gets nothing; the write error (EPIPE, which Go reports as an error
-// rather than a signal for sockets) is logged and otherwise ignored.
+// away gets nothing: the write error (EPIPE, an error, not a signal, for Go
+// sockets) is only logged.
 func (q *restartRequest) respond(log *slog.Logger, pid int, err error) {
 	if q.reply != nil {
 		q.reply <- reply{pid, err}
 		return
 	}
 	var buf [512]byte
-	frame := appendOutcome(buf[:0], pid, err)
+	frame := buf[:0]
+	if err != nil {
+		frame = appendRestartFailed(frame, err.Error())
+	} else {
+		frame = appendRestartComplete(frame, uint32(pid))
+	}
 	q.conn.SetWriteDeadline(time.Now().Add(requestTimeout))
 	if _, werr := q.conn.Write(frame); werr != nil {
 		log.Warn("shellflip: could not answer a restart request", "err", werr)
 	}
 	q.conn.Close()
-}
-
-// appendOutcome appends the response frame for a restart that ended in pid
-// or err.
-func appendOutcome(dst []byte, pid int, err error) []byte {
-	if err != nil {
-		return appendRestartFailed(dst, err.Error())
-	}
-	return appendRestartComplete(dst, uint32(pid))
 }
 
 // controlServer accepts restart requests on the control socket.
@@ -109,24 +99,22 @@ func lstatID(path string) (fileID, uint32, error) {
 	return fileID{uint64(st.Dev), uint64(st.Ino)}, uint32(st.Mode), nil
 }
 
-// listenControl binds the control socket at path, or adopts the one the old
-// process passed (inheritedFD >= 0) if path still names it: the file there
-// has the identity the old process passed (inheritedID). A socket file
-// that was deleted or replaced since is bound afresh, so that the path
-// keeps leading to the service.
+// listenControl adopts the socket the old process passed (inheritedFD >= 0)
+// if the file at path still has its identity (inheritedID). Otherwise it
+// closes inheritedFD and binds a new socket, so that the path keeps leading
+// to the service.
 func listenControl(path string, inheritedFD int, inheritedID string, log *slog.Logger) (*controlServer, error) {
-	fd := -1
+	fd := inheritedFD
 	var id fileID
-	if inheritedFD >= 0 {
-		if cur, _, err := lstatID(path); err == nil && cur.String() == inheritedID {
-			fd, id = inheritedFD, cur
-		} else {
+	var err error
+	if fd >= 0 {
+		if id, _, err = lstatID(path); err != nil || id.String() != inheritedID {
 			log.Warn("shellflip: the control socket file was removed or replaced; binding a new one", "path", path)
-			unix.Close(inheritedFD)
+			unix.Close(fd)
+			fd = -1
 		}
 	}
 	if fd < 0 {
-		var err error
 		if fd, id, err = bindControl(path); err != nil {
 			return nil, err
 		}
@@ -154,22 +142,17 @@ func listenControl(path string, inheritedFD int, inheritedID string, log *slog.L
 	}, nil
 }
 
-// bindControl creates the listening socket at path, with mode 0600 whatever
-// the umask, and returns it with the socket file's identity.
+// bindControl creates the listening socket at path and returns it with the
+// socket file's identity. Only a stale socket is taken away from path first
+// (clearStale); anything else there, or anything that appears there before
+// bind (EADDRINUSE), is an error and is left alone.
 //
-// Only a socket that nobody listens on any more (connect is refused) is
-// taken away from path first (see clearStale); a live socket, a regular
-// file, a directory or a symlink there is an error and is left alone. If
-// anything appears at path before bind, bind fails with EADDRINUSE: nothing
-// is ever replaced.
-//
-// On Linux the socket file is created with mode 0600 less the umask:
-// bind(2) gives it the mode of the socket's inode, which fchmod(2) sets
-// beforehand (unix_bind_bsd in net/unix/af_unix.c). Elsewhere it has the
-// umask's mode until the chmod that follows. Either way it is never wider
-// than 0600 after bind, and is made exactly 0600 before listen; a umask
-// such as 0277 would otherwise leave a socket its own user cannot connect
-// to. checkPeer refuses other uids in any case.
+// The file is made exactly 0600 before listen, whatever the umask (0277 would
+// leave a socket its own user cannot connect to). On Linux it is never wider:
+// bind(2) gives it the mode of the socket's inode less the umask, and
+// fchmod(2) sets that mode beforehand (unix_bind_bsd in net/unix/af_unix.c).
+// Elsewhere it has the umask's mode until the chmod. checkPeer refuses other
+// uids in any case.
 func bindControl(path string) (int, fileID, error) {
 	if path == "" || path[0] == '@' {
 		return -1, fileID{}, fmt.Errorf("shellflip: control socket %q: want a filesystem path", path)
@@ -208,13 +191,11 @@ func bindControl(path string) (int, fileID, error) {
 }
 
 // clearStale takes a stale socket (one that refuses connections) away from
-// path, and fails if anything else is there.
-//
-// Checking and then unlinking would race: a file renamed onto path between
-// the two would be deleted. So what is at path is first renamed aside, to a
-// name of our own, and deleted only if it is the very socket that was
-// checked (same device and inode); anything else is put back (without
-// replacing what may have appeared at path meanwhile) and reported.
+// path, and fails if anything else is there. Checking, then unlinking, would
+// delete a file renamed onto path in between; so the socket is renamed aside
+// and deleted only if it is the very one checked (same device and inode).
+// Anything else is put back, without replacing what may have appeared at
+// path meanwhile, and reported.
 func clearStale(path string) error {
 	id, mode, err := lstatID(path)
 	if err == unix.ENOENT {
@@ -252,8 +233,7 @@ func clearStale(path string) error {
 	return fmt.Errorf("shellflip: control socket %s: the file there changed during the takeover; left as it was", path)
 }
 
-// testHookStaleChecked runs between clearStale's check and its rename;
-// tests put things at the path meanwhile.
+// testHookStaleChecked runs between clearStale's check and its rename.
 var testHookStaleChecked = func() {}
 
 // serve accepts connections until stopAccepting closes the listener.
@@ -298,8 +278,7 @@ func (l *logLimiter) note(now time.Time) int {
 }
 
 // handle serves conn on a goroutine of its own, so that accepting never
-// waits on a client, unless too many are served already: then it is
-// answered at once, without being read.
+// waits on a client, or refuses it unread if too many are being served.
 func (s *controlServer) handle(conn *net.UnixConn) {
 	s.wg.Add(1)
 	select {
@@ -322,7 +301,7 @@ func (s *controlServer) handle(conn *net.UnixConn) {
 // the outcome of the restart that was in flight when conn was accepted.
 func (s *controlServer) request(conn *net.UnixConn) {
 	q := &restartRequest{conn: conn}
-	if _, err := checkPeer(conn); err != nil {
+	if err := checkPeer(conn); err != nil {
 		q.respond(s.log, 0, fmt.Errorf("permission denied: %w", err))
 		return
 	}
@@ -339,8 +318,8 @@ func (s *controlServer) request(conn *net.UnixConn) {
 		}
 	}
 	if err != nil {
-		// A client that connects and goes away without a word is what
-		// another instance does when it probes the path (clearStale).
+		// Connecting and leaving without a word is how another instance
+		// probes the path (clearStale).
 		level := slog.LevelWarn
 		if errors.Is(err, io.EOF) {
 			level = slog.LevelDebug
@@ -360,33 +339,31 @@ func (s *controlServer) request(conn *net.UnixConn) {
 	}
 }
 
-// checkPeer returns the uid of the process at the other end of conn, and
-// an error if it is neither ours nor root's. The server checks its clients
-// with it (the socket's 0600 mode already keeps others out, unless the
-// caller chose a path whose directory lets them swap it, or changed the
-// mode), and RequestRestart checks the server.
-func checkPeer(conn *net.UnixConn) (int, error) {
+// checkPeer fails unless the process at the other end of conn runs as our
+// uid or root. The server checks its clients (mode 0600 does not keep others
+// out if the socket's directory lets them swap the file), and RequestRestart
+// checks the server.
+func checkPeer(conn *net.UnixConn) error {
 	rc, err := conn.SyscallConn()
 	if err != nil {
-		return -1, err
+		return err
 	}
-	uid, perr := -1, error(nil)
-	if err := rc.Control(func(fd uintptr) { uid, perr = peerUID(int(fd)) }); err != nil {
-		return -1, err
+	uid := -1
+	if cerr := rc.Control(func(fd uintptr) { uid, err = peerUID(int(fd)) }); cerr != nil {
+		return cerr
 	}
-	if perr != nil {
-		return -1, perr
+	if err != nil {
+		return err
 	}
 	if uid != 0 && uid != os.Geteuid() {
-		return uid, fmt.Errorf("uid %d is neither this process's nor root", uid)
+		return fmt.Errorf("uid %d is neither this process's nor root", uid)
 	}
-	return uid, nil
+	return nil
 }
 
-// stopAccepting ends this process's service of the control socket, at the
-// outcome of a restart: pid and err are what clients accepted meanwhile are
-// told. Connections still in the listening socket's backlog are left there,
-// for the new process (if any) to serve as new requests.
+// stopAccepting ends this process's service of the control socket with the
+// outcome of a restart, pid and err, which clients accepted meanwhile are
+// told. Connections still in the backlog are left to the new process, if any.
 func (s *controlServer) stopAccepting(pid int, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -399,16 +376,15 @@ func (s *controlServer) stopAccepting(pid int, err error) {
 	s.ln.Close()
 }
 
-// finish stops accepting, if that was not done yet, waits until every
-// client accepted was read and answered (each is bounded by
-// requestTimeout), and closes this process's copy of the socket. Without a
-// successor (succeeded is false) nobody will serve the backlog, so it is
-// served here, with the final outcome, and the socket file is left stale.
+// finish stops accepting if need be, waits until every client accepted is
+// answered (each within requestTimeout), and closes this process's copy of
+// the socket. Without a successor (succeeded is false), it serves the
+// backlog itself, with the final outcome, and leaves the socket file stale.
 func (s *controlServer) finish(pid int, err error, succeeded bool) {
 	s.stopAccepting(pid, err)
 	if !succeeded {
-		// The listening socket is non-blocking (the net package made it
-		// so): accept4 reports EAGAIN once the backlog is empty.
+		// The net package made the socket non-blocking: accept4 reports
+		// EAGAIN once the backlog is empty.
 		for {
 			nfd, err := ignoringEINTR(func() (int, error) { return acceptCloexec(s.fd) })
 			if err != nil {
@@ -426,9 +402,8 @@ func (s *controlServer) finish(pid int, err error, succeeded bool) {
 	unix.Close(s.fd)
 }
 
-// restartFailedError carries the service's explanation, with what is not
-// printable escaped: the text comes from another process, and is printed
-// to terminals and logs.
+// restartFailedError is the service's explanation, with what is not
+// printable escaped: it comes from another process, and goes to terminals.
 type restartFailedError struct{ text string }
 
 func (e *restartFailedError) Error() string        { return printable(e.text) }
@@ -436,11 +411,11 @@ func (e *restartFailedError) Is(target error) bool { return target == ErrRestart
 
 // RequestRestart asks the service listening on the control socket at
 // socketPath to restart, and returns the new process's pid. If the service
-// tried and failed, the error's text is the service's explanation (with
-// what is not printable escaped), and errors.Is(err, ErrRestartFailed)
-// holds. A server whose uid is neither the caller's nor root's, or whose
-// answer is not a possible pid, is not believed. ctx bounds the whole
-// exchange, which lasts as long as the new process takes to become ready.
+// tried and failed, errors.Is(err, ErrRestartFailed) holds and the error's
+// text is the service's explanation, with what is not printable escaped. A
+// server whose uid is neither the caller's nor root's, or whose answer is
+// not a possible pid, is not believed. ctx bounds the whole exchange, which
+// lasts until the new process is ready.
 func RequestRestart(ctx context.Context, socketPath string) (int, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", socketPath)
@@ -448,18 +423,16 @@ func RequestRestart(ctx context.Context, socketPath string) (int, error) {
 		return 0, err
 	}
 	defer c.Close()
-	// Believe only a server of our own uid or root: in a shared directory
-	// anyone may have taken the path.
-	if _, err := checkPeer(c.(*net.UnixConn)); err != nil {
+	// In a shared directory, anyone may have taken the path.
+	if err := checkPeer(c.(*net.UnixConn)); err != nil {
 		return 0, fmt.Errorf("shellflip: the control socket %s is not the service's: %w", socketPath, err)
 	}
 	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 	var buf [64]byte
 	_, werr := c.Write(appendTryRestart(buf[:0]))
-	// Read even if the write failed: a service that refuses a client
-	// answers without reading its request and closes, and its answer is
-	// waiting in our receive queue.
+	// Read even if the write failed: a service that refuses a client answers
+	// without reading the request, and the answer is in our receive queue.
 	var scratch [512]byte
 	payload, err := readFrame(c, scratch[:])
 	if err != nil {
@@ -475,14 +448,13 @@ func RequestRestart(ctx context.Context, socketPath string) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("shellflip: bad response: %w", err)
 	}
-	switch m.kind {
-	case msgRestartComplete:
-		if m.pid <= 1 {
-			return 0, fmt.Errorf("shellflip: bad response: pid %d is not a new process", m.pid)
-		}
-		return int(m.pid), nil
-	case msgRestartFailed:
+	switch {
+	case m.kind == msgRestartFailed:
 		return 0, &restartFailedError{m.text}
+	case m.kind != msgRestartComplete:
+		return 0, errors.New("shellflip: bad response: unexpected message")
+	case m.pid <= 1:
+		return 0, fmt.Errorf("shellflip: bad response: pid %d is not a new process", m.pid)
 	}
-	return 0, errors.New("shellflip: bad response: unexpected message")
+	return int(m.pid), nil
 }

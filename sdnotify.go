@@ -1,14 +1,12 @@
 //go:build linux || darwin || freebsd
 
-// sd_notify(3) without libsystemd; this file knows nothing of restarts.
-//
-// One AF_UNIX datagram per message to the socket $NOTIFY_SOCKET names:
-// VARIABLE=value fields separated by '\n', fds attached as SCM_RIGHTS. The
-// manager reads at most 4096 bytes, drops a datagram holding a NUL, splits
-// the rest on '\n' and '\r', and mostly reads only a variable's first
-// assignment (src/core/manager.c, src/core/service.c). So a field is a
-// string, and send refuses whatever the manager would drop or misread, above
-// all a value that would split off a second assignment (MAINPID=).
+// sd_notify(3) without libsystemd: one AF_UNIX datagram per message to the
+// socket $NOTIFY_SOCKET names, VARIABLE=value fields separated by '\n', fds
+// as SCM_RIGHTS. The manager reads at most 4096 bytes, drops a datagram
+// holding a NUL, splits the rest on '\n' and '\r', and mostly reads only a
+// variable's first assignment (src/core/manager.c, src/core/service.c). So
+// send refuses what the manager would drop or misread, above all a value
+// that would split off a second assignment (MAINPID=).
 
 package shellflip
 
@@ -35,15 +33,13 @@ const (
 	sdMaxDatagram = 4096 // NOTIFY_BUFFER_MAX: the manager drops a longer message
 	sdMaxFDs      = 253  // SCM_MAX_FD: sendmsg fails with EINVAL beyond it
 	fdnameMax     = 255  // FDNAME_MAX in systemd's src/basic/fd-util.h
-	sdErrnoMax    = 4095 // ERRNO_MAX: the manager ignores a larger ERRNO
 )
 
-// notifier sends datagrams to the service manager; safe for concurrent use,
-// never closed. A nil *notifier is disabled: its methods return nil. The
-// socket is net's: close-on-exec from birth, non-blocking so that a full
-// queue is waited for in the poller. Datagrams go by sendmsg(2) in
-// RawConn.Write: net's WriteMsgUnix refuses connected datagram sockets, and
-// an unconnected one would cost a sockaddr per send.
+// notifier sends datagrams to the service manager. It is safe for concurrent
+// use and never closed; a nil *notifier sends nothing and returns nil. Its
+// socket is net's, so that a full queue is waited for in the poller, but it
+// sends by sendmsg(2) in RawConn.Write: net's WriteMsgUnix refuses connected
+// datagram sockets, and an unconnected one would cost a sockaddr per send.
 type notifier struct {
 	conn *net.UnixConn
 	raw  syscall.RawConn // conn's, made once: SyscallConn allocates
@@ -82,11 +78,10 @@ func newNotifier(addr string) (*notifier, error) {
 	return n, nil
 }
 
-// checkNotifyAddr applies the rules of sd_notify(3) and of sun_path, so that
-// a bad NOTIFY_SOCKET is reported as such, not as an errno from connect: an
-// absolute path or, on Linux, an @abstract name; vsock (systemd 254) is
-// ErrNotSupported. sun_path holds a path and its terminating NUL, or an
-// abstract name ('@' stands for its leading NUL) and no terminator.
+// checkNotifyAddr reports a NOTIFY_SOCKET that is neither an absolute path
+// nor, on Linux, an @abstract name, rather than leave it to connect's errno;
+// vsock (systemd 254) is ErrNotSupported. sun_path holds a path and its NUL,
+// or an abstract name ('@' stands for its leading NUL) and no terminator.
 func checkNotifyAddr(addr string) error {
 	limit := len(unix.RawSockaddrUnix{}.Path)
 	switch {
@@ -107,16 +102,13 @@ func checkNotifyAddr(addr string) error {
 	return nil
 }
 
-// send sends fields joined by '\n', no trailing newline (as systemd-notify
-// does), in one datagram, with duplicates of fds as SCM_RIGHTS (the caller
-// keeps its own). A field is VARIABLE=value, VARIABLE in [A-Z_]+, with no
-// '\n', '\r' or NUL, a variable appears once, and the values of those
-// sd_notify(3) defines are checked; otherwise, or with no field, more than
-// 253 fds or 4096 bytes, send returns an error and sends nothing.
-//
-// Like sd_notify(3), send waits while the manager's queue is full, but only
-// until ctx's deadline, if it has one: a restart must not hang on a manager
-// that stops reading. A send of a few fields without fds allocates nothing.
+// send sends fields in one datagram, joined by '\n' without a trailing one
+// (as systemd-notify does), with duplicates of fds (the caller keeps its
+// own). A field that checkField refuses or that repeats a variable, no field
+// at all, more than sdMaxFDs fds or sdMaxDatagram bytes: send returns an
+// error and sends nothing. Like sd_notify(3) it waits while the manager's
+// queue is full, but only until ctx's deadline: a restart must not hang on a
+// manager that stops reading. A few fields without fds allocate nothing.
 func (n *notifier) send(ctx context.Context, fds []int, fields ...string) error {
 	if n == nil {
 		return nil
@@ -135,8 +127,7 @@ func (n *notifier) send(ctx context.Context, fds []int, fields ...string) error 
 		if err != nil {
 			return fmt.Errorf("shellflip: sd_notify: field %d: %w", i, err)
 		}
-		// The manager would read the first assignment and ignore the
-		// other: a caller's mistake that would pass silently.
+		// The manager would silently ignore the second assignment.
 		for _, g := range fields[:i] {
 			if k, _, _ := strings.Cut(g, "="); k == key {
 				return fmt.Errorf("shellflip: sd_notify: %s is assigned twice", key)
@@ -173,25 +164,23 @@ func (n *notifier) send(ctx context.Context, fds []int, fields ...string) error 
 // queue, which is "not yet", makes it wait for the poller. MSG_NOSIGNAL, as
 // in libsystemd: a closed peer is an error, not a SIGPIPE.
 func (n *notifier) sendmsg(fd uintptr) bool {
-	for {
-		sent, err := unix.SendmsgN(int(fd), n.buf, n.oob, nil, unix.MSG_NOSIGNAL)
-		switch {
-		case err == unix.EINTR:
-			continue
-		case err == unix.EAGAIN:
-			return false
-		case err != nil:
-			n.err = os.NewSyscallError("sendmsg", err)
-		case sent != len(n.buf):
-			// A datagram goes whole or not at all; this would be a kernel bug.
-			n.err = fmt.Errorf("short sendmsg: %d of %d bytes", sent, len(n.buf))
-		}
-		return true
+	sent, err := ignoringEINTR(func() (int, error) {
+		return unix.SendmsgN(int(fd), n.buf, n.oob, nil, unix.MSG_NOSIGNAL)
+	})
+	switch {
+	case err == unix.EAGAIN:
+		return false
+	case err != nil:
+		n.err = os.NewSyscallError("sendmsg", err)
+	case sent != len(n.buf):
+		// A datagram goes whole or not at all; this would be a kernel bug.
+		n.err = fmt.Errorf("short sendmsg: %d of %d bytes", sent, len(n.buf))
 	}
+	return true
 }
 
 // checkField returns the variable f assigns, or why the manager would not
-// read f as one assignment of a valid value.
+// read f as one assignment, VARIABLE in [A-Z_]+, of a valid value.
 func checkField(f string) (string, error) {
 	if i := strings.IndexAny(f, "\n\r\x00"); i >= 0 {
 		return "", fmt.Errorf("byte %d is %q, which would split the field or void the datagram", i, f[i])
@@ -213,7 +202,7 @@ func checkField(f string) (string, error) {
 		valid = err == nil && pid > 0
 	case "ERRNO":
 		e, err := strconv.ParseUint(val, 10, 64)
-		valid = err == nil && e <= sdErrnoMax
+		valid = err == nil && e <= 4095 // ERRNO_MAX; the manager ignores more
 	case "EXTEND_TIMEOUT_USEC", "WATCHDOG_USEC", "MONOTONIC_USEC":
 		_, err := strconv.ParseUint(val, 10, 64)
 		valid = err == nil
@@ -241,9 +230,9 @@ func checkUserField(f string) error {
 
 // barrier waits until the manager has processed every datagram sent before,
 // as sd_notify_barrier(3): it sends BARRIER=1 alone (or the manager ignores
-// it) with a fresh pipe's write end, closes its copy, and waits for EOF on
-// the read end: the manager closed its copy. When ctx ends, barrier returns
-// an error wrapping ctx.Err(). Both pipe ends are closed on every path.
+// it) with a pipe's write end, and waits for EOF on the read end, once the
+// manager has closed its copy. When ctx ends, it returns an error wrapping
+// ctx.Err(). Both pipe ends are closed on every path.
 func (n *notifier) barrier(ctx context.Context) error {
 	if n == nil {
 		return nil
@@ -259,8 +248,8 @@ func (n *notifier) barrier(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	// No thread waits: r is in the poller (or no deadline could end the
-	// read: refuse), and a past deadline set once ctx is done wakes it.
+	// In the poller, no thread waits on r, and a past deadline set once ctx
+	// is done ends the read. Outside it, nothing could: refuse.
 	if err := r.SetReadDeadline(time.Time{}); err != nil {
 		return fmt.Errorf("shellflip: sd_notify barrier: %w", err)
 	}
@@ -289,25 +278,18 @@ func monotonicUsec() (int64, error) {
 
 // fdnameValid is systemd's fdname_is_valid (src/basic/fd-util.c): at most
 // 255 bytes 0x20..0x7e except ':', $LISTEN_FDNAMES's separator; "" is valid.
+// Any non-ASCII byte, valid UTF-8 or not, decodes to a rune above '~'.
 func fdnameValid(s string) bool {
-	if len(s) > fdnameMax {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		if c := s[i]; c < ' ' || c > '~' || c == ':' {
-			return false
-		}
-	}
-	return true
+	invalid := func(r rune) bool { return r < ' ' || r > '~' || r == ':' }
+	return len(s) <= fdnameMax && !strings.ContainsFunc(s, invalid)
 }
 
 // WatchdogInterval reads WATCHDOG_USEC and WATCHDOG_PID as
 // sd_watchdog_enabled(3) does and returns how often to send WATCHDOG=1: half
 // the timeout, as that page advises. enabled is false, with a nil error, if
-// WATCHDOG_USEC is unset or WATCHDOG_PID names another process (the
-// variables were meant for a parent). A WATCHDOG_USEC that is not a positive
-// number of microseconds, or a WATCHDOG_PID that is not a pid, is an error.
-// The variables are not unset.
+// WATCHDOG_USEC is unset or WATCHDOG_PID names another process. A
+// WATCHDOG_USEC that is not a positive number of microseconds, or a
+// WATCHDOG_PID that is not a pid, is an error. The variables are not unset.
 func WatchdogInterval() (interval time.Duration, enabled bool, err error) {
 	s, ok := os.LookupEnv("WATCHDOG_USEC")
 	if !ok {

@@ -1,23 +1,18 @@
 package shellflip
 
-// This file is the control-socket protocol of the Rust crate
-// cloudflare/shellflip 2.x (src/restart_coordination_socket.rs), so that Go
-// and Rust processes can restart each other. A frame is a 4-byte big-endian
-// payload length (tokio_util's LengthDelimitedCodec), then one of the three
-// payloads serde_json::to_string writes for these enums, externally tagged:
+// The control-socket protocol of the Rust crate cloudflare/shellflip 2.x
+// (src/restart_coordination_socket.rs), so that Go and Rust processes can
+// restart each other. A frame is a 4-byte big-endian payload length
+// (tokio_util's LengthDelimitedCodec), then what serde_json::to_string writes
+// for one of these externally tagged enums (the payloads are at msgKind):
 //
 //	enum RestartMessage { Request(RestartRequest), Response(RestartResponse) }
 //	enum RestartRequest { TryRestart }
 //	enum RestartResponse { RestartComplete(u32), RestartFailed(String) }
 //
-//	{"Request":"TryRestart"}
-//	{"Response":{"RestartComplete":PID}}
-//	{"Response":{"RestartFailed":"TEXT"}}
-//
-// The encoders write serde_json's bytes exactly. The decoder accepts what
-// serde_json::from_slice accepts, no more and no less, so that Go and Rust
-// peers agree on what is a message. It is a small hand-written tokenizer, not
-// encoding/json, so that what reads untrusted bytes is easy to audit.
+// The encoders write serde_json's bytes exactly, and the decoder accepts
+// exactly what serde_json::from_slice accepts, so that Go and Rust peers
+// agree; it is a small tokenizer, not encoding/json, to be easy to audit.
 
 import (
 	"encoding/binary"
@@ -31,8 +26,7 @@ import (
 )
 
 // maxFrameLen is the largest payload readFrame accepts and the encoders
-// produce: plenty for a RestartFailed with a long text, and a bound on what a
-// peer can make us allocate. (The Rust side allows 8 MiB.)
+// produce: a bound on what a peer can make us allocate (Rust allows 8 MiB).
 const maxFrameLen = 64 << 10
 
 // msgKind says which of the three messages a message is; 0 is none.
@@ -44,16 +38,14 @@ const (
 	msgRestartFailed                      // {"Response":{"RestartFailed":"text"}}
 )
 
-// message is one decoded control-socket message.
 type message struct {
 	kind msgKind
 	pid  uint32 // msgRestartComplete: the new process's PID
 	text string // msgRestartFailed: why; valid UTF-8, but any character, including control characters
 }
 
-// appendTryRestart appends a whole TryRestart frame, header and payload, to
-// dst and returns the extended slice. Like the other two encoders, it
-// allocates only if dst lacks capacity.
+// appendTryRestart appends a TryRestart frame, header and payload, to dst.
+// Like the other two encoders, it allocates only if dst lacks capacity.
 func appendTryRestart(dst []byte) []byte {
 	const payload = `{"Request":"TryRestart"}`
 	return append(binary.BigEndian.AppendUint32(dst, uint32(len(payload))), payload...)
@@ -68,13 +60,10 @@ func appendRestartComplete(dst []byte, pid uint32) []byte {
 	return dst
 }
 
-// appendRestartFailed appends a whole RestartFailed frame carrying text.
-//
-// A Rust String is UTF-8, so invalid UTF-8 in text is replaced as Rust's
-// String::from_utf8_lossy does (see wireInvalidLen). The text is escaped as
-// serde_json escapes it and cut, between characters or escapes, to the
-// longest prefix that keeps the payload within maxFrameLen: the peer sees a
-// shortened text, not an error, because a failure report must get through.
+// appendRestartFailed appends a RestartFailed frame carrying text, with
+// invalid UTF-8 replaced as by Rust's String::from_utf8_lossy, escaped as by
+// serde_json, and cut between characters to the longest prefix that keeps
+// the payload within maxFrameLen: a failure report must get through.
 func appendRestartFailed(dst []byte, text string) []byte {
 	const prefix, suffix = `{"Response":{"RestartFailed":"`, `"}}`
 	start, budget := len(dst), maxFrameLen-len(prefix+suffix)
@@ -86,11 +75,11 @@ func appendRestartFailed(dst []byte, text string) []byte {
 	return dst
 }
 
-// wireAppendText appends s to dst escaped as serde_json's ser.rs escapes a
-// string (its ESCAPE table): `"` and `\` get a backslash, \b \f \n \r \t
-// their short escapes, other bytes below 0x20 \u00XX in lowercase hex, all
-// else (DEL, '/', non-ASCII) is raw, and invalid UTF-8 becomes U+FFFD. It
-// stops before the first character that would take len(dst) past end.
+// wireAppendText appends s to dst escaped as by serde_json's ser.rs (its
+// ESCAPE table): `"` and `\` get a backslash, \b \f \n \r \t their short
+// escapes, other bytes below 0x20 \u00XX in lowercase hex, and all else is
+// raw; invalid UTF-8 becomes U+FFFD. It stops before the first character
+// that would take len(dst) past end.
 func wireAppendText(dst []byte, s string, end int) []byte {
 	for len(s) > 0 {
 		enc := make([]byte, 0, 6) // on the stack
@@ -115,10 +104,9 @@ func wireAppendText(dst []byte, s string, end int) []byte {
 }
 
 // wireInvalidLen returns how many bytes of the invalid UTF-8 at the start of
-// s one U+FFFD replaces. Rust's String::from_utf8_lossy replaces each
-// "maximal subpart" (Unicode ch. 3): the longest prefix that could begin a
-// valid encoding, for which utf8.FullRuneInString is false, or one byte. (Go
-// would replace each byte of "\xe2\x82", or a whole run of bad bytes.)
+// s one U+FFFD replaces: as String::from_utf8_lossy, a "maximal subpart"
+// (Unicode ch. 3), the longest prefix that could begin a valid encoding, or
+// one byte. (Go would replace each byte of "\xe2\x82", or a whole run.)
 func wireInvalidLen(s string) int {
 	n := 1
 	for n < len(s) && !utf8.FullRuneInString(s[:n+1]) {
@@ -128,11 +116,10 @@ func wireInvalidLen(s string) int {
 }
 
 // readFrame reads one frame from r and returns its payload, non-nil, in
-// scratch if it fits (so valid until scratch is reused; with cap(scratch) >=
-// maxFrameLen nothing is allocated). A length over maxFrameLen is refused,
-// with an error that names it, before anything is allocated for it; the
-// stream is then out of step. readFrame returns io.EOF only if r ends before
-// the first byte, an error wrapping io.ErrUnexpectedEOF if it ends later.
+// scratch if it fits (so valid until scratch is reused). A length over
+// maxFrameLen is refused before anything is allocated for it, and the stream
+// is then out of step. readFrame returns io.EOF only if r ends before the
+// first byte, an error wrapping io.ErrUnexpectedEOF if it ends later.
 func readFrame(r io.Reader, scratch []byte) ([]byte, error) {
 	hdr := slices.Grow(scratch[:0], 4)[:4]
 	if got, err := io.ReadFull(r, hdr); err == io.EOF {
@@ -154,19 +141,16 @@ func readFrame(r io.Reader, scratch []byte) ([]byte, error) {
 	return payload, nil
 }
 
-// decodeMessage decodes one payload. It accepts exactly the payloads that
-// serde_json::from_slice::<RestartMessage> accepts, and for any other returns
-// an error that says what is wrong at which byte offset. Decoding TryRestart
-// or RestartComplete allocates nothing; a RestartFailed's text is a copy.
-//
-// serde_json also accepts whitespace around every token, and escapes in
-// names, "Req\u0075est" (deserialize_identifier is deserialize_str: names
-// are compared decoded). It refuses an enum object with no key or two:
-// deserialize_enum wants '}' after the value.
+// decodeMessage decodes one payload, or says what is wrong at which byte
+// offset. Decoding TryRestart or RestartComplete allocates nothing; a
+// RestartFailed's text is a copy. Like serde_json::from_slice, it accepts
+// whitespace around every token and escapes in names, "Req\u0075est"
+// (deserialize_identifier is deserialize_str), and refuses an enum object
+// with no key or two (deserialize_enum wants '}' after the value).
 func decodeMessage(payload []byte) (message, error) {
 	d := wireDecoder{p: payload}
 	var m message
-	switch d.variant("Request", "Response") { // After an error, d's methods do nothing.
+	switch d.variant("Request", "Response") {
 	case 0:
 		// A unit variant is "TryRestart" or {"TryRestart":null}: deserialize_enum
 		// hands an object to VariantAccess, whose unit_variant reads a unit.
@@ -195,8 +179,8 @@ func decodeMessage(payload []byte) (message, error) {
 	return m, nil
 }
 
-// wireDecoder is the tokenizer of decodeMessage, a cursor over one payload.
-// The first error sticks: once err is set, every method does nothing.
+// wireDecoder is decodeMessage's cursor over one payload. The first error
+// sticks: once err is set, every method does nothing.
 type wireDecoder struct {
 	p   []byte
 	i   int // the next byte to read
@@ -239,8 +223,7 @@ func (d *wireDecoder) lit(tok string) {
 	d.unexpected(strconv.Quote(tok))
 }
 
-// variant reads '{', a name and ':', the start of an enum variant that
-// carries a value, and returns the name's index in names.
+// variant reads '{', one of names and ':', and returns the name's index.
 func (d *wireDecoder) variant(names ...string) int {
 	d.lit("{")
 	k := d.name(names...)
@@ -262,10 +245,10 @@ func (d *wireDecoder) name(names ...string) int {
 	return k
 }
 
-// pid reads a u32 as serde_json's deserialize_u32 does: it parses a JSON
-// number (parse_number), which the u32 visitor takes only if it is an
-// integer that fits. A fraction or exponent makes an f64, a '-' an i64, -0
-// an f64 (serde-rs/json#801); JSON itself refuses '+' and leading zeros.
+// pid reads a u32 as serde_json's deserialize_u32 does: a JSON number
+// (parse_number) that is an integer and fits. A fraction or exponent makes an
+// f64, a '-' an i64, -0 an f64 (serde-rs/json#801); JSON refuses '+' and
+// leading zeros.
 func (d *wireDecoder) pid() uint32 {
 	if c := d.next(); c < '0' || c > '9' {
 		d.unexpected("a process ID, an integer from 0 to 4294967295")
@@ -284,10 +267,10 @@ func (d *wireDecoder) pid() uint32 {
 	return uint32(n)
 }
 
-// str reads a JSON string, after whitespace, as serde_json's read.rs parse_str
-// with validation does: no raw control characters, valid UTF-8, only JSON's
-// escapes, surrogates only in high-low pairs. It returns the string decoded:
-// a slice of the payload if it has no escapes, else appended to dst.
+// str reads a JSON string as serde_json's parse_str with validation does: no
+// raw control characters, valid UTF-8, JSON's escapes, surrogates in
+// high-low pairs. It returns the string decoded: a slice of the payload if it
+// has no escape, else dst with the string appended.
 func (d *wireDecoder) str(dst []byte) []byte {
 	if d.next() != '"' {
 		d.unexpected("a string")
