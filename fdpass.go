@@ -119,11 +119,10 @@ type ListenConfig struct {
 // "unixpacket") and address. If this process inherited a socket of that
 // name, from the old process or from systemd, Listen returns a listener on
 // it and binds nothing; the socket must then be a listening socket of
-// network's kind. Otherwise it creates one. Either way the socket is passed
-// on at the next restart. Inherited sockets must be claimed before Start,
-// which closes those that were not. Asking again for a name already claimed
-// returns another listener on the same socket; address is then not looked
-// at.
+// network's kind. Otherwise it creates one. Inherited sockets must be
+// claimed before Start, which closes those that were not. Asking again for
+// a name already claimed returns another listener on the same socket,
+// whatever the address.
 //
 // The caller owns the returned listener; closing it does not close the
 // registry's copy (see Remove). A unix listener never unlinks its socket
@@ -146,14 +145,13 @@ func (lc *ListenConfig) ListenPacket(ctx context.Context, network, address strin
 	return c.(net.PacketConn), nil
 }
 
-// listen is Listen if listener, else ListenPacket.
-//
-// A claim costs one syscall more than the net package needs: checkSocket,
-// which refuses an fd of the wrong sort before the net package touches it.
-// os.NewFile registers a non-blocking fd with the runtime's poller, and has
-// no way not to; so the first claim wraps the registry's copy in a file and
-// keeps it, rather than wrap and close a duplicate at each claim (a dup, an
-// EPOLL_CTL_DEL and a close more).
+// listen is Listen if listener, else ListenPacket. A claim costs one syscall
+// more than the net package needs: checkSocket, which refuses an fd of the
+// wrong sort before the net package touches it. os.NewFile registers a
+// non-blocking fd with the runtime's poller, and has no way not to; so the
+// first claim wraps the registry's copy in a file and keeps it, rather than
+// wrap and close a duplicate at each claim (a dup, an EPOLL_CTL_DEL and a
+// close more).
 func (lc *ListenConfig) listen(ctx context.Context, network, address string, listener bool) (any, error) {
 	supported := false
 	switch network {

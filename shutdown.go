@@ -25,7 +25,7 @@ import (
 type ShutdownCoordinator struct {
 	ctx     context.Context // cancelled when shutdown begins
 	cancel  context.CancelFunc
-	drained context.Context // cancelled once shutdown has begun and no handle is left
+	drained context.Context // cancelled once shutdown has begun and active is 0
 	drain   context.CancelFunc
 
 	// Not a sync.WaitGroup: its Add from zero must happen before Wait, but
@@ -63,8 +63,9 @@ func (c *ShutdownCoordinator) Acquire() *ShutdownHandle {
 // of its own, with a handle that Serve releases when handle returns; handle
 // should return soon after the handle's Done is closed. Serve closes ln
 // when shutdown begins, and returns nil once ln is closed, by Serve or by
-// the program. It closes a connection that arrives once the coordinator is
-// drained, and retries other Accept errors (out of fds, say) after a pause.
+// the program (in Lifecycle.NewProcessReady, say). It closes a connection
+// that arrives once the coordinator is drained, and retries other Accept
+// errors (out of fds, say) after a pause, as net/http's Server.Serve does.
 func (c *ShutdownCoordinator) Serve(ln net.Listener, handle func(net.Conn, *ShutdownHandle)) error {
 	stop := context.AfterFunc(c.ctx, func() { ln.Close() })
 	defer stop()
@@ -93,11 +94,15 @@ func (c *ShutdownCoordinator) Serve(ln net.Listener, handle func(net.Conn, *Shut
 // and waits until every handle has been released or ctx is done. It returns
 // nil if all were released, even if ctx is done too; the coordinator is
 // then drained. Otherwise it returns ctx.Err(), and the tasks still running
-// still count: a later Shutdown waits for them again. Any number of calls
-// may wait at once.
+// still count: a later Shutdown waits for them again. Shutdown may be called
+// more than once, and from several goroutines at once; each call waits.
 func (c *ShutdownCoordinator) Shutdown(ctx context.Context) error {
 	c.cancel()
-	c.Acquire().Release() // drains the coordinator if no task holds a handle
+	c.mu.Lock()
+	if c.active == 0 {
+		c.drain()
+	}
+	c.mu.Unlock()
 
 	select {
 	case <-c.drained.Done():
@@ -129,8 +134,8 @@ var shutdownClosed = make(chan struct{})
 
 func init() { close(shutdownClosed) }
 
-// Done returns a channel that is closed when shutdown begins, when the task
-// should finish its current work and return. On a nil handle, which Acquire
+// Done returns a channel that is closed when shutdown begins: the task should
+// then finish its current work and return. On a nil handle, which Acquire
 // returns once the coordinator is drained, Done returns a closed channel.
 func (h *ShutdownHandle) Done() <-chan struct{} {
 	if h == nil {
