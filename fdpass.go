@@ -15,48 +15,28 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// This file is the registry of named fds that pass from the old process to
-// the new one. The new process receives them at fds 3 and up with
-// LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID set as systemd sets them, so fds
-// from a restart and fds from socket activation arrive the same way and join
-// the same registry under their names.
-
-// fdEntry is one named fd. The registry owns fd (a close-on-exec duplicate)
-// and closes it only in Remove or, for inherited fds nobody claimed, in
-// Start. The program's net.Listener and friends hold duplicates of their
-// own, so closing those never closes what the next process inherits.
+// fdEntry is one named fd, passed to the new process at a restart as systemd
+// passes fds (see the package doc). The registry owns fd (a close-on-exec
+// duplicate) and closes it only in Remove or, for inherited fds nobody
+// claimed, in Start. The program's net.Listener and friends hold duplicates
+// of their own, so closing those never closes what the next process
+// inherits.
 type fdEntry struct {
-	name string
-	fd   int
-	// file, once set, owns fd, and fd is closed through it. The net
-	// package makes a listener only from an *os.File, so the first claim
-	// of a socket wraps fd in one, and later claims reuse it (see
-	// getOrCreate).
-	file      *os.File
-	inherited bool // came from LISTEN_FDS
-	claimed   bool // the program asked for it by name
+	name      string
+	fd        int
+	file      *os.File // once the first claim of a socket set it, it owns fd
+	inherited bool     // came from LISTEN_FDS
+	claimed   bool     // the program asked for it by name
 }
 
-// close closes the registry's copy of the fd.
-func (e *fdEntry) close() {
-	if e.file != nil {
-		e.file.Close()
-		return
-	}
-	unix.Close(e.fd)
-}
-
-// fdreg is the process's registry. After Start it holds no inherited fd
-// that was not claimed: closeUnclaimed removed those.
+// fdreg is the process's registry.
 var fdreg struct {
 	mu      sync.Mutex
 	adopted bool // the inherited fds are in entries
 	entries []*fdEntry
-	// byName indexes entries[:indexed] by name, the first entry of each
-	// name, for lookupEntry: a new process that claims a thousand
-	// listeners one by one would otherwise compare half a million names.
-	// Entries are only ever appended, so lookupEntry brings it up to date;
-	// whatever deletes entries sets it to nil.
+	// byName maps each name in entries[:indexed] to its first entry, so that
+	// a process claiming a thousand names does not compare half a million.
+	// lookupEntry indexes what was appended since; a deletion sets it to nil.
 	byName  map[string]*fdEntry
 	indexed int
 }
@@ -80,7 +60,7 @@ func lookupEntry(name string) *fdEntry {
 		fdreg.indexed = 0
 	}
 	for _, e := range fdreg.entries[fdreg.indexed:] {
-		if _, ok := fdreg.byName[e.name]; !ok {
+		if fdreg.byName[e.name] == nil {
 			fdreg.byName[e.name] = e
 		}
 	}
@@ -99,8 +79,7 @@ func ListenerName(network, address string) string {
 	b := make([]byte, 0, len(network)+1+len(address)+8)
 	b = append(b, network...)
 	b = append(b, '/')
-	for i := 0; i < len(address); i++ {
-		c := address[i]
+	for _, c := range []byte(address) {
 		if c < 0x20 || c >= 0x7f || c == ':' || c == '%' {
 			b = append(b, '%', hex[c>>4], hex[c&15])
 			continue
@@ -130,10 +109,9 @@ type ListenConfig struct {
 
 	// Name is the socket's name in the registry, such as the
 	// FileDescriptorName= of a systemd socket unit; "" means
-	// ListenerName(network, address). Names are the registry's keys: if
-	// systemd passes several fds under one name (a socket unit with
-	// several Listen lines and one FileDescriptorName=), only the first
-	// can be claimed. Give each its own unit, or its own name.
+	// ListenerName(network, address). If systemd passes several fds under
+	// one name (a socket unit with several Listen lines and one
+	// FileDescriptorName=), only the first can be claimed.
 	Name string
 }
 
@@ -141,32 +119,16 @@ type ListenConfig struct {
 // "unixpacket") and address. If this process inherited a socket of that
 // name, from the old process or from systemd, Listen returns a listener on
 // it and binds nothing; the socket must then be a listening socket of
-// network's kind. Otherwise it creates one. Either way the socket is passed
-// on at the next restart. Inherited sockets must be claimed before Start,
-// which closes those that were not. Asking again for a name already claimed
-// returns another listener on the same socket; address is then not looked
-// at.
+// network's kind. Otherwise it creates one. Inherited sockets must be
+// claimed before Start, which closes those that were not. Asking again for
+// a name already claimed returns another listener on the same socket,
+// whatever the address.
 //
 // The caller owns the returned listener; closing it does not close the
 // registry's copy (see Remove). A unix listener never unlinks its socket
 // file on Close: the next process is still serving on it.
 func (lc *ListenConfig) Listen(ctx context.Context, network, address string) (net.Listener, error) {
-	c, err := getOrCreate(lc.name(network, address), network, true, func() (syscall.Conn, error) {
-		l, err := lc.ListenConfig.Listen(ctx, network, address)
-		if err != nil {
-			return nil, err
-		}
-		if ul, ok := l.(*net.UnixListener); ok {
-			ul.SetUnlinkOnClose(false)
-		}
-		return l.(syscall.Conn), nil
-	}, func(f *os.File) (syscall.Conn, error) {
-		l, err := net.FileListener(f)
-		if err != nil {
-			return nil, err
-		}
-		return l.(syscall.Conn), nil
-	})
+	c, err := lc.listen(ctx, network, address, true)
 	if err != nil {
 		return nil, err
 	}
@@ -176,100 +138,87 @@ func (lc *ListenConfig) Listen(ctx context.Context, network, address string) (ne
 // ListenPacket is Listen for packet sockets: network "udp", "udp4", "udp6"
 // or "unixgram".
 func (lc *ListenConfig) ListenPacket(ctx context.Context, network, address string) (net.PacketConn, error) {
-	c, err := getOrCreate(lc.name(network, address), network, false, func() (syscall.Conn, error) {
-		c, err := lc.ListenConfig.ListenPacket(ctx, network, address)
-		if err != nil {
-			return nil, err
-		}
-		return c.(syscall.Conn), nil
-	}, func(f *os.File) (syscall.Conn, error) {
-		c, err := net.FilePacketConn(f)
-		if err != nil {
-			return nil, err
-		}
-		return c.(syscall.Conn), nil
-	})
+	c, err := lc.listen(ctx, network, address, false)
 	if err != nil {
 		return nil, err
 	}
 	return c.(net.PacketConn), nil
 }
 
-func (lc *ListenConfig) name(network, address string) string {
-	if lc.Name != "" {
-		return lc.Name
-	}
-	return ListenerName(network, address)
-}
-
-// getOrCreate is the common part of ListenConfig.Listen and ListenPacket:
-// claim the fd registered under name, or create a socket and register a
-// duplicate of it.
-//
-// A claim costs what the net package needs to make a listener of an fd,
-// and one syscall more: want.check, which tells a socket of the right sort
-// from any other fd before the net package touches it. The net package's
-// own report, the type of what it made and its address, says the rest
-// (want.fits). Claiming a TCP listener inherited non-blocking, as strace
-// shows it (fd 3 the registry's, 7 the new listener's):
-//
-//	getsockopt(3, SOL_SOCKET, SO_ACCEPTCONN, [1])  want.check
-//	fcntl(3, F_GETFL)                              os.NewFile, first claim only
-//	epoll_ctl(EPOLL_CTL_ADD, 3)                    os.NewFile, first claim only
-//	fcntl(3, F_DUPFD_CLOEXEC, 0) = 7               net.FileListener: the one dup
-//	fcntl(7, F_GETFL)                              (already non-blocking: no F_SETFL)
-//	getsockopt(7, SOL_SOCKET, SO_TYPE)
-//	getsockname(7)
-//	getpeername(7) = -1 ENOTCONN
-//	epoll_ctl(EPOLL_CTL_ADD, 7)                    the listener's, its only one
-//
-// Nine syscalls, seven for a name claimed before. os.NewFile registers a
+// listen is Listen if listener, else ListenPacket. A claim costs one syscall
+// more than the net package needs: checkSocket, which refuses an fd of the
+// wrong sort before the net package touches it. os.NewFile registers a
 // non-blocking fd with the runtime's poller, and has no way not to; so the
-// registry wraps its copy once and keeps the file, rather than wrap a
-// duplicate at each claim and close it again (a dup, an EPOLL_CTL_DEL and
-// a close more per claim).
-func getOrCreate(name, network string, listener bool, create func() (syscall.Conn, error),
-	fromFile func(*os.File) (syscall.Conn, error)) (syscall.Conn, error) {
-	want, err := socketWant(network, listener)
-	if err != nil {
-		return nil, err
+// first claim wraps the registry's copy in a file and keeps it, rather than
+// wrap and close a duplicate at each claim (a dup, an EPOLL_CTL_DEL and a
+// close more).
+func (lc *ListenConfig) listen(ctx context.Context, network, address string, listener bool) (any, error) {
+	supported := false
+	switch network {
+	case "tcp", "tcp4", "tcp6", "unix", "unixpacket":
+		supported = listener
+	case "udp", "udp4", "udp6", "unixgram":
+		supported = !listener
+	}
+	if !supported {
+		kind := "packet conn"
+		if listener {
+			kind = "listener"
+		}
+		return nil, fmt.Errorf("shellflip: network %q is not supported for a %s", network, kind)
+	}
+	name := lc.Name
+	if name == "" {
+		name = ListenerName(network, address)
 	}
 	if !fdnameValid(name) {
 		return nil, fmt.Errorf("shellflip: %q is not a valid fd name (printable ASCII but ':', at most 255 bytes)", name)
 	}
 	lockRegistry()
 	defer fdreg.mu.Unlock()
+	var c any
+	var err error
 	if e := lookupEntry(name); e != nil {
-		if err := want.check(e.fd); err != nil {
+		if err := checkSocket(e.fd, network, listener); err != nil {
 			return nil, fmt.Errorf("shellflip: fd %q: %w", name, err)
 		}
 		if e.file == nil {
-			// Only fromFile calls Fd on this file, and that is safe: Fd
-			// switches a file to blocking mode only if os made it
-			// non-blocking itself, which os.NewFile never does
-			// (golang/go#29277).
+			// The net package calls Fd on this file, which is safe: Fd
+			// makes a file blocking only if os made it non-blocking,
+			// which os.NewFile never does (golang/go#29277).
 			e.file = os.NewFile(uintptr(e.fd), name)
 		}
-		c, err := fromFile(e.file)
-		if err != nil {
-			// A socket of a family the net package does not know, say,
-			// or no fd left for the dup.
-			return nil, fmt.Errorf("shellflip: fd %q: claiming it for network %q: %w", name, want.network, err)
+		if listener {
+			c, err = net.FileListener(e.file)
+		} else {
+			c, err = net.FilePacketConn(e.file)
 		}
-		if !want.fits(c) {
+		if err != nil {
+			// An address family the net package does not know, or no fd left.
+			return nil, fmt.Errorf("shellflip: fd %q: claiming it for network %q: %w", name, network, err)
+		}
+		if !socketFits(c, network) {
 			c.(io.Closer).Close()
-			return nil, fmt.Errorf("shellflip: fd %q: the inherited socket does not fit network %q", name, want.network)
+			return nil, fmt.Errorf("shellflip: fd %q: the inherited socket does not fit network %q", name, network)
 		}
 		e.claimed = true
 		return c, nil
 	}
-	c, err := create()
+
+	if listener {
+		c, err = lc.ListenConfig.Listen(ctx, network, address)
+	} else {
+		c, err = lc.ListenConfig.ListenPacket(ctx, network, address)
+	}
 	if err != nil {
 		return nil, err
 	}
-	fd, err := dupConn(c)
+	if ul, ok := c.(*net.UnixListener); ok {
+		ul.SetUnlinkOnClose(false)
+	}
+	fd, err := dupConn(c.(syscall.Conn))
 	if err != nil {
-		c.(interface{ Close() error }).Close()
+		c.(io.Closer).Close()
 		return nil, err
 	}
 	fdreg.entries = append(fdreg.entries, &fdEntry{name: name, fd: fd, claimed: true})
@@ -327,7 +276,11 @@ func Remove(name string) bool {
 	if i < 0 {
 		return false
 	}
-	fdreg.entries[i].close()
+	if e := fdreg.entries[i]; e.file != nil {
+		e.file.Close()
+	} else {
+		unix.Close(e.fd)
+	}
 	fdreg.entries = slices.Delete(fdreg.entries, i, i+1)
 	fdreg.byName = nil
 	return true
@@ -346,7 +299,7 @@ func closeUnclaimed() {
 		}
 		unlinkListenerPath(e.fd)
 		if e.file != nil {
-			e.close() // a claim of it was refused
+			e.file.Close() // a claim of it was refused
 		} else {
 			unclaimed = append(unclaimed, e.fd)
 		}
@@ -360,14 +313,10 @@ func closeUnclaimed() {
 // path, if that path still holds a socket. Abstract sockets (no file) and
 // anything that is not a listening unix socket are left alone.
 func unlinkListenerPath(fd int) {
-	// The address first: it rules out most fds (TCP listeners) in one
-	// syscall.
+	// The address first: it rules out most fds (TCP listeners) at once.
 	sa, err := unix.Getsockname(fd)
-	if err != nil {
-		return
-	}
 	ua, ok := sa.(*unix.SockaddrUnix)
-	if !ok || ua.Name == "" || ua.Name[0] == '@' || ua.Name[0] == 0 {
+	if err != nil || !ok || ua.Name == "" || ua.Name[0] == '@' || ua.Name[0] == 0 {
 		return
 	}
 	if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || v == 0 {
@@ -402,9 +351,8 @@ func dupConn(c syscall.Conn) (int, error) {
 		return -1, err
 	}
 	fd, derr := -1, error(nil)
-	if err := rc.Control(func(s uintptr) {
-		fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0)
-	}); err != nil {
+	err = rc.Control(func(s uintptr) { fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) })
+	if err != nil {
 		return -1, err
 	}
 	if derr != nil {
@@ -422,65 +370,34 @@ func dupFile(fd int, name string) (*os.File, error) {
 	return os.NewFile(uintptr(nfd), name), nil
 }
 
-// sockKind is what an inherited fd must be to serve a network.
-type sockKind struct {
-	network   string
-	listening bool
-}
-
-func socketWant(network string, listener bool) (sockKind, error) {
-	ok := false
-	switch network {
-	case "tcp", "tcp4", "tcp6", "unix", "unixpacket":
-		ok = listener
-	case "udp", "udp4", "udp6", "unixgram":
-		ok = !listener
-	}
-	if !ok {
-		kind := "packet conn"
-		if listener {
-			kind = "listener"
-		}
-		return sockKind{}, fmt.Errorf("shellflip: network %q is not supported for a %s", network, kind)
-	}
-	return sockKind{network: network, listening: listener}, nil
-}
-
-// check verifies, with one syscall, that fd is a listening socket if a
-// listener is wanted, and a datagram socket otherwise. It runs before the
-// net package's dup sets the file description non-blocking, so that an fd
-// of another sort (a pipe, say) is refused untouched; and it is the one
-// thing about a listener that the net package does not look at.
-func (k sockKind) check(fd int) error {
-	opt, name := unix.SO_TYPE, "getsockopt SO_TYPE"
-	if k.listening {
-		opt, name = unix.SO_ACCEPTCONN, "getsockopt SO_ACCEPTCONN"
+// checkSocket verifies, with one syscall, that fd is a listening socket if
+// listener, and a datagram socket otherwise. It runs before the net
+// package's dup sets the file description non-blocking, so that an fd of
+// another sort (a pipe, say) is refused untouched; and it is the one thing
+// about a listener that the net package does not look at.
+func checkSocket(fd int, network string, listener bool) error {
+	opt, name, what := unix.SO_TYPE, "getsockopt SO_TYPE", "a datagram socket"
+	if listener {
+		opt, name, what = unix.SO_ACCEPTCONN, "getsockopt SO_ACCEPTCONN", "listening"
 	}
 	v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, opt)
 	if err != nil {
-		return fmt.Errorf("the inherited fd does not fit network %q: %w", k.network, os.NewSyscallError(name, err))
+		return fmt.Errorf("the inherited fd does not fit network %q: %w", network, os.NewSyscallError(name, err))
 	}
 	// Non-zero, not 1: BSD kernels descended from 4.4BSD answer
 	// SO_ACCEPTCONN with the option's bit.
-	if k.listening && v == 0 {
-		return fmt.Errorf("the inherited socket does not fit network %q: it is not listening", k.network)
-	}
-	if !k.listening && v != unix.SOCK_DGRAM {
-		return fmt.Errorf("the inherited socket does not fit network %q: it is not a datagram socket", k.network)
+	if listener && v == 0 || !listener && v != unix.SOCK_DGRAM {
+		return fmt.Errorf("the inherited socket does not fit network %q: it is not %s", network, what)
 	}
 	return nil
 }
 
-// fits reports whether c, which the net package made of a socket that
-// passed check, serves network k.network. The net package read the
-// socket's type (SO_TYPE) and address (getsockname) to make c, and says
-// what it found in c's address: *net.TCPAddr for a stream socket of
-// AF_INET or AF_INET6, *net.UDPAddr for a datagram one, and a
-// *net.UnixAddr whose Net is "unix", "unixpacket" or "unixgram" for
-// AF_UNIX. The IP of an AF_INET address is 4 bytes long, of an AF_INET6
-// one 16, even when it holds an IPv4-mapped address (sockaddrToTCP in
-// net/tcpsock_posix.go), which tells tcp4 from tcp6.
-func (k sockKind) fits(c syscall.Conn) bool {
+// socketFits reports whether c, which the net package made of a socket that
+// passed checkSocket, serves network. c's address says what the net package
+// found: a *net.UnixAddr with its Net for AF_UNIX; a *net.TCPAddr or
+// *net.UDPAddr whose IP is 4 bytes long for AF_INET and 16 for AF_INET6,
+// even when IPv4-mapped (sockaddrToTCP in net/tcpsock_posix.go).
+func socketFits(c any, network string) bool {
 	var a net.Addr
 	switch c := c.(type) {
 	case net.Listener:
@@ -491,7 +408,7 @@ func (k sockKind) fits(c syscall.Conn) bool {
 	var ip net.IP
 	switch a := a.(type) {
 	case *net.UnixAddr:
-		return a.Net == k.network
+		return a.Net == network
 	case *net.TCPAddr:
 		ip = a.IP
 	case *net.UDPAddr:
@@ -499,7 +416,7 @@ func (k sockKind) fits(c syscall.Conn) bool {
 	default:
 		return false
 	}
-	switch k.network {
+	switch network {
 	case a.Network():
 		return len(ip) == net.IPv4len || len(ip) == net.IPv6len
 	case a.Network() + "4":
@@ -510,16 +427,15 @@ func (k sockKind) fits(c syscall.Conn) bool {
 	return false
 }
 
-// StoreFDs pushes the registry's fds named by names (all of them if none are
-// named) to systemd's fd store, one FDSTORE=1 datagram per fd under its
-// name, so that a process systemd starts later (after a crash, or
-// "systemctl restart", which graceful restarts do not survive) receives them
-// through LISTEN_FDS and LISTEN_FDNAMES, and with them joins the registry
-// under the same names. The unit needs FileDescriptorStoreMax= large enough.
-// Without $NOTIFY_SOCKET it does nothing. systemd ignores an fd it already
-// stores, so storing again after a restart is harmless. It returns
-// ErrNotMain where Notify does. (To take an fd out of the store:
-// Notify("FDSTOREREMOVE=1", "FDNAME="+name).)
+// StoreFDs pushes the registry's fds named by names (all if none are named)
+// to systemd's fd store, one FDSTORE=1 datagram per fd under its name, so
+// that a process systemd starts later (after a crash, or "systemctl
+// restart", which graceful restarts do not survive) finds them in its
+// registry under the same names. The unit needs a large enough
+// FileDescriptorStoreMax=. Storing again after a restart is harmless:
+// systemd ignores an fd it already stores. Without $NOTIFY_SOCKET StoreFDs
+// does nothing; it returns ErrNotMain where Notify does.
+// Notify("FDSTOREREMOVE=1", "FDNAME="+name) takes an fd out of the store.
 func StoreFDs(names ...string) error {
 	notifyMu.RLock()
 	defer notifyMu.RUnlock()
