@@ -3,10 +3,11 @@
 package shellflip
 
 import (
-	"errors"
+	"cmp"
 	"fmt"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -14,14 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// This file is the environment that passes from one generation to the
-// next, both ends of it: the variables that name the passed fds, written by
-// the old process (handoff.environ) and taken over by the new one in the
-// package's init, before main runs (takeInheritance).
-
-// Environment variables that name the library's own fds in a process started
-// by a restart. They follow the LISTEN_FDS block and are removed from the
-// environment as soon as the package is initialised.
+// The variables that name the fds passed to a new process (takeInheritance).
 const (
 	envReadyFD   = "SHELLFLIP_READY_FD"   // socketpair end: readiness byte out, "you are main" byte in
 	envStateFD   = "SHELLFLIP_STATE_FD"   // pipe read end: state from the old process
@@ -38,9 +32,8 @@ const (
 	envListenFDNames = "LISTEN_FDNAMES"
 	envWatchdogPID   = "WATCHDOG_PID"
 
-	// listenPIDAuto stands in for the new process's pid in LISTEN_PID and
-	// WATCHDOG_PID, which the old process cannot know before the fork; the
-	// new process replaces it with its own pid at initialisation .
+	// listenPIDAuto stands in for the new process's pid, which the old
+	// process cannot know before the fork (fixupPIDs).
 	listenPIDAuto = "auto"
 
 	// listenFDsStart is SD_LISTEN_FDS_START from sd-daemon.h.
@@ -50,12 +43,11 @@ const (
 	maxInheritedFDs = 1 << 16
 )
 
-// inheritance is what this process received at start. It is filled in once,
-// by the package's init, so that the fds are close-on-exec before any
-// goroutine of the program could fork, and the variables are gone before
-// anything could pass them on.
+// inheritance is what this process received at start, taken in the
+// package's init: the fds are close-on-exec before the program could fork,
+// and the variables are gone before anything could pass them on.
 type inheritance struct {
-	err       error // the first problem found; the fds concerned were closed
+	err       error // the first problem found; if set, every fd was closed
 	readyFD   int   // -1 if not started by a restart
 	stateFD   int   // -1 if not started by a restart or already handed out
 	controlFD int   // -1 if none was passed
@@ -77,11 +69,8 @@ func init() {
 	inherited = takeInheritance(os.LookupEnv, os.Unsetenv)
 }
 
-// fixupPIDs replaces LISTEN_PID=auto and WATCHDOG_PID=auto, which the old
-// process sets because it cannot know its child's pid before the fork, with
-// this process's pid, so that code that checks them (sd_listen_fds(3),
-// sd_watchdog_enabled(3), coreos/go-systemd) sees what systemd would have
-// set.
+// fixupPIDs sets LISTEN_PID=auto and WATCHDOG_PID=auto to this pid, which
+// sd_listen_fds(3), sd_watchdog_enabled(3) and coreos/go-systemd check.
 func fixupPIDs() {
 	for _, k := range []string{envListenPID, envWatchdogPID} {
 		if os.Getenv(k) == listenPIDAuto {
@@ -101,14 +90,11 @@ type handoff struct {
 }
 
 // environ returns the new process's environment: baseEnviron(environ,
-// extra), plus the variables naming the new process's fds. LISTEN_PID is
-// "auto": the new process's init sets its own pid there.
+// extra), plus the variables that name the new process's fds.
 func (h handoff) environ(environ, extra []string) []string {
 	env := baseEnviron(environ, extra)
 	if len(h.names) > 0 {
-		env = append(env,
-			envListenPID+"="+listenPIDAuto,
-			envListenFDs+"="+strconv.Itoa(len(h.names)),
+		env = append(env, envListenPID+"="+listenPIDAuto, envListenFDs+"="+strconv.Itoa(len(h.names)),
 			envListenFDNames+"="+strings.Join(h.names, ":"))
 	}
 	env = append(env, envReadyFD+"="+strconv.Itoa(h.readyFD), envStateFD+"="+strconv.Itoa(h.stateFD))
@@ -121,48 +107,36 @@ func (h handoff) environ(environ, extra []string) []string {
 	return env
 }
 
-// baseEnviron returns environ (this process's) less the variables that
-// describe this process's own fds, plus extra (which wins over variables of
-// the same name): what every restart passes on, whatever fds it passes. A
-// WATCHDOG_PID that systemd set to this process becomes "auto": the
-// watchdog passes to the new main process with everything else. Applied to
-// its own result, it changes nothing, which is how a broker uses it.
+// baseEnviron returns environ less the variables that describe this
+// process's fds, plus extra, which wins over variables of the same name. A
+// WATCHDOG_PID naming this process becomes "auto": the watchdog passes to
+// the new main process. Applied to its own result it changes nothing,
+// which is how a broker uses it.
 func baseEnviron(environ, extra []string) []string {
 	ownWatchdog := envWatchdogPID + "=" + strconv.Itoa(os.Getpid())
-	drop := func(kv string) bool {
-		k, _, _ := strings.Cut(kv, "=")
-		if reservedEnv(k) {
-			return true
-		}
-		for _, e := range extra {
-			if ek, _, _ := strings.Cut(e, "="); ek == k {
-				return true
-			}
-		}
-		return false
+	drop := func(k string) bool {
+		return reservedEnv(k) || slices.ContainsFunc(extra, func(e string) bool {
+			ek, _, _ := strings.Cut(e, "=")
+			return ek == k
+		})
 	}
 	env := make([]string, 0, len(environ)+len(extra)+8)
 	for _, kv := range environ {
+		k, _, _ := strings.Cut(kv, "=")
 		switch {
 		case kv == ownWatchdog:
 			env = append(env, envWatchdogPID+"="+listenPIDAuto)
-		case !drop(kv):
+		case !drop(k):
 			env = append(env, kv)
 		}
 	}
 	return append(env, extra...)
 }
 
-// reservedEnv reports whether the library sets the variable k for the new
-// process, so that Config.Env may not.
+// reservedEnv reports whether the library sets k itself, so Config.Env may not.
 func reservedEnv(k string) bool {
-	switch k {
-	case envListenPID, envListenFDs, envListenFDNames, envWatchdogPID,
-		envReadyFD, envStateFD, envControlFD, envControlID, envSignal,
-		envBrokerFD, envBrokerProgram:
-		return true
-	}
-	return false
+	return slices.Contains([]string{envListenPID, envListenFDs, envListenFDNames, envWatchdogPID,
+		envReadyFD, envStateFD, envControlFD, envControlID, envSignal, envBrokerFD, envBrokerProgram}, k)
 }
 
 // takeInheritance validates every fd named in the environment, marks it
@@ -171,30 +145,14 @@ func reservedEnv(k string) bool {
 func takeInheritance(lookupEnv func(string) (string, bool), unsetenv func(string) error) inheritance {
 	getenv := func(k string) string { v, _ := lookupEnv(k); return v }
 	inh := inheritance{readyFD: -1, stateFD: -1, controlFD: -1}
-	fail := func(err error) {
-		if inh.err == nil {
-			inh.err = err
-		}
+	inh.listen, inh.err = takeListenFDs(lookupEnv)
+	if (getenv(envListenFDs) != "" || getenv(envListenFDNames) != "") && getenv(envListenPID) == strconv.Itoa(os.Getpid()) {
+		unsetenv(envListenPID)
+		unsetenv(envListenFDs)
+		unsetenv(envListenFDNames)
 	}
 
-	listen, err := takeListenFDs(lookupEnv)
-	if err != nil {
-		fail(err)
-	}
-	inh.listen = listen
-	if getenv(envListenFDs) != "" || getenv(envListenFDNames) != "" {
-		pid := getenv(envListenPID)
-		if pid == strconv.Itoa(os.Getpid()) {
-			unsetenv(envListenPID)
-			unsetenv(envListenFDs)
-			unsetenv(envListenFDNames)
-		}
-	}
-
-	// The library's own fds come after the LISTEN_FDS block; they must not
-	// collide with it, with stdio or with each other.
-	low := listenFDsStart + len(listen)
-	taken := map[int]bool{}
+	low := listenFDsStart + len(inh.listen)
 	own := func(env string, want uint32) int {
 		s := getenv(env)
 		if s == "" {
@@ -202,22 +160,16 @@ func takeInheritance(lookupEnv func(string) (string, bool), unsetenv func(string
 		}
 		unsetenv(env)
 		fd, err := parseFD(s)
-		if err == nil && (fd < low || taken[fd]) {
+		if err == nil && (fd < low || slices.Contains([]int{inh.readyFD, inh.stateFD}, fd)) {
 			err = fmt.Errorf("fd %d overlaps stdio, LISTEN_FDS or another fd", fd)
 		}
 		if err == nil {
-			var wt *wrongTypeError
-			if err = checkFD(fd, want); errors.As(err, &wt) {
-				// Inherited, but not what the variable says: refused,
-				// and closed so that it leaks no further.
-				unix.Close(fd)
-			}
+			err = checkFD(fd, want)
 		}
 		if err != nil {
-			fail(fmt.Errorf("shellflip: $%s=%q: %w", env, s, err))
+			inh.err = cmp.Or(inh.err, fmt.Errorf("shellflip: $%s=%q: %w", env, s, err))
 			return -1
 		}
-		taken[fd] = true
 		return fd
 	}
 	inh.readyFD = own(envReadyFD, unix.S_IFSOCK)
@@ -226,13 +178,11 @@ func takeInheritance(lookupEnv func(string) (string, bool), unsetenv func(string
 	inh.controlID = getenv(envControlID) // checked against the path by listenControl
 	unsetenv(envControlID)
 	if (inh.readyFD < 0) != (inh.stateFD < 0) {
-		// One without the other is not something the old process sets up.
-		fail(fmt.Errorf("shellflip: $%s and $%s must be set together", envReadyFD, envStateFD))
+		inh.err = cmp.Or(inh.err, fmt.Errorf("shellflip: $%s and $%s must be set together", envReadyFD, envStateFD))
 	}
 	if inh.err != nil {
-		// Refuse the whole inheritance rather than guess: the old process
-		// sees the readiness socket close and reports the failed restart
-		// at once, instead of waiting for its timeout.
+		// Refuse it all rather than guess, and leak no fd to a child: the
+		// old process sees the readiness socket close, and fails at once.
 		closeFD(&inh.readyFD)
 		closeFD(&inh.stateFD)
 		closeFD(&inh.controlFD)
@@ -245,24 +195,19 @@ func takeInheritance(lookupEnv func(string) (string, bool), unsetenv func(string
 }
 
 // takeListenFDs parses LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES as
-// sd_listen_fds_with_names(3) does. Fds meant for another process (LISTEN_PID
-// differs) are none of ours and are left alone. On error every fd of the
-// block that could be validated is closed, so none leaks into a grandchild.
+// sd_listen_fds_with_names(3) does, and leaves fds meant for another
+// process (LISTEN_PID differs) alone. On error it closes what it validated.
 func takeListenFDs(lookupEnv func(string) (string, bool)) ([]inheritedFD, error) {
-	pidStr, _ := lookupEnv(envListenPID)
+	pid, _ := lookupEnv(envListenPID)
 	nStr, _ := lookupEnv(envListenFDs)
-	if nStr == "" {
-		return nil, nil
-	}
-	if pidStr != strconv.Itoa(os.Getpid()) {
+	if nStr == "" || pid != strconv.Itoa(os.Getpid()) {
 		return nil, nil
 	}
 	n, err := strconv.ParseUint(nStr, 10, 32)
 	if err != nil || n > maxInheritedFDs {
 		return nil, fmt.Errorf("shellflip: $%s=%q is not a count of fds", envListenFDs, nStr)
 	}
-	var names []string
-	// An empty LISTEN_FDNAMES is a valid list: one fd with the empty name.
+	var names []string // unset: all "unknown"; set and empty: one fd named ""
 	if s, ok := lookupEnv(envListenFDNames); ok {
 		names = splitNames(s, int(n)+1)
 		if len(names) != int(n) {
@@ -270,7 +215,7 @@ func takeListenFDs(lookupEnv func(string) (string, bool)) ([]inheritedFD, error)
 		}
 	}
 	fds := make([]inheritedFD, 0, n)
-	for i := 0; i < int(n); i++ {
+	for i := range int(n) {
 		fd := listenFDsStart + i
 		name := "unknown" // what sd_listen_fds_with_names(3) reports for unnamed fds
 		if i < len(names) {
@@ -280,9 +225,7 @@ func takeListenFDs(lookupEnv func(string) (string, bool)) ([]inheritedFD, error)
 			err = fmt.Errorf("shellflip: $%s: %q is not a valid fd name", envListenFDNames, name)
 		}
 		if cerr := checkInherited(fd); cerr != nil {
-			if err == nil {
-				err = fmt.Errorf("shellflip: $%s=%s: fd %d: %w", envListenFDs, nStr, fd, cerr)
-			}
+			err = cmp.Or(err, fmt.Errorf("shellflip: $%s=%s: fd %d: %w", envListenFDs, nStr, fd, cerr))
 			continue
 		}
 		fds = append(fds, inheritedFD{name: name, fd: fd})
@@ -298,23 +241,9 @@ func takeListenFDs(lookupEnv func(string) (string, bool)) ([]inheritedFD, error)
 	return fds, nil
 }
 
-// splitNames splits a LISTEN_FDNAMES value at ':', giving up after max
-// fields so that a hostile value cannot make it allocate without bound.
-func splitNames(s string, max int) []string {
-	var out []string
-	for len(out) < max {
-		i := 0
-		for i < len(s) && s[i] != ':' {
-			i++
-		}
-		out = append(out, s[:i])
-		if i == len(s) {
-			break
-		}
-		s = s[i+1:]
-	}
-	return out
-}
+// splitNames splits a LISTEN_FDNAMES value into at most max fields, so
+// that a hostile value cannot make it allocate without bound.
+func splitNames(s string, max int) []string { return strings.SplitN(s, ":", max) }
 
 // parseFD parses a decimal fd number as the old process wrote it.
 func parseFD(s string) (int, error) {
@@ -325,19 +254,13 @@ func parseFD(s string) (int, error) {
 	return int(n), nil
 }
 
-// wrongTypeError is an inherited fd of another type than expected.
-type wrongTypeError struct{ msg string }
-
-func (e *wrongTypeError) Error() string { return e.msg }
-
 // checkFD verifies that fd was inherited and, if want is not 0, is of type
-// want (unix.S_IFSOCK, unix.S_IFIFO), then marks it close-on-exec.
-//
-// An fd that is already close-on-exec cannot have survived the execve that
-// started this process: it was opened since, by the runtime (which opens
-// its cgroup CPU limit files, and its epoll fds, at the lowest free
-// numbers) or by another package's init. It is refused, and left alone:
-// taking it, let alone closing it, would pull it from under its owner.
+// want (unix.S_IFSOCK, unix.S_IFIFO), then marks it close-on-exec. An
+// inherited fd of another type is closed, so that it leaks no further. An
+// fd already close-on-exec cannot have survived the execve that started
+// this process: the runtime (its cgroup CPU limit files, its epoll fds) or
+// another package's init opened it since, at the lowest free number. It is
+// refused, and left alone: closing it would pull it from under its owner.
 func checkFD(fd int, want uint32) error {
 	if err := checkInherited(fd); err != nil {
 		return err
@@ -346,8 +269,9 @@ func checkFD(fd int, want uint32) error {
 	if _, err := ignoringEINTR(func() (int, error) { return 0, unix.Fstat(fd, &st) }); err != nil {
 		return os.NewSyscallError("fstat", err)
 	}
-	if got := st.Mode & unix.S_IFMT; want != 0 && uint32(got) != want {
-		return &wrongTypeError{fmt.Sprintf("fd %d is a %s, want a %s", fd, fileType(uint32(got)), fileType(want))}
+	if got := uint32(st.Mode & unix.S_IFMT); want != 0 && got != want {
+		unix.Close(fd)
+		return fmt.Errorf("fd %d is a %s, want a %s", fd, fileType(got), fileType(want))
 	}
 	if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC); err != nil {
 		return os.NewSyscallError("fcntl", err)
@@ -355,9 +279,8 @@ func checkFD(fd int, want uint32) error {
 	return nil
 }
 
-// checkInherited verifies that fd is open and was inherited: see checkFD.
-// One fcntl, so that a block of a thousand listeners costs a thousand
-// syscalls, not three thousand.
+// checkInherited is checkFD's first check, in one fcntl: a block of a
+// thousand listeners costs a thousand syscalls, not three thousand.
 func checkInherited(fd int) error {
 	flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
 	if err != nil {
@@ -369,45 +292,30 @@ func checkInherited(fd int) error {
 	return nil
 }
 
-func fileType(mode uint32) string {
-	switch mode & unix.S_IFMT {
-	case unix.S_IFSOCK:
-		return "socket"
-	case unix.S_IFIFO:
-		return "pipe"
-	case unix.S_IFREG:
-		return "regular file"
-	case unix.S_IFDIR:
-		return "directory"
-	case unix.S_IFCHR:
-		return "character device"
-	case unix.S_IFBLK:
-		return "block device"
-	case unix.S_IFLNK:
-		return "symlink"
-	}
-	return "file of unknown type"
+var fileTypes = map[uint32]string{
+	unix.S_IFSOCK: "socket", unix.S_IFIFO: "pipe", unix.S_IFREG: "regular file", unix.S_IFDIR: "directory",
+	unix.S_IFCHR: "character device", unix.S_IFBLK: "block device", unix.S_IFLNK: "symlink",
 }
 
-// takeControlFD hands the inherited control socket, and the identity of
-// its file, to the caller, once.
+func fileType(mode uint32) string {
+	return cmp.Or(fileTypes[mode&unix.S_IFMT], "file of unknown type")
+}
+
+// takeControlFD hands over the inherited control socket and its file's ID, once.
 func takeControlFD() (int, string) {
 	fd := inherited.controlFD
 	inherited.controlFD = -1
 	return fd, inherited.controlID
 }
 
-// earlySignals catches the restart signal in a process started by a
-// restart, from init until Start takes it over: a restart signal sent to
-// every process (pkill, systemctl kill) is meant for the old one, and
+// earlySignals catches the restart signal from init until Start takes it
+// over (stopEarlySignals), in a process started by a restart: a signal sent
+// to every process (pkill, systemctl kill) is meant for the old one, and
 // Go's default for SIGHUP would kill this one. What it catches is dropped.
 var earlySignals = make(chan os.Signal, 1)
 
 func catchEarlySignals() {
-	s, ok := os.LookupEnv(envSignal)
-	if !ok {
-		return
-	}
+	s := os.Getenv(envSignal)
 	os.Unsetenv(envSignal)
 	if n, err := strconv.Atoi(s); err == nil && validSignal(n) {
 		signal.Notify(earlySignals, syscall.Signal(n))
@@ -419,6 +327,4 @@ func validSignal(n int) bool {
 	return n > 0 && n < 65 && n != int(unix.SIGKILL) && n != int(unix.SIGSTOP)
 }
 
-// stopEarlySignals ends catchEarlySignals' watch: Start calls it once it
-// catches the restart signal itself.
 func stopEarlySignals() { signal.Stop(earlySignals) }

@@ -31,8 +31,8 @@ import (
 
 // TestFaultOldProcessKilled: the old process is SIGKILLed after it spawned
 // the new one and before the new one is ready. The new process notices when
-// it says it is ready (Ready's write fails with EPIPE: notify.go, ready,
-// "if err != nil { unix.Close(fd); becomeMain() ..."), and Start carries on
+// it says it is ready (Ready's write fails with EPIPE, and the answer is
+// end of file: notify.go, commit, "carrying on alone"), and Start carries on
 // rather than failing (restart.go, Start, "if !errors.Is(err,
 // ErrOldProcessGone)"). What it then does, and this test pins down: it
 // serves (its listeners answer), it considers itself main (IsMain is true

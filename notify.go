@@ -3,6 +3,7 @@
 package shellflip
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -22,13 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// This file is the readiness socket between two generations, both ends of
-// its messages: the new process's side (asking for the state, saying it is
-// ready or why it gave up, learning that it is the main process) and the
-// old process's (serving those messages until the new process is ready);
-// and whether this process may talk to systemd (Notify).
-
-// The readiness socket. The new process writes:
+// The readiness socket between two generations. The new process writes:
 //
 //	'S'                       send me the state (ReceiveState)
 //	'R'                       I am ready (and read the state, if I asked for it)
@@ -53,26 +48,25 @@ const (
 	maxReason = 512
 )
 
-// readyMsg reads one message: its kind, and the reason of a msgGiveUp or
-// msgRejected, made printable. Any other byte is returned as is, for the
-// caller to refuse.
+// readyMsg reads one message: its kind (0 on error) and the reason of a
+// msgGiveUp or msgRejected, made printable. The caller refuses other kinds.
 func readyMsg(r io.Reader) (kind byte, reason string, err error) {
-	var b [2]byte
+	var b [3]byte // kind, length
 	if _, err = io.ReadFull(r, b[:1]); err != nil || b[0] != msgGiveUp && b[0] != msgRejected {
 		return b[0], "", err
 	}
-	kind, n := b[0], b[:]
-	if _, err := io.ReadFull(r, n); err != nil {
+	if _, err := io.ReadFull(r, b[1:]); err != nil {
 		return 0, "", err
 	}
-	if l := binary.BigEndian.Uint16(n[:]); l > maxReason {
-		return 0, "", fmt.Errorf("a reason of %d bytes, more than %d", l, maxReason)
+	n := binary.BigEndian.Uint16(b[1:])
+	if n > maxReason {
+		return 0, "", fmt.Errorf("a reason of %d bytes, more than %d", n, maxReason)
 	}
-	text := make([]byte, binary.BigEndian.Uint16(n[:]))
+	text := make([]byte, n)
 	if _, err := io.ReadFull(r, text); err != nil {
 		return 0, "", err
 	}
-	return kind, printable(string(text)), nil
+	return b[0], printable(string(text)), nil
 }
 
 // printable escapes, as strconv.Quote would, what is not printable in s:
@@ -82,10 +76,9 @@ func printable(s string) string {
 	for _, r := range s {
 		if unicode.IsPrint(r) {
 			b.WriteRune(r)
-			continue
+		} else {
+			b.WriteString(strings.Trim(strconv.QuoteRuneToASCII(r), "'"))
 		}
-		q := fmt.Sprintf("%+q", r)
-		b.WriteString(q[1 : len(q)-1])
 	}
 	return b.String()
 }
@@ -93,55 +86,40 @@ func printable(s string) string {
 // The new process's side.
 
 var (
-	// stateMu guards state and inherited.stateFD.
-	stateMu sync.Mutex
-	// state is the stream ReceiveState handed out, if it did.
-	state *stateReader
+	stateMu sync.Mutex   // guards state, its eof and inherited.stateFD
+	state   *stateReader // the stream ReceiveState handed out, if it did
 
-	// isMain is set when this process is the service's main process: a
-	// fresh process always, a process started by a restart once the old
-	// process made it so (or went away). mainCh is closed then.
-	isMain atomic.Bool
-	mainCh = make(chan struct{})
+	isMain    atomic.Bool // this process is the service's main process (commit)
+	readySent atomic.Bool // this process told the old one that it is ready
 	// retired is set in an old process once it has told systemd the new
 	// main pid: from then on it must not talk to systemd.
 	retired atomic.Bool
 )
 
-func becomeMain() {
-	if isMain.CompareAndSwap(false, true) {
-		close(mainCh)
-	}
-}
-
 // startedByRestart reports whether an old process started this one.
 func startedByRestart() bool { return inherited.readyFD >= 0 }
 
-// ReceiveState asks the old process for its state, and returns the stream
+// ReceiveState asks the old process for its state and returns the stream
 // on which it comes: what the old process's Lifecycle.SendState writes,
-// until io.EOF. It returns (nil, nil) in a process that was not started by
-// a restart.
+// until io.EOF. It returns (nil, nil) in a process not started by a restart.
 //
 // The old process runs SendState only when asked, so that the time it must
-// hold its state still runs from this call to this process's readiness.
-// The state must be read to its end (io.EOF) before Start: a state that
-// this process asked for and did not read to its end, or did not ask for
-// at all while the old process had one to send, fails the restart, and the
-// old process keeps serving with its state. To throw the state away on
-// purpose, read it to the end: io.Copy(io.Discard, r).
+// hold its state runs from this call to this process's readiness. The
+// state must be read to its end (io.EOF) before Start: a state asked for
+// and not read to its end, or not asked for while the old process had one
+// to send, fails the restart, and the old process keeps serving with its
+// state. To throw the state away on purpose, read it to the end:
+// io.Copy(io.Discard, r).
 //
 // The caller owns the stream and closes it. Only the first call returns it;
 // later calls return an error.
 func ReceiveState() (io.ReadCloser, error) {
-	if err := inherited.err; err != nil {
-		return nil, err
-	}
 	if !startedByRestart() {
-		return nil, nil
+		return nil, inherited.err // nil, or why the inheritance was refused
 	}
 	stateMu.Lock()
 	defer stateMu.Unlock()
-	if state != nil || inherited.stateFD < 0 {
+	if inherited.stateFD < 0 {
 		return nil, errors.New("shellflip: the state was asked for already")
 	}
 	if err := writeAll(inherited.readyFD, []byte{msgState}); err != nil {
@@ -156,40 +134,32 @@ func ReceiveState() (io.ReadCloser, error) {
 	return state, nil
 }
 
-// stateReader is the state stream; it notes whether it was read to its end.
+// stateReader is the state stream, which knows whether it was read to its end.
 type stateReader struct {
 	f   *os.File
-	mu  sync.Mutex
-	eof bool // the old process's end of file was read
+	eof bool // complete saw end of file
 }
 
-func (r *stateReader) Read(p []byte) (int, error) {
-	n, err := r.f.Read(p)
-	if err == io.EOF {
-		r.mu.Lock()
-		r.eof = true
-		r.mu.Unlock()
-	}
-	return n, err
-}
+func (r *stateReader) Read(p []byte) (int, error) { return r.f.Read(p) }
 
+// Close records complete's answer before it closes the pipe.
 func (r *stateReader) Close() error {
+	stateMu.Lock()
+	defer stateMu.Unlock()
 	r.complete()
 	return r.f.Close()
 }
 
-// complete reports whether the stream was read to its end. A program that
-// read exactly what the old process wrote has not seen end of file yet:
-// one more read tells, waiting if need be for the old process to finish
-// (it is bounded by the old process's ready timeout).
+// complete reports whether the stream was read to its end, with one more
+// read: a pipe at end of file reads so again, and a program that read
+// exactly what the old process wrote has not seen end of file yet. The read
+// waits, if need be, for the old process to finish (within its ready
+// timeout). The caller holds stateMu.
 func (r *stateReader) complete() bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	if !r.eof {
 		var b [1]byte
-		if n, err := r.f.Read(b[:]); n == 0 && err == io.EOF {
-			r.eof = true
-		}
+		n, err := r.f.Read(b[:])
+		r.eof = n == 0 && err == io.EOF
 	}
 	return r.eof
 }
@@ -197,20 +167,18 @@ func (r *stateReader) complete() bool {
 // GiveUp tells the old process why this process, started by a restart,
 // cannot go on: the restart fails with "new process PID gave up: " and
 // reason (at most 512 bytes of it, made printable), the old process keeps
-// serving, and it kills this process; the caller should exit. Call it
-// instead of Start, for example when the state cannot be used. In a process
-// that was not started by a restart, or once Start has declared it ready,
-// GiveUp does nothing and returns nil.
+// serving and kills this process; the caller should exit. Call it instead
+// of Start, for example when the state cannot be used. In a process not
+// started by a restart, or once Start has declared it ready, GiveUp does
+// nothing and returns nil.
 func GiveUp(reason error) error {
-	fd := inherited.readyFD
-	if fd < 0 || readySent.Load() {
+	if !startedByRestart() || readySent.Load() {
 		return nil
 	}
-	return writeAll(fd, reasonMsg(msgGiveUp, reason.Error()))
+	return writeAll(inherited.readyFD, reasonMsg(msgGiveUp, reason.Error()))
 }
 
-// reasonMsg encodes a msgGiveUp or msgRejected with text, cut to maxReason
-// bytes between characters.
+// reasonMsg encodes a msgGiveUp or msgRejected, text cut between runes.
 func reasonMsg(kind byte, text string) []byte {
 	for len(text) > maxReason {
 		_, size := utf8.DecodeLastRuneInString(text)
@@ -219,54 +187,6 @@ func reasonMsg(kind byte, text string) []byte {
 	msg := append([]byte{kind, 0, 0}, text...)
 	binary.BigEndian.PutUint16(msg[1:], uint16(len(text)))
 	return msg
-}
-
-// readySent is set once this process told the old one that it is ready.
-var readySent atomic.Bool
-
-// answer is what the old process answered a ready new process: msgMain,
-// msgMainPID, msgRejected with its reason, or 0 for end of file (it is
-// gone).
-type answer struct {
-	kind   byte
-	reason string
-}
-
-// ready tells the old process that this process is ready, and returns a
-// channel that receives its answer. Before that it checks the state: asked
-// for and not read to its end, it is a reason to give up.
-func ready() (<-chan answer, error) {
-	fd := inherited.readyFD
-	stateMu.Lock()
-	if state != nil && !state.complete() {
-		stateMu.Unlock()
-		err := errors.New("the state it asked for was not read to its end")
-		GiveUp(err)
-		return nil, fmt.Errorf("shellflip: %w", err)
-	}
-	closeFD(&inherited.stateFD) // not asked for: the old process sends nothing
-	stateMu.Unlock()
-
-	ch := make(chan answer, 1)
-	readySent.Store(true)
-	werr := writeAll(fd, []byte{msgReady})
-	go func() {
-		// The old process answers once systemd knows this process as the
-		// main pid; until then this process must not talk to systemd.
-		// The answer is read even if the write failed: an old process
-		// that rejected this one says so before it closes its end.
-		f := os.NewFile(uintptr(fd), "shellflip-ready") // blocking: this goroutine waits in read(2)
-		defer f.Close()
-		kind, reason, err := readyMsg(f)
-		if err != nil {
-			kind = 0
-		}
-		ch <- answer{kind, reason}
-	}()
-	if werr != nil && werr != unix.EPIPE && werr != unix.ECONNRESET {
-		return nil, os.NewSyscallError("write", werr)
-	}
-	return ch, nil
 }
 
 // writeAll writes b to the blocking fd, as one message would go.
@@ -311,15 +231,13 @@ func Notify(fields ...string) error {
 	return n.send(context.Background(), nil, fields...)
 }
 
-// notifyMu orders this process's notifications against the handover:
-// Notify holds it for reading, the old process's handover for writing
-// while it tells systemd the new main pid and sets retired, so that
-// nothing this process sends reaches systemd after that.
+// notifyMu orders notifications against the handover: Notify holds it for
+// reading, the old process for writing while it tells systemd the new main
+// pid and sets retired, after which nothing it sends reaches systemd.
 var notifyMu sync.RWMutex
 
-// mayNotify reports ErrNotMain when this process must not talk to systemd:
-// it was started by a restart and is not the main process yet, or it has
-// handed the service over to a new main process.
+// mayNotify reports ErrNotMain when this process must not talk to systemd
+// (see Notify); StoreFDs asks it too.
 func mayNotify() error {
 	if !isMain.Load() && startedByRestart() || retired.Load() {
 		return ErrNotMain
@@ -337,32 +255,56 @@ func commit(log *slog.Logger, sig <-chan os.Signal, pidFile string) error {
 				return fmt.Errorf("shellflip: writing the PID file: %w", err)
 			}
 		}
-		becomeMain()
+		isMain.Store(true)
 		notifySystemd(log, "READY=1")
 		return nil
 	}
-	answer, err := ready()
-	if err != nil {
-		return err
+
+	stateMu.Lock()
+	if state != nil && !state.complete() {
+		stateMu.Unlock()
+		err := errors.New("the state it asked for was not read to its end")
+		GiveUp(err)
+		return fmt.Errorf("shellflip: %w", err)
+	}
+	closeFD(&inherited.stateFD) // not asked for: the old process sends nothing
+	stateMu.Unlock()
+
+	// The old process's answer: its kind (0 for end of file: it is gone)
+	// and the reason of a msgRejected. It is read even if the write failed:
+	// an old process that rejected this one says so before it closes its end.
+	type answer struct {
+		kind   byte
+		reason string
+	}
+	answers := make(chan answer, 1)
+	fd := inherited.readyFD
+	readySent.Store(true)
+	werr := writeAll(fd, []byte{msgReady})
+	go func() {
+		f := os.NewFile(uintptr(fd), "shellflip-ready") // blocking: this goroutine waits in read(2)
+		defer f.Close()
+		kind, reason, _ := readyMsg(f)
+		answers <- answer{kind, reason}
+	}()
+	if werr != nil && werr != unix.EPIPE && werr != unix.ECONNRESET {
+		return os.NewSyscallError("write", werr)
 	}
 	for {
 		select {
-		case a := <-answer:
-			switch a.kind {
-			case msgRejected:
+		case a := <-answers:
+			if a.kind == msgRejected {
 				return fmt.Errorf("shellflip: the old process rejected this process: %s", a.reason)
-			case msgMain:
-			default: // msgMainPID, or end of file: the old process is gone
-				if a.kind != msgMainPID {
-					log.Warn("shellflip: the old process went away during the handover; carrying on alone")
-				}
-				if pidFile != "" {
-					if err := writePIDFile(pidFile, os.Getpid()); err != nil {
-						log.Error("shellflip: writing the PID file", "path", pidFile, "err", err)
-					}
+			}
+			if a.kind != msgMain && a.kind != msgMainPID {
+				log.Warn("shellflip: the old process went away during the handover; carrying on alone")
+			}
+			if a.kind != msgMain && pidFile != "" {
+				if err := writePIDFile(pidFile, os.Getpid()); err != nil {
+					log.Error("shellflip: writing the PID file", "path", pidFile, "err", err)
 				}
 			}
-			becomeMain()
+			isMain.Store(true)
 			// The old process has stopped accepting: the restart is done,
 			// and a reload of Type=notify-reload ends here.
 			notifySystemd(log, "READY=1")
@@ -373,12 +315,11 @@ func commit(log *slog.Logger, sig <-chan os.Signal, pidFile string) error {
 	}
 }
 
-// handOverTimeout bounds how long the old process waits for systemd to
-// process the new MAINPID.
+// handOverTimeout bounds the wait for systemd to process the new MAINPID.
 const handOverTimeout = 5 * time.Second
 
-// notifySystemd sends fields to systemd, if this process is managed by it,
-// within handOverTimeout, and logs what went wrong.
+// notifySystemd sends fields to systemd, if it manages this process, and
+// logs what went wrong.
 func notifySystemd(log *slog.Logger, fields ...string) {
 	n, err := processNotifier()
 	if err == nil {
@@ -401,20 +342,14 @@ func oneLine(s string) string {
 	}, s)
 }
 
-// writePIDFile writes pid to path atomically: a reader sees the old
-// content or the new, never a partial file.
+// writePIDFile writes pid to path atomically: never a partial file.
 func writePIDFile(path string, pid int) error {
 	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
 	if err != nil {
 		return err
 	}
 	_, err = f.WriteString(strconv.Itoa(pid) + "\n")
-	if err == nil {
-		err = f.Chmod(0o644)
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
+	err = cmp.Or(err, f.Chmod(0o644), f.Close()) // closed whatever the error
 	if err == nil {
 		err = os.Rename(f.Name(), path)
 	}
@@ -438,10 +373,10 @@ type gaveUpError struct{ reason string }
 func (e *gaveUpError) Error() string { return "gave up: " + e.reason }
 
 // awaitReady serves the new process's messages until it is ready: it sends
-// the state when asked (and reports whether it was), and fails on a
-// process that gave up, exited, sent garbage, or ran out of time (ctx).
-// Read here rather than on a goroutine of its own beside a select: the
-// readiness is what the whole restart waits for, and each hop costs time.
+// the state when asked (and reports whether it was), and fails on a process
+// that gave up, exited, sent garbage, or ran out of time (ctx). It reads on
+// the caller's goroutine: the restart waits for this, and a hop to another
+// goroutine costs time.
 func awaitReady(ctx context.Context, child *childWatch, ready *os.File, stateW *int, hook func(context.Context, io.Writer) error) (asked bool, err error) {
 	stop := context.AfterFunc(ctx, func() { ready.SetReadDeadline(time.Unix(1, 0)) })
 	defer stop()
@@ -456,11 +391,11 @@ func awaitReady(ctx context.Context, child *childWatch, ready *os.File, stateW *
 			return asked, err
 		case kind == msgState && !asked:
 			asked = true
-			if err := sendState(ctx, *stateW, hook); err != nil {
-				*stateW = -1
+			err = sendState(ctx, *stateW, hook)
+			*stateW = -1 // closed by sendState
+			if err != nil {
 				return asked, fmt.Errorf("sending state: %w", err)
 			}
-			*stateW = -1
 		case kind == msgGiveUp:
 			return asked, &gaveUpError{reason}
 		case kind == msgReady:
@@ -491,11 +426,9 @@ func sendState(ctx context.Context, fd int, hook func(context.Context, io.Writer
 	}
 	stop := context.AfterFunc(ctx, func() { w.SetWriteDeadline(time.Unix(1, 0)) })
 	defer stop()
-	if err := hook(ctx, w); err != nil {
-		if ctx.Err() != nil {
-			return fmt.Errorf("%w: %w", context.Cause(ctx), err)
-		}
-		return err
+	err = hook(ctx, w)
+	if err != nil && ctx.Err() != nil {
+		return fmt.Errorf("%w: %w", context.Cause(ctx), err)
 	}
-	return nil
+	return err
 }
