@@ -181,38 +181,6 @@ func forkExec(path string, argv, env []string, dir string, files []uintptr) (int
 	return syscall.ForkExec(path, argv, &syscall.ProcAttr{Dir: dir, Env: env, Files: files})
 }
 
-// newReadyPair returns the readiness socket's two ends: the old process
-// keeps parent, the new one inherits child.
-func newReadyPair() (parent, child int, err error) {
-	syscall.ForkLock.RLock() // see socketCloexec
-	defer syscall.ForkLock.RUnlock()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|sockCloexec, 0)
-	if err != nil {
-		return -1, -1, os.NewSyscallError("socketpair", err)
-	}
-	if sockCloexec == 0 {
-		unix.CloseOnExec(fds[0])
-		unix.CloseOnExec(fds[1])
-	}
-	return fds[0], fds[1], nil
-}
-
-// socketCloexec creates a socket that is close-on-exec: from birth where
-// there is SOCK_CLOEXEC (spawn_linux.go), and else marked at once under
-// syscall.ForkLock, so that no fork comes between the two steps.
-func socketCloexec(family, typ int) (int, error) {
-	syscall.ForkLock.RLock()
-	defer syscall.ForkLock.RUnlock()
-	fd, err := unix.Socket(family, typ|sockCloexec, 0)
-	if err != nil {
-		return -1, os.NewSyscallError("socket", err)
-	}
-	if sockCloexec == 0 {
-		unix.CloseOnExec(fd)
-	}
-	return fd, nil
-}
-
 // sealFDsWith marks every fd above stderr close-on-exec: by closeRange if
 // it works, or else each fd listed in dir (/proc/self/fd), or else every fd
 // number below RLIMIT_NOFILE. If all three fail, so does the restart: the

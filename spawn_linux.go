@@ -10,8 +10,24 @@ import (
 
 // The Linux primitives of the restart path; spawn_other.go has the others'.
 
-// sockCloexec makes a socket close-on-exec from birth.
-const sockCloexec = unix.SOCK_CLOEXEC
+// newReadyPair returns the readiness socket's two ends: the old process
+// keeps parent, the new one inherits child.
+func newReadyPair() (parent, child int, err error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, -1, os.NewSyscallError("socketpair", err)
+	}
+	return fds[0], fds[1], nil
+}
+
+// socketCloexec creates a socket that is close-on-exec from birth.
+func socketCloexec(family, typ int) (int, error) {
+	fd, err := unix.Socket(family, typ|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, os.NewSyscallError("socket", err)
+	}
+	return fd, nil
+}
 
 // acceptCloexec accepts a connection on fd, close-on-exec.
 func acceptCloexec(fd int) (int, error) {

@@ -12,11 +12,34 @@ import (
 // The restart path's primitives on darwin and FreeBSD: spawn_linux.go's,
 // without SOCK_CLOEXEC, pipe2, waitid(WNOWAIT) or SO_PEERCRED.
 
-// sockCloexec: there is no SOCK_CLOEXEC on darwin.
-const sockCloexec = 0
+// newReadyPair: see spawn_linux.go. darwin has no SOCK_CLOEXEC, so the
+// fds are marked under syscall.ForkLock: a fork between the two steps would
+// leak them.
+func newReadyPair() (parent, child int, err error) {
+	syscall.ForkLock.RLock()
+	defer syscall.ForkLock.RUnlock()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM, 0)
+	if err != nil {
+		return -1, -1, os.NewSyscallError("socketpair", err)
+	}
+	unix.CloseOnExec(fds[0])
+	unix.CloseOnExec(fds[1])
+	return fds[0], fds[1], nil
+}
 
-// acceptCloexec: see spawn_linux.go; without accept4, so marked under
-// syscall.ForkLock: a fork between the two steps would leak the fd.
+// socketCloexec: see spawn_linux.go; marked under ForkLock as newReadyPair.
+func socketCloexec(family, typ int) (int, error) {
+	syscall.ForkLock.RLock()
+	defer syscall.ForkLock.RUnlock()
+	fd, err := unix.Socket(family, typ, 0)
+	if err != nil {
+		return -1, os.NewSyscallError("socket", err)
+	}
+	unix.CloseOnExec(fd)
+	return fd, nil
+}
+
+// acceptCloexec: see spawn_linux.go; without accept4, under ForkLock.
 func acceptCloexec(fd int) (int, error) {
 	syscall.ForkLock.RLock()
 	defer syscall.ForkLock.RUnlock()
@@ -28,7 +51,7 @@ func acceptCloexec(fd int) (int, error) {
 	return nfd, nil
 }
 
-// newStatePipe: see spawn_linux.go; created under ForkLock as acceptCloexec.
+// newStatePipe: see spawn_linux.go; created under ForkLock.
 func newStatePipe() (r, w int, err error) {
 	syscall.ForkLock.RLock()
 	defer syscall.ForkLock.RUnlock()
