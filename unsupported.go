@@ -12,11 +12,8 @@ import (
 	"time"
 )
 
-// The API where there is no fork/exec or unix socket (windows, plan9, js,
-// wasip1, ...), so that programs that vendor the package build there: it is
-// documented in the other files, and every entry point returns
-// ErrNotSupported or does nothing. .ci/run checks that it declares exactly
-// what the Linux build declares.
+// Stubs of the API (see the package doc and the other files) for the
+// platforms the package does not support; .ci/run checks they match Linux's.
 
 type (
 	Config struct {
@@ -56,9 +53,7 @@ func (r *Restarter) Wait() (newPid int, err error)            { return 0, ErrNot
 func (r *Restarter) Stop()                                    {}
 func (r *Restarter) Restart(ctx context.Context) (int, error) { return 0, ErrNotSupported }
 
-func RequestRestart(ctx context.Context, socketPath string) (int, error) {
-	return 0, ErrNotSupported
-}
+func RequestRestart(ctx context.Context, socketPath string) (int, error) { return 0, ErrNotSupported }
 
 func ReceiveState() (io.ReadCloser, error) { return nil, nil }
 func GiveUp(reason error) error            { return nil }
