@@ -1,44 +1,45 @@
 // Package shellflip restarts a running service into a new process without
-// dropping a connection or losing state: a graceful restart, as Cloudflare's
-// Rust crate shellflip does it, with listener passing and systemd
-// integration. The README maps shellflip's names to this package's.
+// dropping a connection or losing state, as Cloudflare's Rust crate
+// shellflip does, with listener passing and systemd integration. The README
+// maps shellflip's names to this package's.
 //
 // It is written to be vendored into security-sensitive binaries: no cgo, no
 // dependency but golang.org/x/sys, fork/exec by syscall.ForkExec (not
 // os/exec), sd_notify(3) and the control protocol written by hand, and
 // everything that comes from another process validated.
 //
+// The package is built and tested for Linux. darwin and FreeBSD are built,
+// not tested, and lack the Linux-only refinements (the control socket's mode
+// is set after bind, the child is reaped without waitid(WNOWAIT)). Elsewhere
+// it compiles, and every entry point returns ErrNotSupported or does nothing.
+//
 // # How a restart goes
 //
 // The running (old) process calls Start once it is initialised. A restart is
 // requested by a signal (SIGUSR1 by default), on the control socket
 // (RequestRestart, or shellflip's Rust client: the wire format is the same),
-// or by the program (Restarter.Restart). The old process starts the same
-// program (see Config.Path) and serves its request for the state
-// (ReceiveState, Lifecycle.SendState) until it is ready (its Start), gives
-// up (GiveUp), exits, or runs out of Config.ReadyTimeout. On success the
-// PID file, systemd, Lifecycle.NewProcessReady, the requesters and then the
-// new process learn of it, in that order; the new process's Start returns
-// (the commit point) and the old process's Restarter ends: it drains (see
-// ShutdownCoordinator) and exits. On failure the new process is rejected,
-// killed and reaped, Lifecycle.NewProcessFailed runs, and the old process
-// keeps serving. A new process that crashes, hangs or cannot use the state
-// costs the old one nothing but a failed restart, whose error says why.
+// or by Restarter.Restart. The old process starts the program again
+// (Config.Path) and serves it the state (Lifecycle.SendState, ReceiveState)
+// until it is ready (its Start), gives up (GiveUp), exits or times out
+// (Config.ReadyTimeout). On success the PID file, systemd,
+// Lifecycle.NewProcessReady, the requesters and then the new process learn
+// of it, in that order: the new process's Start returns (the commit point),
+// and the old process's Restarter ends, to drain (ShutdownCoordinator) and
+// exit. On failure the new process is rejected, killed and reaped, and
+// Lifecycle.NewProcessFailed runs: a new process that crashes, hangs or
+// cannot use the state costs the old one nothing but a failed restart, whose
+// error says why.
 //
-// # What crosses from the old process to the new one
-//
-// Exactly these fds: 0, 1 and 2; the registry's fds (Listen, FD, Add) at 3
-// and up, named by LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID as systemd
-// names them for socket activation, so that both arrive the same way; and
-// after those the readiness socket, the state pipe and the control socket,
-// named by SHELLFLIP_* variables. Fds that leaked into the old process from
-// its own parent are marked close-on-exec before the fork.
-//
-// The package's init takes them over before main runs: each fd named in the
-// environment is checked (open, inherited, of the expected type), marked
-// close-on-exec, and its variable removed. LISTEN_PID and WATCHDOG_PID
-// arrive as "auto", which init replaces with the new pid, as systemd would
-// have set them.
+// Exactly these fds cross to the new process: 0, 1 and 2; the registry's
+// fds (Listen, FD, Add) from 3, named by LISTEN_FDS, LISTEN_FDNAMES and
+// LISTEN_PID as systemd names those of socket activation, so that both
+// arrive alike; then the readiness socket, the state pipe and the control
+// socket, named by SHELLFLIP_* variables. Fds that leaked into the old
+// process from its own parent are marked close-on-exec before the fork.
+// Before main runs, the new process's init checks each fd named in the
+// environment (open, inherited, of the expected type), marks it
+// close-on-exec and removes its variable; LISTEN_PID and WATCHDOG_PID
+// arrive as "auto", and init sets them to its pid, as systemd would.
 //
 // # systemd
 //
@@ -53,24 +54,15 @@
 //
 // # seccomp
 //
-// A seccomp filter survives execve, so a confined process could restart
-// only with fork and exec allowed, and each generation would run under all
-// its predecessors' filters. NewBroker, called before the lockdown, starts
-// the program again as an unfiltered restart broker, and Config.Broker sends
-// restarts there: the confined process makes no fork, exec, wait or kill,
-// and each generation runs under exactly its own filter (examples/locked).
-// The package uses no pidfds, whose probes SIGSYS-answering filters have
-// killed Go programs for (golang/go#69065), and no Pdeathsig, which follows
-// the forking thread rather than the process (golang/go#27505). SECURITY.md
-// lists the system calls of each step.
-//
-// # Platforms
-//
-// Linux is the platform the package is built and tested for. darwin and
-// FreeBSD are built, not tested, and lack the Linux-only refinements (the
-// control socket's mode is set after bind, and the child is reaped without
-// waitid(WNOWAIT)). Elsewhere the package compiles, and every entry point
-// returns ErrNotSupported or does nothing.
+// A seccomp filter survives execve: a confined process could restart only
+// with fork and exec allowed, and under all its predecessors' filters.
+// NewBroker, called before the lockdown, starts the program again as an
+// unfiltered restart broker; Config.Broker sends restarts there, so that the
+// confined process makes no fork, exec, wait or kill, and each generation
+// runs under its own filter alone (examples/locked). The package uses no
+// pidfds, whose probes SIGSYS-answering filters have killed Go programs for
+// (golang/go#69065), nor Pdeathsig, which follows the forking thread
+// (golang/go#27505). SECURITY.md lists the system calls of each step.
 package shellflip
 
 import "errors"
@@ -84,9 +76,8 @@ var (
 	// service tried to restart and failed.
 	ErrRestartFailed = errors.New("shellflip: restart failed")
 
-	// ErrNotMain is returned by Notify and StoreFDs when this process is
-	// not the service's main process (systemd would drop what it sent):
-	// it was started by a restart and Start has not returned yet, or it
-	// has handed the service over to a new process.
+	// ErrNotMain is returned by Notify and StoreFDs outside the service's
+	// main process, whose messages alone systemd reads: in a process a
+	// restart started until its Start returns, and once it has handed over.
 	ErrNotMain = errors.New("shellflip: not the service's main process")
 )
