@@ -1,18 +1,12 @@
 package shellflip
 
-// The control-socket protocol of the Rust crate cloudflare/shellflip 2.x
+// The control-socket protocol of cloudflare/shellflip 2.x
 // (src/restart_coordination_socket.rs), so that Go and Rust processes can
-// restart each other. A frame is a 4-byte big-endian payload length
-// (tokio_util's LengthDelimitedCodec), then what serde_json::to_string writes
-// for one of these externally tagged enums (the payloads are at msgKind):
-//
-//	enum RestartMessage { Request(RestartRequest), Response(RestartResponse) }
-//	enum RestartRequest { TryRestart }
-//	enum RestartResponse { RestartComplete(u32), RestartFailed(String) }
-//
-// The encoders write serde_json's bytes exactly, and the decoder accepts
-// exactly what serde_json::from_slice accepts, so that Go and Rust peers
-// agree; it is a small tokenizer, not encoding/json, to be easy to audit.
+// restart each other: a 4-byte big-endian payload length (tokio_util's
+// LengthDelimitedCodec), then serde_json of the RestartMessage enum, one of
+// the three payloads at msgKind. The encoders write serde_json's bytes
+// exactly; the decoder, a small tokenizer rather than encoding/json so as to
+// be easy to audit, accepts exactly what serde_json::from_slice accepts.
 
 import (
 	"encoding/binary"
@@ -44,8 +38,8 @@ type message struct {
 	text string // msgRestartFailed: why; valid UTF-8, but any character, including control characters
 }
 
-// appendTryRestart appends a TryRestart frame, header and payload, to dst.
-// Like the other two encoders, it allocates only if dst lacks capacity.
+// appendTryRestart appends a whole TryRestart frame to dst. Like the other
+// two encoders, it allocates only if dst lacks capacity.
 func appendTryRestart(dst []byte) []byte {
 	const payload = `{"Request":"TryRestart"}`
 	return append(binary.BigEndian.AppendUint32(dst, uint32(len(payload))), payload...)
@@ -75,11 +69,9 @@ func appendRestartFailed(dst []byte, text string) []byte {
 	return dst
 }
 
-// wireAppendText appends s to dst escaped as by serde_json's ser.rs (its
-// ESCAPE table): `"` and `\` get a backslash, \b \f \n \r \t their short
-// escapes, other bytes below 0x20 \u00XX in lowercase hex, and all else is
-// raw; invalid UTF-8 becomes U+FFFD. It stops before the first character
-// that would take len(dst) past end.
+// wireAppendText appends s to dst escaped as serde_json's ser.rs ESCAPE table
+// does, invalid UTF-8 as U+FFFD, and stops before the first character that
+// would take len(dst) past end.
 func wireAppendText(dst []byte, s string, end int) []byte {
 	for len(s) > 0 {
 		enc := make([]byte, 0, 6) // on the stack
@@ -104,9 +96,9 @@ func wireAppendText(dst []byte, s string, end int) []byte {
 }
 
 // wireInvalidLen returns how many bytes of the invalid UTF-8 at the start of
-// s one U+FFFD replaces: as String::from_utf8_lossy, a "maximal subpart"
-// (Unicode ch. 3), the longest prefix that could begin a valid encoding, or
-// one byte. (Go would replace each byte of "\xe2\x82", or a whole run.)
+// s one U+FFFD replaces in String::from_utf8_lossy: a "maximal subpart"
+// (Unicode ch. 3), the longest prefix that could begin a character, or one
+// byte. Go would replace each byte of "\xe2\x82", or a whole run.
 func wireInvalidLen(s string) int {
 	n := 1
 	for n < len(s) && !utf8.FullRuneInString(s[:n+1]) {
@@ -115,11 +107,10 @@ func wireInvalidLen(s string) int {
 	return n
 }
 
-// readFrame reads one frame from r and returns its payload, non-nil, in
-// scratch if it fits (so valid until scratch is reused). A length over
-// maxFrameLen is refused before anything is allocated for it, and the stream
-// is then out of step. readFrame returns io.EOF only if r ends before the
-// first byte, an error wrapping io.ErrUnexpectedEOF if it ends later.
+// readFrame reads a frame from r and returns its payload, non-nil, in scratch
+// if it fits (valid until scratch is reused). A length over maxFrameLen is
+// refused before any allocation, leaving the stream out of step. If r ends
+// before the first byte it returns io.EOF, later io.ErrUnexpectedEOF wrapped.
 func readFrame(r io.Reader, scratch []byte) ([]byte, error) {
 	hdr := slices.Grow(scratch[:0], 4)[:4]
 	if got, err := io.ReadFull(r, hdr); err == io.EOF {
@@ -141,10 +132,9 @@ func readFrame(r io.Reader, scratch []byte) ([]byte, error) {
 	return payload, nil
 }
 
-// decodeMessage decodes one payload, or says what is wrong at which byte
-// offset. Decoding TryRestart or RestartComplete allocates nothing; a
-// RestartFailed's text is a copy. Like serde_json::from_slice, it accepts
-// whitespace around every token and escapes in names, "Req\u0075est"
+// decodeMessage decodes one payload, or says what is wrong at which offset;
+// only a RestartFailed's text is allocated. Like serde_json::from_slice, it
+// accepts whitespace around tokens and escapes in names, "Req\u0075est"
 // (deserialize_identifier is deserialize_str), and refuses an enum object
 // with no key or two (deserialize_enum wants '}' after the value).
 func decodeMessage(payload []byte) (message, error) {
@@ -267,10 +257,10 @@ func (d *wireDecoder) pid() uint32 {
 	return uint32(n)
 }
 
-// str reads a JSON string as serde_json's parse_str with validation does: no
-// raw control characters, valid UTF-8, JSON's escapes, surrogates in
-// high-low pairs. It returns the string decoded: a slice of the payload if it
-// has no escape, else dst with the string appended.
+// str reads a JSON string as serde_json's parse_str with validation does (no
+// raw control characters, valid UTF-8, surrogates in high-low pairs) and
+// returns it decoded: a slice of the payload if it has no escape, else dst
+// with it appended.
 func (d *wireDecoder) str(dst []byte) []byte {
 	if d.next() != '"' {
 		d.unexpected("a string")
@@ -301,8 +291,7 @@ func (d *wireDecoder) str(dst []byte) []byte {
 	return nil
 }
 
-// escape reads the escape at d.i, a backslash that is not the last byte, and
-// returns the character it stands for.
+// escape reads the escape at d.i, a backslash that is not the last byte.
 func (d *wireDecoder) escape() rune {
 	esc := d.i
 	if k := strings.IndexByte(`"\/bfnrt`, d.p[esc+1]); k >= 0 {
