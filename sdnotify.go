@@ -1,13 +1,5 @@
 //go:build linux || darwin || freebsd
 
-// sd_notify(3) without libsystemd: one AF_UNIX datagram per message to the
-// socket $NOTIFY_SOCKET names, VARIABLE=value fields separated by '\n', fds
-// as SCM_RIGHTS. The manager reads at most 4096 bytes, drops a datagram
-// holding a NUL, splits the rest on '\n' and '\r', and mostly reads only a
-// variable's first assignment (src/core/manager.c, src/core/service.c). So
-// send refuses what the manager would drop or misread, above all a value
-// that would split off a second assignment (MAINPID=).
-
 package shellflip
 
 import (
@@ -35,25 +27,24 @@ const (
 	fdnameMax     = 255  // FDNAME_MAX in systemd's src/basic/fd-util.h
 )
 
-// notifier sends datagrams to the service manager. It is safe for concurrent
-// use and never closed; a nil *notifier sends nothing and returns nil. Its
-// socket is net's, so that a full queue is waited for in the poller, but it
-// sends by sendmsg(2) in RawConn.Write: net's WriteMsgUnix refuses connected
-// datagram sockets, and an unconnected one would cost a sockaddr per send.
+// notifier sends datagrams to the service manager, one at a time; it is
+// never closed, and a nil *notifier sends nothing. It calls sendmsg(2) in
+// RawConn.Write, so that the poller waits out a full queue: net's
+// WriteMsgUnix refuses a connected datagram socket, and an unconnected one
+// costs a sockaddr per send.
 type notifier struct {
 	conn *net.UnixConn
 	raw  syscall.RawConn // conn's, made once: SyscallConn allocates
 
-	mu     sync.Mutex            // one datagram at a time; guards the fields below
+	mu     sync.Mutex            // guards the fields below
 	buf    []byte                // the datagram; capacity sdMaxDatagram
 	oob    []byte                // its SCM_RIGHTS, or nil
 	err    error                 // what sendmsg returned
 	sendFn func(fd uintptr) bool // n.sendmsg, bound once: a method value per send would allocate
 }
 
-// processNotifier returns the notifier for $NOTIFY_SOCKET (nil, nil without
-// it), the same notifier and error at every call. NOTIFY_SOCKET stays set,
-// for the processes a restart starts.
+// processNotifier returns the notifier for $NOTIFY_SOCKET, made once (nil, nil
+// without it). NOTIFY_SOCKET stays set for the processes a restart starts.
 var processNotifier = sync.OnceValues(func() (*notifier, error) {
 	return newNotifier(os.Getenv("NOTIFY_SOCKET"))
 })
@@ -78,10 +69,9 @@ func newNotifier(addr string) (*notifier, error) {
 	return n, nil
 }
 
-// checkNotifyAddr reports a NOTIFY_SOCKET that is neither an absolute path
-// nor, on Linux, an @abstract name, rather than leave it to connect's errno;
-// vsock (systemd 254) is ErrNotSupported. sun_path holds a path and its NUL,
-// or an abstract name ('@' stands for its leading NUL) and no terminator.
+// checkNotifyAddr refuses, rather than leave to connect's errno, what is not
+// an absolute path or, on Linux, an @abstract name ('@' for a leading NUL);
+// vsock (systemd 254) is ErrNotSupported.
 func checkNotifyAddr(addr string) error {
 	limit := len(unix.RawSockaddrUnix{}.Path)
 	switch {
@@ -90,7 +80,7 @@ func checkNotifyAddr(addr string) error {
 	case strings.IndexByte(addr, 0) >= 0:
 		return errors.New("contains a NUL byte")
 	case strings.HasPrefix(addr, "/"):
-		limit--
+		limit-- // for the NUL that ends a path; an abstract name has none
 	case !strings.HasPrefix(addr, "@"):
 		return errors.New("not an absolute path or an @abstract name")
 	case runtime.GOOS != "linux" && runtime.GOOS != "android":
@@ -102,13 +92,12 @@ func checkNotifyAddr(addr string) error {
 	return nil
 }
 
-// send sends fields in one datagram, joined by '\n' without a trailing one
-// (as systemd-notify does), with duplicates of fds (the caller keeps its
-// own). A field that checkField refuses or that repeats a variable, no field
-// at all, more than sdMaxFDs fds or sdMaxDatagram bytes: send returns an
-// error and sends nothing. Like sd_notify(3) it waits while the manager's
-// queue is full, but only until ctx's deadline: a restart must not hang on a
-// manager that stops reading. A few fields without fds allocate nothing.
+// send sends fields in one datagram, joined by '\n' as systemd-notify does,
+// with duplicates of fds (the caller keeps its own). It sends nothing and
+// returns an error for a field checkField refuses, a variable assigned twice
+// (src/core/service.c reads the first), no field, more than sdMaxFDs fds or
+// sdMaxDatagram bytes. Like sd_notify(3) it waits while the manager's queue
+// is full, until ctx's deadline only: a stuck manager must not hang a restart.
 func (n *notifier) send(ctx context.Context, fds []int, fields ...string) error {
 	if n == nil {
 		return nil
@@ -127,7 +116,6 @@ func (n *notifier) send(ctx context.Context, fds []int, fields ...string) error 
 		if err != nil {
 			return fmt.Errorf("shellflip: sd_notify: field %d: %w", i, err)
 		}
-		// The manager would silently ignore the second assignment.
 		for _, g := range fields[:i] {
 			if k, _, _ := strings.Cut(g, "="); k == key {
 				return fmt.Errorf("shellflip: sd_notify: %s is assigned twice", key)
@@ -146,8 +134,7 @@ func (n *notifier) send(ctx context.Context, fds []int, fields ...string) error 
 		n.oob = unix.UnixRights(fds...)
 	}
 	if d, ok := ctx.Deadline(); ok {
-		// Errors only on a closed socket, which Write reports.
-		n.conn.SetWriteDeadline(d)
+		n.conn.SetWriteDeadline(d) // fails only on a closed socket; so does Write
 		defer n.conn.SetWriteDeadline(time.Time{})
 	}
 	err := n.raw.Write(n.sendFn) // on a closed socket: an error wrapping net.ErrClosed
@@ -160,9 +147,9 @@ func (n *notifier) send(ctx context.Context, fds []int, fields ...string) error 
 	return nil
 }
 
-// sendmsg is n.raw.Write's callback, run with n.mu held. Only EAGAIN, a full
-// queue, which is "not yet", makes it wait for the poller. MSG_NOSIGNAL, as
-// in libsystemd: a closed peer is an error, not a SIGPIPE.
+// sendmsg is n.raw.Write's callback, run with n.mu held; only EAGAIN, a full
+// queue, makes Write wait for the poller. MSG_NOSIGNAL as in libsystemd: a
+// closed peer is an error, not a SIGPIPE.
 func (n *notifier) sendmsg(fd uintptr) bool {
 	sent, err := ignoringEINTR(func() (int, error) {
 		return unix.SendmsgN(int(fd), n.buf, n.oob, nil, unix.MSG_NOSIGNAL)
@@ -180,7 +167,9 @@ func (n *notifier) sendmsg(fd uintptr) bool {
 }
 
 // checkField returns the variable f assigns, or why the manager would not
-// read f as one assignment, VARIABLE in [A-Z_]+, of a valid value.
+// read f as one assignment, VARIABLE in [A-Z_]+, of a valid value. The
+// manager (src/core/manager.c) drops a datagram holding a NUL and splits the
+// rest on '\n' and '\r': a value holding one could add a field (MAINPID=).
 func checkField(f string) (string, error) {
 	if i := strings.IndexAny(f, "\n\r\x00"); i >= 0 {
 		return "", fmt.Errorf("byte %d is %q, which would split the field or void the datagram", i, f[i])
@@ -217,9 +206,9 @@ func checkField(f string) (string, error) {
 	return key, nil
 }
 
-// checkUserField refuses what only the package may send, lest a program
-// contradict it: a restart sends MAINPID= and the MONOTONIC_USEC= of its
-// RELOADING=1, StoreFDs FDSTORE=1, barrier BARRIER=1.
+// checkUserField refuses the fields only the package sends, lest a program
+// contradict it: a restart's MAINPID= and MONOTONIC_USEC=, StoreFDs's
+// FDSTORE=1, barrier's BARRIER=1.
 func checkUserField(f string) error {
 	switch key, _, _ := strings.Cut(f, "="); key {
 	case "MAINPID", "MONOTONIC_USEC", "FDSTORE", "BARRIER":
@@ -228,11 +217,10 @@ func checkUserField(f string) error {
 	return nil
 }
 
-// barrier waits until the manager has processed every datagram sent before,
-// as sd_notify_barrier(3): it sends BARRIER=1 alone (or the manager ignores
-// it) with a pipe's write end, and waits for EOF on the read end, once the
-// manager has closed its copy. When ctx ends, it returns an error wrapping
-// ctx.Err(). Both pipe ends are closed on every path.
+// barrier waits, as sd_notify_barrier(3), until the manager has processed
+// every datagram sent before: it sends BARRIER=1 alone (else the manager
+// ignores it) with a pipe's write end, and reads the other end until EOF, or
+// until ctx ends (an error wrapping ctx.Err()).
 func (n *notifier) barrier(ctx context.Context) error {
 	if n == nil {
 		return nil
@@ -248,8 +236,7 @@ func (n *notifier) barrier(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	// In the poller, no thread waits on r, and a past deadline set once ctx
-	// is done ends the read. Outside it, nothing could: refuse.
+	// Only in the poller can a deadline end the read (set once ctx is done).
 	if err := r.SetReadDeadline(time.Time{}); err != nil {
 		return fmt.Errorf("shellflip: sd_notify barrier: %w", err)
 	}
@@ -265,9 +252,8 @@ func (n *notifier) barrier(ctx context.Context) error {
 	return nil
 }
 
-// monotonicUsec returns CLOCK_MONOTONIC in µs for the MONOTONIC_USEC= of
-// RELOADING=1 (systemd 253), by which the manager tells this reload from an
-// older one: read it just before sending.
+// monotonicUsec returns CLOCK_MONOTONIC in µs, read just before sending, for
+// RELOADING=1's MONOTONIC_USEC= (systemd 253): it tells reloads apart.
 func monotonicUsec() (int64, error) {
 	var ts unix.Timespec
 	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
@@ -287,9 +273,9 @@ func fdnameValid(s string) bool {
 // WatchdogInterval reads WATCHDOG_USEC and WATCHDOG_PID as
 // sd_watchdog_enabled(3) does and returns how often to send WATCHDOG=1: half
 // the timeout, as that page advises. enabled is false, with a nil error, if
-// WATCHDOG_USEC is unset or WATCHDOG_PID names another process. A
-// WATCHDOG_USEC that is not a positive number of microseconds, or a
-// WATCHDOG_PID that is not a pid, is an error. The variables are not unset.
+// WATCHDOG_USEC is unset or WATCHDOG_PID names another process. It is an
+// error if WATCHDOG_USEC is not a positive number of microseconds or
+// WATCHDOG_PID not a pid. The variables are not unset.
 func WatchdogInterval() (interval time.Duration, enabled bool, err error) {
 	s, ok := os.LookupEnv("WATCHDOG_USEC")
 	if !ok {
