@@ -361,8 +361,7 @@ func checkSocket(fd int, network string, listener bool) error {
 	if err != nil {
 		return fmt.Errorf("the inherited fd does not fit network %q: %w", network, os.NewSyscallError(name, err))
 	}
-	// Non-zero, not 1: BSD kernels descended from 4.4BSD answer
-	// SO_ACCEPTCONN with the option's bit.
+	// Non-zero, not 1: 4.4BSD's descendants answer SO_ACCEPTCONN with its bit.
 	if listener && v == 0 || !listener && v != unix.SOCK_DGRAM {
 		return fmt.Errorf("the inherited socket does not fit network %q: it is not %s", network, what)
 	}
@@ -408,10 +407,10 @@ func socketFits(c any, network string) bool {
 // that a process systemd starts later (after a crash, or "systemctl
 // restart", which graceful restarts do not survive) finds them in its
 // registry under the same names. The unit needs a large enough
-// FileDescriptorStoreMax=. Storing again after a restart is harmless:
-// systemd ignores an fd it already stores. Without $NOTIFY_SOCKET StoreFDs
-// does nothing; it returns ErrNotMain where Notify does.
-// Notify("FDSTOREREMOVE=1", "FDNAME="+name) takes an fd out of the store.
+// FileDescriptorStoreMax=. Storing again after a restart is harmless: systemd
+// ignores an fd it already stores. Without $NOTIFY_SOCKET StoreFDs does
+// nothing; it returns ErrNotMain where Notify does. Notify("FDSTOREREMOVE=1",
+// "FDNAME="+name) takes an fd out of the store.
 func StoreFDs(names ...string) error {
 	notifyMu.RLock()
 	defer notifyMu.RUnlock()
