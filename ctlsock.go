@@ -3,6 +3,7 @@
 package shellflip
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -19,9 +20,6 @@ import (
 
 	"golang.org/x/sys/unix"
 )
-
-// The control socket: a client (RequestRestart, or the Rust crate's) asks for
-// a restart and learns the new pid or why it failed, once per connection.
 
 const (
 	// requestTimeout bounds the time a client may take to send its request
@@ -43,9 +41,8 @@ type reply struct {
 	err error
 }
 
-// respond sends the outcome and closes the connection. A client that went
-// away gets nothing: the write error (EPIPE, an error, not a signal, for Go
-// sockets) is only logged.
+// respond sends the outcome and closes the connection. If the client went
+// away, the write error (EPIPE, not a signal, for Go sockets) is only logged.
 func (q *restartRequest) respond(log *slog.Logger, pid int, err error) {
 	if q.reply != nil {
 		q.reply <- reply{pid, err}
@@ -65,7 +62,8 @@ func (q *restartRequest) respond(log *slog.Logger, pid int, err error) {
 	q.conn.Close()
 }
 
-// controlServer accepts restart requests on the control socket.
+// controlServer accepts restart requests on the control socket, one per
+// connection, from RequestRestart or the Rust crate's client.
 type controlServer struct {
 	ln   *net.UnixListener
 	fd   int    // close-on-exec duplicate of the listening socket, for the new process
@@ -74,13 +72,12 @@ type controlServer struct {
 	log  *slog.Logger
 	reqs chan *restartRequest // to the restart loop
 
-	slots   chan struct{} // one per connection being served
-	stopped chan struct{} // closed by stopAccepting
-	wg      sync.WaitGroup
+	slots chan struct{} // one per connection being served
+	wg    sync.WaitGroup
 
-	mu       sync.Mutex
-	finished bool // stopAccepting ran; late requests get the final outcome
-	finalPID int
+	stop     sync.Once
+	stopped  chan struct{} // closed by stopAccepting once the final outcome is set
+	finalPID int           // the final outcome, which late requests get
 	finalErr error
 }
 
@@ -100,9 +97,8 @@ func lstatID(path string) (fileID, uint32, error) {
 }
 
 // listenControl adopts the socket the old process passed (inheritedFD >= 0)
-// if the file at path still has its identity (inheritedID). Otherwise it
-// closes inheritedFD and binds a new socket, so that the path keeps leading
-// to the service.
+// if the file at path still has its identity (inheritedID); otherwise it
+// closes inheritedFD and binds a new socket at path.
 func listenControl(path string, inheritedFD int, inheritedID string, log *slog.Logger) (*controlServer, error) {
 	fd := inheritedFD
 	var id fileID
@@ -143,22 +139,20 @@ func listenControl(path string, inheritedFD int, inheritedID string, log *slog.L
 }
 
 // bindControl creates the listening socket at path and returns it with the
-// socket file's identity. Only a stale socket is taken away from path first
-// (clearStale); anything else there, or anything that appears there before
-// bind (EADDRINUSE), is an error and is left alone.
+// socket file's identity. Only a stale socket is taken from path (clearStale);
+// anything else, there or appearing before bind (EADDRINUSE), is an error.
 //
 // The file is made exactly 0600 before listen, whatever the umask (0277 would
 // leave a socket its own user cannot connect to). On Linux it is never wider:
-// bind(2) gives it the mode of the socket's inode less the umask, and
-// fchmod(2) sets that mode beforehand (unix_bind_bsd in net/unix/af_unix.c).
-// Elsewhere it has the umask's mode until the chmod. checkPeer refuses other
-// uids in any case.
+// bind(2) gives the file the mode that fchmod(2) gave the socket, less the
+// umask (unix_bind_bsd in net/unix/af_unix.c); elsewhere it has the umask's
+// mode until the chmod. checkPeer refuses other uids in any case.
 func bindControl(path string) (int, fileID, error) {
 	if path == "" || path[0] == '@' {
 		return -1, fileID{}, fmt.Errorf("shellflip: control socket %q: want a filesystem path", path)
 	}
 	if err := clearStale(path); err != nil {
-		return -1, fileID{}, err
+		return -1, fileID{}, fmt.Errorf("shellflip: control socket %s: %w", path, err)
 	}
 	fd, err := socketCloexec(unix.AF_UNIX, unix.SOCK_STREAM)
 	if err != nil {
@@ -191,29 +185,27 @@ func bindControl(path string) (int, fileID, error) {
 }
 
 // clearStale takes a stale socket (one that refuses connections) away from
-// path, and fails if anything else is there. Checking, then unlinking, would
-// delete a file renamed onto path in between; so the socket is renamed aside
-// and deleted only if it is the very one checked (same device and inode).
-// Anything else is put back, without replacing what may have appeared at
-// path meanwhile, and reported.
+// path, and fails if anything else is there. Unlinking after the check would
+// delete a file renamed onto path in between, so the socket is renamed aside
+// and deleted only if it is the one checked; anything else is put back.
 func clearStale(path string) error {
 	id, mode, err := lstatID(path)
 	if err == unix.ENOENT {
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("shellflip: control socket %s: %w", path, os.NewSyscallError("lstat", err))
+		return os.NewSyscallError("lstat", err)
 	}
 	if mode&unix.S_IFMT != unix.S_IFSOCK {
-		return fmt.Errorf("shellflip: control socket %s: a %s is in the way; refusing to remove it", path, fileType(mode))
+		return fmt.Errorf("a %s is in the way; refusing to remove it", fileType(mode))
 	}
 	c, err := net.DialTimeout("unix", path, time.Second)
 	if err == nil {
 		c.Close()
-		return fmt.Errorf("shellflip: control socket %s: another process is listening on it", path)
+		return errors.New("another process is listening on it")
 	}
 	if !errors.Is(err, unix.ECONNREFUSED) {
-		return fmt.Errorf("shellflip: control socket %s: %w", path, err)
+		return err
 	}
 	testHookStaleChecked()
 	aside := filepath.Join(filepath.Dir(path), ".shellflip-stale-"+strconv.FormatUint(rand.Uint64(), 36))
@@ -221,16 +213,16 @@ func clearStale(path string) error {
 		if err == unix.ENOENT {
 			return nil // gone already
 		}
-		return fmt.Errorf("shellflip: control socket %s: taking the stale socket away: %w", path, os.NewSyscallError("rename", err))
+		return fmt.Errorf("taking the stale socket away: %w", os.NewSyscallError("rename", err))
 	}
 	if got, _, err := lstatID(aside); err == nil && got == id {
 		unix.Unlink(aside)
 		return nil
 	}
 	if err := putBack(aside, path); err != nil {
-		return fmt.Errorf("shellflip: control socket %s: the file there changed during the takeover and could not be put back; it is now at %s: %w", path, aside, err)
+		return fmt.Errorf("the file there changed during the takeover and could not be put back; it is now at %s: %w", aside, err)
 	}
-	return fmt.Errorf("shellflip: control socket %s: the file there changed during the takeover; left as it was", path)
+	return errors.New("the file there changed during the takeover; left as it was")
 }
 
 // testHookStaleChecked runs between clearStale's check and its rename.
@@ -296,9 +288,8 @@ func (s *controlServer) handle(conn *net.UnixConn) {
 	}
 }
 
-// request reads one request from conn and hands it to the restart loop, or,
-// once the restart loop is done with the control socket, answers it with
-// the outcome of the restart that was in flight when conn was accepted.
+// request reads one request from conn and hands it to the restart loop or,
+// once that has stopped accepting, answers it with the final outcome.
 func (s *controlServer) request(conn *net.UnixConn) {
 	q := &restartRequest{conn: conn}
 	if err := checkPeer(conn); err != nil {
@@ -328,21 +319,16 @@ func (s *controlServer) request(conn *net.UnixConn) {
 		q.respond(s.log, 0, fmt.Errorf("bad request: %w", err))
 		return
 	}
-	conn.SetReadDeadline(time.Time{})
 	select {
 	case s.reqs <- q:
 	case <-s.stopped:
-		s.mu.Lock()
-		pid, ferr := s.finalPID, s.finalErr
-		s.mu.Unlock()
-		q.respond(s.log, pid, ferr)
+		q.respond(s.log, s.finalPID, s.finalErr)
 	}
 }
 
-// checkPeer fails unless the process at the other end of conn runs as our
-// uid or root. The server checks its clients (mode 0600 does not keep others
-// out if the socket's directory lets them swap the file), and RequestRestart
-// checks the server.
+// checkPeer fails unless conn's peer runs as our uid or root. Both ends
+// check: mode 0600 does not keep others out if the socket's directory lets
+// them swap the file.
 func checkPeer(conn *net.UnixConn) error {
 	rc, err := conn.SyscallConn()
 	if err != nil {
@@ -365,15 +351,12 @@ func checkPeer(conn *net.UnixConn) error {
 // outcome of a restart, pid and err, which clients accepted meanwhile are
 // told. Connections still in the backlog are left to the new process, if any.
 func (s *controlServer) stopAccepting(pid int, err error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.finished {
-		return
-	}
-	s.finished, s.finalPID, s.finalErr = true, pid, err
-	close(s.stopped)
-	// Close waits for a pending Accept; what it accepted is answered.
-	s.ln.Close()
+	s.stop.Do(func() {
+		s.finalPID, s.finalErr = pid, err
+		close(s.stopped)
+		// Close waits for a pending Accept; what it accepted is answered.
+		s.ln.Close()
+	})
 }
 
 // finish stops accepting if need be, waits until every client accepted is
@@ -436,13 +419,10 @@ func RequestRestart(ctx context.Context, socketPath string) (int, error) {
 	var scratch [512]byte
 	payload, err := readFrame(c, scratch[:])
 	if err != nil {
-		if werr != nil {
-			err = werr
-		}
 		if ctx.Err() != nil {
 			return 0, ctx.Err()
 		}
-		return 0, fmt.Errorf("shellflip: reading the response: %w", err)
+		return 0, fmt.Errorf("shellflip: reading the response: %w", cmp.Or(werr, err))
 	}
 	m, err := decodeMessage(payload)
 	if err != nil {

@@ -15,12 +15,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// fdEntry is one named fd, passed to the new process at a restart as systemd
-// passes fds (see the package doc). The registry owns fd (a close-on-exec
-// duplicate) and closes it only in Remove or, for inherited fds nobody
-// claimed, in Start. The program's net.Listener and friends hold duplicates
-// of their own, so closing those never closes what the next process
-// inherits.
+// fdEntry is one named fd, passed on at a restart as systemd passes fds. The
+// registry owns fd, a close-on-exec duplicate, and closes it only in Remove
+// or, if it was inherited and not claimed, in Start; the program's listeners
+// hold duplicates of their own.
 type fdEntry struct {
 	name      string
 	fd        int
@@ -35,14 +33,13 @@ var fdreg struct {
 	adopted bool // the inherited fds are in entries
 	entries []*fdEntry
 	// byName maps each name in entries[:indexed] to its first entry, so that
-	// a process claiming a thousand names does not compare half a million.
-	// lookupEntry indexes what was appended since; a deletion sets it to nil.
+	// a thousand claims do not compare half a million names. Deletions nil it.
 	byName  map[string]*fdEntry
 	indexed int
 }
 
-// lockRegistry locks the registry. The first time, it puts the fds of the
-// LISTEN_FDS block, which the package's init took over, into it.
+// lockRegistry locks the registry and, the first time, adds to it the
+// inherited fds that the package's init took over.
 func lockRegistry() {
 	fdreg.mu.Lock()
 	if !fdreg.adopted {
@@ -129,42 +126,29 @@ type ListenConfig struct {
 // file on Close: the next process is still serving on it.
 func (lc *ListenConfig) Listen(ctx context.Context, network, address string) (net.Listener, error) {
 	c, err := lc.listen(ctx, network, address, true)
-	if err != nil {
-		return nil, err
-	}
-	return c.(net.Listener), nil
+	ln, _ := c.(net.Listener) // nil on error
+	return ln, err
 }
 
 // ListenPacket is Listen for packet sockets: network "udp", "udp4", "udp6"
 // or "unixgram".
 func (lc *ListenConfig) ListenPacket(ctx context.Context, network, address string) (net.PacketConn, error) {
 	c, err := lc.listen(ctx, network, address, false)
-	if err != nil {
-		return nil, err
-	}
-	return c.(net.PacketConn), nil
+	pc, _ := c.(net.PacketConn) // nil on error
+	return pc, err
 }
 
 // listen is Listen if listener, else ListenPacket. A claim costs one syscall
-// more than the net package needs: checkSocket, which refuses an fd of the
-// wrong sort before the net package touches it. os.NewFile registers a
-// non-blocking fd with the runtime's poller, and has no way not to; so the
-// first claim wraps the registry's copy in a file and keeps it, rather than
-// wrap and close a duplicate at each claim (a dup, an EPOLL_CTL_DEL and a
-// close more).
+// more than the net package needs (checkSocket). os.NewFile registers a
+// non-blocking fd with the runtime's poller, so the first claim wraps the
+// registry's copy in a file and keeps it: a duplicate wrapped and closed at
+// each claim would cost a dup, an EPOLL_CTL_DEL and a close more.
 func (lc *ListenConfig) listen(ctx context.Context, network, address string, listener bool) (any, error) {
-	supported := false
-	switch network {
-	case "tcp", "tcp4", "tcp6", "unix", "unixpacket":
-		supported = listener
-	case "udp", "udp4", "udp6", "unixgram":
-		supported = !listener
+	kind, networks := "packet conn", []string{"udp", "udp4", "udp6", "unixgram"}
+	if listener {
+		kind, networks = "listener", []string{"tcp", "tcp4", "tcp6", "unix", "unixpacket"}
 	}
-	if !supported {
-		kind := "packet conn"
-		if listener {
-			kind = "listener"
-		}
+	if !slices.Contains(networks, network) {
 		return nil, fmt.Errorf("shellflip: network %q is not supported for a %s", network, kind)
 	}
 	name := lc.Name
@@ -183,9 +167,8 @@ func (lc *ListenConfig) listen(ctx context.Context, network, address string, lis
 			return nil, fmt.Errorf("shellflip: fd %q: %w", name, err)
 		}
 		if e.file == nil {
-			// The net package calls Fd on this file, which is safe: Fd
-			// makes a file blocking only if os made it non-blocking,
-			// which os.NewFile never does (golang/go#29277).
+			// Safe though the net package calls Fd on it: Fd makes blocking
+			// only a file that os made non-blocking, and os.NewFile never does.
 			e.file = os.NewFile(uintptr(e.fd), name)
 		}
 		if listener {
@@ -286,9 +269,8 @@ func Remove(name string) bool {
 	return true
 }
 
-// closeUnclaimed closes the inherited fds the program did not claim, and
-// unlinks the socket file of such a unix listener, since no one serves on it
-// any more. Called by Start.
+// closeUnclaimed, called by Start, closes the inherited fds nobody claimed,
+// and unlinks the socket file of such a unix listener: no one serves on it.
 func closeUnclaimed() {
 	lockRegistry()
 	defer fdreg.mu.Unlock()
@@ -310,10 +292,9 @@ func closeUnclaimed() {
 }
 
 // unlinkListenerPath removes the file of a listening unix socket bound to a
-// path, if that path still holds a socket. Abstract sockets (no file) and
-// anything that is not a listening unix socket are left alone.
+// path, if that path still holds a socket.
 func unlinkListenerPath(fd int) {
-	// The address first: it rules out most fds (TCP listeners) at once.
+	// The address first: it rules out TCP listeners at once.
 	sa, err := unix.Getsockname(fd)
 	ua, ok := sa.(*unix.SockaddrUnix)
 	if err != nil || !ok || ua.Name == "" || ua.Name[0] == '@' || ua.Name[0] == 0 {
@@ -328,10 +309,9 @@ func unlinkListenerPath(fd int) {
 	}
 }
 
-// passFDs appends the registry's fds and names to files and names, and
-// returns a function that must be called once the new process was started:
-// the registry stays locked in between, so no fd in files can be closed
-// before the fork duplicates it.
+// passFDs appends the registry's fds and names to files and names. The
+// registry stays locked, so that no fd in files is closed before the fork,
+// until the new process is started and the returned function called.
 func passFDs(files []uintptr, names []string) ([]uintptr, []string, func()) {
 	lockRegistry()
 	for _, e := range fdreg.entries {
@@ -341,10 +321,9 @@ func passFDs(files []uintptr, names []string) ([]uintptr, []string, func()) {
 	return files, names, fdreg.mu.Unlock
 }
 
-// dupConn duplicates c's fd, close-on-exec. It works inside Control so that
-// the fd is valid while it is used, and never calls (*os.File).Fd, which
-// would switch the shared file description to blocking mode under the feet
-// of every process that shares it (golang/go#29277).
+// dupConn duplicates c's fd, close-on-exec, inside Control, where the fd is
+// valid; (*os.File).Fd would make the shared file description blocking for
+// every process that shares it (golang/go#29277).
 func dupConn(c syscall.Conn) (int, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
@@ -370,11 +349,9 @@ func dupFile(fd int, name string) (*os.File, error) {
 	return os.NewFile(uintptr(nfd), name), nil
 }
 
-// checkSocket verifies, with one syscall, that fd is a listening socket if
-// listener, and a datagram socket otherwise. It runs before the net
-// package's dup sets the file description non-blocking, so that an fd of
-// another sort (a pipe, say) is refused untouched; and it is the one thing
-// about a listener that the net package does not look at.
+// checkSocket checks, with one syscall, what the net package does not: that
+// fd is a listening socket if listener, and a datagram socket otherwise. It
+// runs before the net package's dup would set a pipe, say, non-blocking.
 func checkSocket(fd int, network string, listener bool) error {
 	opt, name, what := unix.SO_TYPE, "getsockopt SO_TYPE", "a datagram socket"
 	if listener {
@@ -384,19 +361,17 @@ func checkSocket(fd int, network string, listener bool) error {
 	if err != nil {
 		return fmt.Errorf("the inherited fd does not fit network %q: %w", network, os.NewSyscallError(name, err))
 	}
-	// Non-zero, not 1: BSD kernels descended from 4.4BSD answer
-	// SO_ACCEPTCONN with the option's bit.
+	// Non-zero, not 1: 4.4BSD's descendants answer SO_ACCEPTCONN with its bit.
 	if listener && v == 0 || !listener && v != unix.SOCK_DGRAM {
 		return fmt.Errorf("the inherited socket does not fit network %q: it is not %s", network, what)
 	}
 	return nil
 }
 
-// socketFits reports whether c, which the net package made of a socket that
-// passed checkSocket, serves network. c's address says what the net package
-// found: a *net.UnixAddr with its Net for AF_UNIX; a *net.TCPAddr or
-// *net.UDPAddr whose IP is 4 bytes long for AF_INET and 16 for AF_INET6,
-// even when IPv4-mapped (sockaddrToTCP in net/tcpsock_posix.go).
+// socketFits reports whether c, made by the net package of a socket that
+// passed checkSocket, serves network. An IP address is 4 bytes long for
+// AF_INET and 16 for AF_INET6, even when IPv4-mapped (sockaddrToTCP in
+// net/tcpsock_posix.go).
 func socketFits(c any, network string) bool {
 	var a net.Addr
 	switch c := c.(type) {
@@ -432,10 +407,10 @@ func socketFits(c any, network string) bool {
 // that a process systemd starts later (after a crash, or "systemctl
 // restart", which graceful restarts do not survive) finds them in its
 // registry under the same names. The unit needs a large enough
-// FileDescriptorStoreMax=. Storing again after a restart is harmless:
-// systemd ignores an fd it already stores. Without $NOTIFY_SOCKET StoreFDs
-// does nothing; it returns ErrNotMain where Notify does.
-// Notify("FDSTOREREMOVE=1", "FDNAME="+name) takes an fd out of the store.
+// FileDescriptorStoreMax=. Storing again after a restart is harmless: systemd
+// ignores an fd it already stores. Without $NOTIFY_SOCKET StoreFDs does
+// nothing; it returns ErrNotMain where Notify does. Notify("FDSTOREREMOVE=1",
+// "FDNAME="+name) takes an fd out of the store.
 func StoreFDs(names ...string) error {
 	notifyMu.RLock()
 	defer notifyMu.RUnlock()
