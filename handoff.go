@@ -53,10 +53,20 @@ type inheritedFD struct {
 
 var inherited = inheritance{readyFD: -1, stateFD: -1, controlFD: -1}
 
+// earlySignals catches the restart signal from init until Start takes it
+// over (stopEarlySignals), in a process started by a restart: a signal sent
+// to every process (pkill, systemctl kill) is meant for the old one, and
+// Go's default for SIGHUP would kill this one. What it catches is dropped.
+var earlySignals = make(chan os.Signal, 1)
+
 func init() {
 	fixupPIDs()
 	recordStart()
-	catchEarlySignals()
+	s := os.Getenv(envSignal)
+	os.Unsetenv(envSignal)
+	if n, err := strconv.Atoi(s); err == nil && validSignal(n) {
+		signal.Notify(earlySignals, syscall.Signal(n))
+	}
 	inherited = takeInheritance(os.LookupEnv, os.Unsetenv)
 }
 
@@ -296,20 +306,6 @@ func takeControlFD() (int, string) {
 	fd := inherited.controlFD
 	inherited.controlFD = -1
 	return fd, inherited.controlID
-}
-
-// earlySignals catches the restart signal from init until Start takes it
-// over (stopEarlySignals), in a process started by a restart: a signal sent
-// to every process (pkill, systemctl kill) is meant for the old one, and
-// Go's default for SIGHUP would kill this one. What it catches is dropped.
-var earlySignals = make(chan os.Signal, 1)
-
-func catchEarlySignals() {
-	s := os.Getenv(envSignal)
-	os.Unsetenv(envSignal)
-	if n, err := strconv.Atoi(s); err == nil && validSignal(n) {
-		signal.Notify(earlySignals, syscall.Signal(n))
-	}
 }
 
 // validSignal reports whether n may be a restart signal.
