@@ -15,32 +15,23 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The variables that name the fds passed to a new process (takeInheritance).
+// The variables that pass fds and settings to a new process or a broker.
 const (
-	envReadyFD   = "SHELLFLIP_READY_FD"   // socketpair end: readiness byte out, "you are main" byte in
-	envStateFD   = "SHELLFLIP_STATE_FD"   // pipe read end: state from the old process
-	envControlFD = "SHELLFLIP_CONTROL_FD" // the control socket's listening socket
-	envControlID = "SHELLFLIP_CONTROL_ID" // DEV:INO of the control socket's file, to tell whether the path still names it
-	envSignal    = "SHELLFLIP_SIGNAL"     // the restart signal's number: caught from init on, so that it cannot kill the new process
-
-	// A broker's (broker.go), set by NewBroker.
-	envBrokerFD      = "SHELLFLIP_BROKER_FD"      // its end of the socketpair to its parent
-	envBrokerProgram = "SHELLFLIP_BROKER_PROGRAM" // the program its parent was started as, which restarts run
-
+	envReadyFD       = "SHELLFLIP_READY_FD"       // socketpair end: readiness byte out, "you are main" byte in
+	envStateFD       = "SHELLFLIP_STATE_FD"       // pipe read end: state from the old process
+	envControlFD     = "SHELLFLIP_CONTROL_FD"     // the control socket's listening socket
+	envControlID     = "SHELLFLIP_CONTROL_ID"     // DEV:INO of the control socket's file, to tell whether the path still names it
+	envSignal        = "SHELLFLIP_SIGNAL"         // the restart signal's number (earlySignals)
+	envBrokerFD      = "SHELLFLIP_BROKER_FD"      // a broker's end of the socketpair to its parent (NewBroker)
+	envBrokerProgram = "SHELLFLIP_BROKER_PROGRAM" // the program a broker's parent was started as, which restarts run
 	envListenPID     = "LISTEN_PID"
 	envListenFDs     = "LISTEN_FDS"
 	envListenFDNames = "LISTEN_FDNAMES"
 	envWatchdogPID   = "WATCHDOG_PID"
 
-	// listenPIDAuto stands in for the new process's pid, which the old
-	// process cannot know before the fork (fixupPIDs).
-	listenPIDAuto = "auto"
-
-	// listenFDsStart is SD_LISTEN_FDS_START from sd-daemon.h.
-	listenFDsStart = 3
-
-	// maxInheritedFDs bounds LISTEN_FDS before anything is allocated for it.
-	maxInheritedFDs = 1 << 16
+	listenPIDAuto   = "auto"  // the new process's pid, which the old one cannot know before the fork (fixupPIDs)
+	listenFDsStart  = 3       // SD_LISTEN_FDS_START from sd-daemon.h
+	maxInheritedFDs = 1 << 16 // bounds LISTEN_FDS before anything is allocated for it
 )
 
 // inheritance is what this process received at start, taken in the
@@ -62,10 +53,20 @@ type inheritedFD struct {
 
 var inherited = inheritance{readyFD: -1, stateFD: -1, controlFD: -1}
 
+// earlySignals catches the restart signal from init until Start takes it
+// over (stopEarlySignals), in a process started by a restart: a signal sent
+// to every process (pkill, systemctl kill) is meant for the old one, and
+// Go's default for SIGHUP would kill this one. What it catches is dropped.
+var earlySignals = make(chan os.Signal, 1)
+
 func init() {
 	fixupPIDs()
 	recordStart()
-	catchEarlySignals()
+	s := os.Getenv(envSignal)
+	os.Unsetenv(envSignal)
+	if n, err := strconv.Atoi(s); err == nil && validSignal(n) {
+		signal.Notify(earlySignals, syscall.Signal(n))
+	}
 	inherited = takeInheritance(os.LookupEnv, os.Unsetenv)
 }
 
@@ -107,11 +108,11 @@ func (h handoff) environ(environ, extra []string) []string {
 	return env
 }
 
-// baseEnviron returns environ less the variables that describe this
-// process's fds, plus extra, which wins over variables of the same name. A
-// WATCHDOG_PID naming this process becomes "auto": the watchdog passes to
-// the new main process. Applied to its own result it changes nothing,
-// which is how a broker uses it.
+// baseEnviron returns environ less the variables that the library sets
+// (reservedEnv) or extra sets, plus extra. A WATCHDOG_PID naming this
+// process becomes "auto": the watchdog passes to the new main process. A
+// broker applies it to an environment it made, which drops that "auto":
+// WATCHDOG_USEC alone still enables the watchdog (sd_watchdog_enabled(3)).
 func baseEnviron(environ, extra []string) []string {
 	ownWatchdog := envWatchdogPID + "=" + strconv.Itoa(os.Getpid())
 	drop := func(k string) bool {
@@ -236,7 +237,8 @@ func takeListenFDs(lookupEnv func(string) (string, bool)) ([]inheritedFD, error)
 		}
 		return nil, err
 	}
-	// Every fd of the block is inherited and open: mark them all at once.
+	// Every fd of the block is inherited and open: mark them all at once,
+	// where checkFD would cost three syscalls an fd.
 	cloexecRange(listenFDsStart, listenFDsStart+int(n)-1)
 	return fds, nil
 }
@@ -255,12 +257,8 @@ func parseFD(s string) (int, error) {
 }
 
 // checkFD verifies that fd was inherited and, if want is not 0, is of type
-// want (unix.S_IFSOCK, unix.S_IFIFO), then marks it close-on-exec. An
-// inherited fd of another type is closed, so that it leaks no further. An
-// fd already close-on-exec cannot have survived the execve that started
-// this process: the runtime (its cgroup CPU limit files, its epoll fds) or
-// another package's init opened it since, at the lowest free number. It is
-// refused, and left alone: closing it would pull it from under its owner.
+// want, then marks it close-on-exec. An inherited fd of another type is
+// closed, so that it leaks no further.
 func checkFD(fd int, want uint32) error {
 	if err := checkInherited(fd); err != nil {
 		return err
@@ -279,8 +277,10 @@ func checkFD(fd int, want uint32) error {
 	return nil
 }
 
-// checkInherited is checkFD's first check, in one fcntl: a block of a
-// thousand listeners costs a thousand syscalls, not three thousand.
+// checkInherited refuses, and leaves open, an fd already close-on-exec: it
+// cannot have survived the execve that started this process, so the runtime
+// (its cgroup CPU limit files, its epoll fds) or another package's init
+// opened it since, and closing it would pull it from under its owner.
 func checkInherited(fd int) error {
 	flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
 	if err != nil {
@@ -306,20 +306,6 @@ func takeControlFD() (int, string) {
 	fd := inherited.controlFD
 	inherited.controlFD = -1
 	return fd, inherited.controlID
-}
-
-// earlySignals catches the restart signal from init until Start takes it
-// over (stopEarlySignals), in a process started by a restart: a signal sent
-// to every process (pkill, systemctl kill) is meant for the old one, and
-// Go's default for SIGHUP would kill this one. What it catches is dropped.
-var earlySignals = make(chan os.Signal, 1)
-
-func catchEarlySignals() {
-	s := os.Getenv(envSignal)
-	os.Unsetenv(envSignal)
-	if n, err := strconv.Atoi(s); err == nil && validSignal(n) {
-		signal.Notify(earlySignals, syscall.Signal(n))
-	}
 }
 
 // validSignal reports whether n may be a restart signal.

@@ -43,9 +43,7 @@ const (
 	msgMain     = 'M'
 	msgMainPID  = 'P'
 	msgRejected = 'X'
-
-	// maxReason bounds the text of msgGiveUp, in bytes.
-	maxReason = 512
+	maxReason   = 512 // bytes of text in a msgGiveUp or msgRejected
 )
 
 // readyMsg reads one message: its kind (0 on error) and the reason of a
@@ -91,9 +89,7 @@ var (
 
 	isMain    atomic.Bool // this process is the service's main process (commit)
 	readySent atomic.Bool // this process told the old one that it is ready
-	// retired is set in an old process once it has told systemd the new
-	// main pid: from then on it must not talk to systemd.
-	retired atomic.Bool
+	retired   atomic.Bool // this old process named the new main pid to systemd: it must not talk to it
 )
 
 // startedByRestart reports whether an old process started this one.
@@ -101,21 +97,21 @@ func startedByRestart() bool { return inherited.readyFD >= 0 }
 
 // ReceiveState asks the old process for its state and returns the stream
 // on which it comes: what the old process's Lifecycle.SendState writes,
-// until io.EOF. It returns (nil, nil) in a process not started by a restart.
+// until io.EOF. It returns (nil, nil) in a process not started by a restart,
+// and (nil, err) if the inheritance from the old process was refused.
 //
-// The old process runs SendState only when asked, so that the time it must
-// hold its state runs from this call to this process's readiness. The
-// state must be read to its end (io.EOF) before Start: a state asked for
-// and not read to its end, or not asked for while the old process had one
-// to send, fails the restart, and the old process keeps serving with its
-// state. To throw the state away on purpose, read it to the end:
-// io.Copy(io.Discard, r).
+// The old process runs SendState only when asked, so that it holds its
+// state only from this call to this process's readiness. The state must be
+// read to its end (io.EOF) before Start: a state asked for and not read to
+// its end, or not asked for while the old process had one to send, fails
+// the restart, and the old process keeps serving with its state. To throw
+// the state away on purpose, read it to the end: io.Copy(io.Discard, r).
 //
 // The caller owns the stream and closes it. Only the first call returns it;
 // later calls return an error.
 func ReceiveState() (io.ReadCloser, error) {
 	if !startedByRestart() {
-		return nil, inherited.err // nil, or why the inheritance was refused
+		return nil, inherited.err
 	}
 	stateMu.Lock()
 	defer stateMu.Unlock()
@@ -150,11 +146,10 @@ func (r *stateReader) Close() error {
 	return r.f.Close()
 }
 
-// complete reports whether the stream was read to its end, with one more
-// read: a pipe at end of file reads so again, and a program that read
-// exactly what the old process wrote has not seen end of file yet. The read
-// waits, if need be, for the old process to finish (within its ready
-// timeout). The caller holds stateMu.
+// complete reports whether the stream was read to its end. A program that
+// read exactly what was sent has not seen end of file yet, so it reads once
+// more (a pipe at end of file says so again), waiting if need be for the old
+// process to finish, within its ready timeout. The caller holds stateMu.
 func (r *stateReader) complete() bool {
 	if !r.eof {
 		var b [1]byte
@@ -207,8 +202,9 @@ func writeAll(fd int, b []byte) error {
 // field is checked as systemd would read it: no newline or NUL (which
 // would smuggle in another field), no variable twice, values of the
 // variables systemd knows of their form; and the variables the library
-// sends itself (MAINPID, BARRIER, FDSTORE; see StoreFDs) are refused. A
-// message that breaks a rule is not sent, and the error says which.
+// sends itself (MAINPID, MONOTONIC_USEC, BARRIER, FDSTORE; see StoreFDs)
+// are refused. A message that breaks a rule is not sent, and the error
+// says which.
 //
 // A process started by a restart gets ErrNotMain until Start has returned
 // (systemd would drop its messages), and so does a process that has handed
@@ -270,36 +266,33 @@ func commit(log *slog.Logger, sig <-chan os.Signal, pidFile string) error {
 	closeFD(&inherited.stateFD) // not asked for: the old process sends nothing
 	stateMu.Unlock()
 
-	// The old process's answer: its kind (0 for end of file: it is gone)
-	// and the reason of a msgRejected. It is read even if the write failed:
-	// an old process that rejected this one says so before it closes its end.
-	type answer struct {
-		kind   byte
-		reason string
-	}
-	answers := make(chan answer, 1)
+	// The old process's answer is read even if the write failed: an old
+	// process that rejected this one says so before it closes its end.
+	var kind byte     // 0 at end of file: the old process is gone
+	var reason string // of a msgRejected
+	answered := make(chan struct{})
 	fd := inherited.readyFD
 	readySent.Store(true)
 	werr := writeAll(fd, []byte{msgReady})
 	go func() {
 		f := os.NewFile(uintptr(fd), "shellflip-ready") // blocking: this goroutine waits in read(2)
 		defer f.Close()
-		kind, reason, _ := readyMsg(f)
-		answers <- answer{kind, reason}
+		kind, reason, _ = readyMsg(f)
+		close(answered)
 	}()
 	if werr != nil && werr != unix.EPIPE && werr != unix.ECONNRESET {
 		return os.NewSyscallError("write", werr)
 	}
 	for {
 		select {
-		case a := <-answers:
-			if a.kind == msgRejected {
-				return fmt.Errorf("shellflip: the old process rejected this process: %s", a.reason)
+		case <-answered:
+			if kind == msgRejected {
+				return fmt.Errorf("shellflip: the old process rejected this process: %s", reason)
 			}
-			if a.kind != msgMain && a.kind != msgMainPID {
+			if kind != msgMain && kind != msgMainPID {
 				log.Warn("shellflip: the old process went away during the handover; carrying on alone")
 			}
-			if a.kind != msgMain && pidFile != "" {
+			if kind != msgMain && pidFile != "" {
 				if err := writePIDFile(pidFile, os.Getpid()); err != nil {
 					log.Error("shellflip: writing the PID file", "path", pidFile, "err", err)
 				}
@@ -375,8 +368,7 @@ func (e *gaveUpError) Error() string { return "gave up: " + e.reason }
 // awaitReady serves the new process's messages until it is ready: it sends
 // the state when asked (and reports whether it was), and fails on a process
 // that gave up, exited, sent garbage, or ran out of time (ctx). It reads on
-// the caller's goroutine: the restart waits for this, and a hop to another
-// goroutine costs time.
+// the caller's goroutine: a hop to another would slow the restart.
 func awaitReady(ctx context.Context, child *childWatch, ready *os.File, stateW *int, hook func(context.Context, io.Writer) error) (asked bool, err error) {
 	stop := context.AfterFunc(ctx, func() { ready.SetReadDeadline(time.Unix(1, 0)) })
 	defer stop()
@@ -400,9 +392,7 @@ func awaitReady(ctx context.Context, child *childWatch, ready *os.File, stateW *
 			return asked, &gaveUpError{reason}
 		case kind == msgReady:
 			select {
-			case <-child.done:
-				// A process that exited is no successor, even if its
-				// readiness came first.
+			case <-child.done: // an exited process is no successor, even if ready first
 				return asked, errExited
 			default:
 				return asked, nil

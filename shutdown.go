@@ -10,27 +10,20 @@ import (
 )
 
 // A ShutdownCoordinator lets the old process drain after a restart: it tells
-// its tasks (typically connection handlers) that shutdown has begun, and
-// waits until every one has finished or a deadline passes. Each task calls
-// Acquire before it starts and Release on the returned handle when it is
-// done; Serve does both for the connections of a listener. Acquire keeps
-// returning handles after shutdown has begun, until the last one is
-// released, so that a running task can register work it depends on; an
-// accept loop that does not stop when shutdown begins, as Serve does,
-// postpones the drain until Shutdown's deadline.
-//
-// Create one with NewShutdownCoordinator; the zero value is not usable. All
-// methods are safe for concurrent use. The coordinator starts no goroutines
-// of its own, so there is nothing to stop if Shutdown gives up.
+// its tasks (connection handlers, say) that shutdown has begun, and waits
+// until all have finished or a deadline passes. Each task calls Acquire
+// before it starts and Release when it is done; Serve does both for the
+// connections of a listener. Create one with NewShutdownCoordinator; the
+// zero value is not usable. Its methods are safe for concurrent use, and it
+// starts no goroutines, so there is nothing to stop if Shutdown gives up.
 type ShutdownCoordinator struct {
 	ctx     context.Context // cancelled when shutdown begins
 	cancel  context.CancelFunc
 	drained context.Context // cancelled once shutdown has begun and active is 0
 	drain   context.CancelFunc
 
-	// Not a sync.WaitGroup: its Add from zero must happen before Wait, but
-	// Acquire can race with a drain (here both decide under mu), and its
-	// Wait cannot be abandoned at a deadline, where a channel can.
+	// Not a sync.WaitGroup: Acquire may race with a drain (both decide under
+	// mu), which its Add from zero may not, and its Wait cannot be abandoned.
 	mu     sync.Mutex
 	active int // handles acquired and not yet released
 }
@@ -43,12 +36,13 @@ func NewShutdownCoordinator() *ShutdownCoordinator {
 	return c
 }
 
-// Acquire registers a task that Shutdown waits for. The caller must call
-// the handle's Release when the task has finished, on every return path: a
-// handle never released holds every Shutdown until its deadline. Acquire
-// returns nil once the coordinator is drained (Shutdown has begun and every
-// handle was released), and the caller must then not start the task; so a
-// task that holds an unreleased handle always gets a handle.
+// Acquire registers a task that Shutdown waits for; the caller must Release
+// the handle on every return path, or every Shutdown waits to its deadline.
+// Acquire keeps returning handles after shutdown has begun, so that running
+// tasks can register work they depend on, and returns nil once the
+// coordinator is drained (every handle released): the caller must then not
+// start the task. So an accept loop that does not stop when shutdown
+// begins, as Serve does, holds the drain until Shutdown's deadline.
 func (c *ShutdownCoordinator) Acquire() *ShutdownHandle {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -59,13 +53,12 @@ func (c *ShutdownCoordinator) Acquire() *ShutdownHandle {
 	return &ShutdownHandle{c: c}
 }
 
-// Serve accepts connections on ln and runs handle for each on a goroutine
-// of its own, with a handle that Serve releases when handle returns; handle
-// should return soon after the handle's Done is closed. Serve closes ln
-// when shutdown begins, and returns nil once ln is closed, by Serve or by
-// the program (in Lifecycle.NewProcessReady, say). It closes a connection
-// that arrives once the coordinator is drained, and retries other Accept
-// errors (out of fds, say) after a pause, as net/http's Server.Serve does.
+// Serve runs handle(conn, h) on a goroutine of its own for each connection
+// accepted on ln, and releases h when handle returns; handle should return
+// soon after h.Done() is closed. Serve closes ln when shutdown begins and
+// returns nil once ln is closed, by Serve or by the program. It closes the
+// connections that arrive once drained, and retries other Accept errors
+// after a pause, as net/http does.
 func (c *ShutdownCoordinator) Serve(ln net.Listener, handle func(net.Conn, *ShutdownHandle)) error {
 	stop := context.AfterFunc(c.ctx, func() { ln.Close() })
 	defer stop()
@@ -91,11 +84,10 @@ func (c *ShutdownCoordinator) Serve(ln net.Listener, handle func(net.Conn, *Shut
 }
 
 // Shutdown begins shutdown, closing every handle's Done (which ends Serve),
-// and waits until every handle has been released or ctx is done. It returns
-// nil if all were released, even if ctx is done too; the coordinator is
-// then drained. Otherwise it returns ctx.Err(), and the tasks still running
-// still count: a later Shutdown waits for them again. Shutdown may be called
-// more than once, and from several goroutines at once; each call waits.
+// and waits until every handle is released: it then returns nil, even if
+// ctx is done too, and the coordinator is drained. If ctx is done first, it
+// returns ctx.Err(), and the running tasks still count: a later Shutdown
+// waits for them again. It may be called more than once, concurrently.
 func (c *ShutdownCoordinator) Shutdown(ctx context.Context) error {
 	c.cancel()
 	c.mu.Lock()
@@ -129,7 +121,6 @@ type ShutdownHandle struct {
 	released atomic.Bool
 }
 
-// shutdownClosed is what Done returns on a nil handle.
 var shutdownClosed = make(chan struct{})
 
 func init() { close(shutdownClosed) }
@@ -145,9 +136,8 @@ func (h *ShutdownHandle) Done() <-chan struct{} {
 }
 
 // Release tells the coordinator that the task has finished. Only the first
-// call on a handle counts, so it is safe to both defer Release and call it
-// early. On a nil handle it does nothing, so a caller may defer it before
-// checking what Acquire returned.
+// call on a handle counts, and on a nil handle it does nothing, so a caller
+// may defer it at once and still call it early.
 func (h *ShutdownHandle) Release() {
 	if h == nil || !h.released.CompareAndSwap(false, true) {
 		return
