@@ -312,11 +312,9 @@ func (b *Broker) close() {
 // The broker's side.
 
 // init makes this process a broker, if NewBroker started it as one
-// ($SHELLFLIP_BROKER_FD is set), and then never returns. It runs before
-// notify.go's init (the go command initialises a package's files in name
-// order), though nothing depends on it: what that one would do here is
-// change WATCHDOG_PID=auto to the broker's pid, which baseEnviron turns
-// back to auto.
+// ($SHELLFLIP_BROKER_FD is set), and then never returns, before
+// handoff.go's init (files are initialised in name order): the broker's
+// WATCHDOG_PID stays "auto", which baseEnviron passes on.
 func init() {
 	if s, ok := os.LookupEnv(envBrokerFD); ok {
 		os.Exit(serveBroker(s))

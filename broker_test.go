@@ -110,13 +110,15 @@ func TestBrokerNohup(t *testing.T) {
 }
 
 // TestBrokerWatchdog: systemd's watchdog passes to each new process
-// through the broker, as without one (TestRestartHandsOverWatchdog).
+// through the broker, as without one (TestRestartHandsOverWatchdog), with
+// WATCHDOG_PID naming it, so that its own children do not take the
+// watchdog for theirs.
 func TestBrokerWatchdog(t *testing.T) {
 	c := newTestCluster(t)
 	r := c.start("broker-server", envTestWatchdog+"=1")
 	for gen := 0; gen <= 2; gen++ {
-		if r["watchdog"] != "1.5s/true/<nil>" {
-			t.Errorf("generation %d sees watchdog %s, want 1.5s/true/<nil>", gen, r["watchdog"])
+		if r["watchdog"] != "1.5s/true/<nil>" || r["watchdogpid"] != "true" {
+			t.Errorf("generation %d sees watchdog %s, WATCHDOG_PID its own: %s; want 1.5s/true/<nil>, true", gen, r["watchdog"], r["watchdogpid"])
 		}
 		r = c.restart(r["pid"])
 	}

@@ -110,11 +110,11 @@ func (h handoff) environ(environ, extra []string) []string {
 
 // baseEnviron returns environ less the variables that the library sets
 // (reservedEnv) or extra sets, plus extra. A WATCHDOG_PID naming this
-// process becomes "auto": the watchdog passes to the new main process. A
-// broker applies it to an environment it made, which drops that "auto":
-// WATCHDOG_USEC alone still enables the watchdog (sd_watchdog_enabled(3)).
+// process becomes "auto", and "auto" (in a broker, whose environment was
+// made by baseEnviron) stays: the watchdog passes to the new main process.
 func baseEnviron(environ, extra []string) []string {
 	ownWatchdog := envWatchdogPID + "=" + strconv.Itoa(os.Getpid())
+	autoWatchdog := envWatchdogPID + "=" + listenPIDAuto
 	drop := func(k string) bool {
 		return reservedEnv(k) || slices.ContainsFunc(extra, func(e string) bool {
 			ek, _, _ := strings.Cut(e, "=")
@@ -125,8 +125,8 @@ func baseEnviron(environ, extra []string) []string {
 	for _, kv := range environ {
 		k, _, _ := strings.Cut(kv, "=")
 		switch {
-		case kv == ownWatchdog:
-			env = append(env, envWatchdogPID+"="+listenPIDAuto)
+		case kv == ownWatchdog || kv == autoWatchdog:
+			env = append(env, autoWatchdog)
 		case !drop(k):
 			env = append(env, kv)
 		}

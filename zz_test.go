@@ -281,7 +281,8 @@ func testServer() int {
 	}
 	wd, wdOn, wdErr := WatchdogInterval()
 	report("main pid=%d", pid)
-	report("ready pid=%d gen=%d addrs=%s watchdog=%v/%v/%v", pid, gen, strings.Join(addrs, ","), wd, wdOn, wdErr)
+	report("ready pid=%d gen=%d addrs=%s watchdog=%v/%v/%v watchdogpid=%v", pid, gen, strings.Join(addrs, ","), wd, wdOn, wdErr,
+		os.Getenv("WATCHDOG_PID") == strconv.Itoa(pid))
 	if gen == 0 && os.Getenv(envTestSelfRestart) != "" {
 		// The program restarts itself: twice at once, to show that the
 		// second call joins the first restart.
