@@ -86,19 +86,17 @@ type Config struct {
 // restart loop's goroutine, one restart at a time.
 //
 // A restart that hands over state has a window in which the old process
-// holds its state still: it opens when SendState is called and closes when
-// NewProcessReady or NewProcessFailed is. Whatever happens after SendState
-// was called (success, a new process that dies or gives up, the ready
-// timeout, Stop), exactly one of those two runs, once.
+// holds its state still: from the call of SendState until exactly one of
+// NewProcessReady and NewProcessFailed runs, once, whatever happens
+// (success, a new process that dies or gives up, the ready timeout, Stop).
 type Lifecycle struct {
 	// PreSpawn runs before the new process is started. An error cancels the
 	// restart, and no other hook runs.
 	PreSpawn func(ctx context.Context) error
 
-	// SendState runs when the new process asks for the state
-	// (ReceiveState), and writes it to w, which is closed when it returns;
-	// writes fail rather than block past the ready timeout. An error fails
-	// the restart.
+	// SendState runs when the new process asks for the state (ReceiveState)
+	// and writes it to w, which is closed when it returns; writes fail
+	// rather than block past the ready timeout. An error fails the restart.
 	SendState func(ctx context.Context, w io.Writer) error
 
 	// NewProcessReady runs when the new process is ready and systemd (if
