@@ -17,10 +17,6 @@ import (
 	"time"
 )
 
-// This file is the old process's side of a restart and the orchestrator of
-// both sides: the triggers, the restart loop, one restart from spawn to
-// readiness, and the handover.
-
 // Config says how and when to restart. The zero value restarts on SIGUSR1
 // into the same program, with no control socket.
 type Config struct {
@@ -40,10 +36,10 @@ type Config struct {
 	// Lifecycle holds hooks into the restart; nil means none.
 	Lifecycle *Lifecycle
 
-	// ExitOnError ends the Restarter after a failed restart. By default the
-	// failure is reported and the old process keeps serving and honouring
-	// requests: a bad deploy should not take down a service that works.
-	// (shellflip's default is the opposite.)
+	// ExitOnError ends the Restarter after a failed restart, as shellflip
+	// does. By default the old process reports the failure and keeps
+	// serving, restart requests included: a bad deploy should not take
+	// down a service that works.
 	ExitOnError bool
 
 	// ReadyTimeout bounds the time from the spawn to the new process's
@@ -55,35 +51,33 @@ type Config struct {
 	// included. By default they are this process's: the path it was
 	// started from (as the shell or service manager resolved it) if that
 	// named the running program at initialisation, so that a deploy that
-	// renames a new binary into place is picked up, and otherwise the
-	// running executable. A program file that is not executable fails the
-	// restart; one that is gone is replaced by the running executable (on
-	// Linux /proc/self/exe, which works even when its file was deleted).
+	// renames a new binary into place is picked up, else the running
+	// executable. A program file that is not executable fails the restart;
+	// one that is gone is replaced by the running executable (on Linux
+	// /proc/self/exe, even if deleted).
 	Path string
 	Args []string
 
 	// NotifyReload is for units of Type=notify-reload (systemd 253 and
 	// later), which send ReloadSignal= (SIGHUP by default: set Signal to
-	// match) and wait for RELOADING=1 and then READY=1. A restart triggered
-	// by Signal sends RELOADING=1; the new process's READY=1 ends the
-	// reload, or, if the restart fails, this process's, with a STATUS= that
-	// says why.
+	// match) and wait for RELOADING=1, then READY=1. A restart by Signal
+	// sends RELOADING=1; the new process's READY=1 ends the reload or, if
+	// the restart fails, this process's, with a STATUS= that says why.
 	NotifyReload bool
 
 	// PIDFile, if set, names the service's main process for supervisors
 	// that read PIDFile=. A fresh process writes it before it is ready
 	// (Start fails if it cannot); after a restart the old process writes
-	// the new pid before systemd or the requesters learn of it, or, if it
-	// cannot or dies first, the new process does. Writes are atomic
-	// (a temporary file, then rename); no process removes the file.
+	// the new pid before systemd or the requesters learn of it or, if it
+	// cannot or dies first, the new process does. Writes are atomic (a
+	// temporary file, renamed); no process removes the file.
 	PIDFile string
 
 	// Logger receives the library's logs; nil means none. The new
 	// process's pid is logged as "new_pid".
 	Logger *slog.Logger
 
-	// Broker, if set, starts the new processes, so that this process makes
-	// no fork, exec, wait or kill of its own (see NewBroker). Path, Args
+	// Broker, if set, starts the new processes (see NewBroker). Path, Args
 	// and Env must then be unset: the broker decides what runs.
 	Broker *Broker
 }
@@ -92,27 +86,24 @@ type Config struct {
 // restart loop's goroutine, one restart at a time.
 //
 // A restart that hands over state has a window in which the old process
-// holds its state still: it opens when SendState is called and closes when
-// NewProcessReady or NewProcessFailed is. Whatever happens after SendState
-// was called (success, a new process that dies or gives up, the ready
-// timeout, Stop), exactly one of those two runs, once.
+// holds its state still: from the call of SendState until exactly one of
+// NewProcessReady and NewProcessFailed runs, once, whatever happens
+// (success, a new process that dies or gives up, the ready timeout, Stop).
 type Lifecycle struct {
 	// PreSpawn runs before the new process is started. An error cancels the
 	// restart, and no other hook runs.
 	PreSpawn func(ctx context.Context) error
 
-	// SendState runs when the new process asks for the state
-	// (ReceiveState), and writes it to w, which is closed when it returns;
-	// writes fail rather than block past the ready timeout. An error fails
-	// the restart.
+	// SendState runs when the new process asks for the state (ReceiveState)
+	// and writes it to w, which is closed when it returns; writes fail
+	// rather than block past the ready timeout. An error fails the restart.
 	SendState func(ctx context.Context, w io.Writer) error
 
 	// NewProcessReady runs when the new process is ready and systemd (if
-	// any) knows it as the main process, right before the requesters and
-	// the new process learn that the restart succeeded, which it has,
-	// whatever the hook does. Stop accepting here (the new process has
-	// its own copies of the listeners), and from here on pass requests
-	// that would change state through to the new process.
+	// any) knows it as the main process, just before the requesters and
+	// the new process learn of the success, which the hook cannot undo.
+	// Stop accepting here (the new process has its own listeners), and
+	// from now on pass requests that would change state to the new process.
 	NewProcessReady func(ctx context.Context, newPid int)
 
 	// NewProcessFailed runs when the new process was started but the
@@ -143,22 +134,19 @@ type Restarter struct {
 
 // Start prepares this process for restarts and declares it ready. Call it
 // once initialisation is complete: listeners claimed and, in a process
-// started by a restart, the state received (ReceiveState).
+// started by a restart, the state received (ReceiveState). Cancelling ctx
+// ends the Restarter, as Stop does.
 //
 // It binds the control socket (or takes it over from the old process),
-// catches the restart signal, and closes the inherited fds the program did
+// catches the restart signal and closes the inherited fds the program did
 // not claim. A fresh process then writes the PID file and tells systemd
-// READY=1. A process started by a restart tells the old process that it is
-// ready, and returns only once the old process has made it the main
-// process: the commit point, after which the old process will not kill it
-// and it may change state that the old process also changes. If the old
-// process rejects it instead, Start returns an error, and the program
-// should exit. A restart signal that arrives before that is dropped: sent
-// to every process of the service, it is meant for the old one.
-//
-// The Restarter ends when a restart succeeded (Wait returns the new pid:
-// drain and exit), when restarts became impossible (Wait returns why), or
-// when ctx is done.
+// READY=1. A process started by a restart tells the old process it is
+// ready and returns once the old process has made it the main process: the
+// commit point, after which the old process will not kill it, and it may
+// change state that the old process also changes. If the old process
+// rejects it instead, Start returns an error and the program should exit.
+// A restart signal that arrives before then is dropped: sent to every
+// process of the service, it is meant for the old one.
 func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 	if err := inherited.err; err != nil {
 		return nil, err
@@ -196,12 +184,23 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 		}
 	}
 
-	r.ctx, r.cancel = context.WithCancel(ctx)
 	r.sig = make(chan os.Signal, 1) // signal.Notify needs a buffer
 	signal.Notify(r.sig, r.cfg.Signal)
 	stopEarlySignals()
-	if err := r.start(); err != nil {
-		r.cancel()
+	ctlFD, ctlID := takeControlFD()
+	var err error
+	if r.cfg.SocketPath != "" {
+		r.ctl, err = listenControl(r.cfg.SocketPath, ctlFD, ctlID, r.log)
+	} else {
+		closeFD(&ctlFD)
+	}
+	if err == nil {
+		err = commit(r.log, r.sig, r.cfg.PIDFile)
+		// Closed once ready, not before: with many fds that is work the
+		// old process need not wait for.
+		closeUnclaimed()
+	}
+	if err != nil {
 		signal.Stop(r.sig)
 		if r.ctl != nil {
 			r.ctl.finish(0, err, false)
@@ -209,6 +208,8 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 		r.log.Error("shellflip: start", "err", err)
 		return nil, err
 	}
+
+	r.ctx, r.cancel = context.WithCancel(ctx)
 	if r.ctl != nil {
 		go r.ctl.serve()
 	}
@@ -217,22 +218,6 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 	}
 	go r.run(r.ctx)
 	return r, nil
-}
-
-// start binds or takes over the control socket and commits; see Start.
-func (r *Restarter) start() (err error) {
-	ctlFD, ctlID := takeControlFD()
-	if r.cfg.SocketPath != "" {
-		if r.ctl, err = listenControl(r.cfg.SocketPath, ctlFD, ctlID, r.log); err != nil {
-			return err
-		}
-	} else {
-		closeFD(&ctlFD)
-	}
-	// Closed once ready, not before: with many fds that is work the old
-	// process need not wait for.
-	defer closeUnclaimed()
-	return commit(r.log, r.sig, r.cfg.PIDFile)
 }
 
 // Done is closed when the Restarter has ended.
@@ -399,9 +384,8 @@ func (r *Restarter) handOver(out outcome, waiting []*restartRequest) {
 }
 
 // end records how the Restarter ended and releases its resources. The
-// restart signal stays caught, and is dropped from now on: Go's default
-// for SIGHUP is to exit, and a draining process must not die of a signal
-// sent to every process of the service for its successor.
+// restart signal stays caught, and is dropped: a draining process must not
+// die (Go's default for SIGHUP) of a signal sent to its successor too.
 func (r *Restarter) end(pid int, err error) {
 	if r.ctl != nil {
 		r.ctl.finish(pid, err, pid != 0)
@@ -459,13 +443,13 @@ func (r *Restarter) restart(ctx context.Context) (out outcome) {
 	child.kill()
 	<-child.done
 	ready.Close()
+	if !child.killed() && errors.Is(err, errReadyEOF) {
+		err = errExited // not by our SIGKILL: the closed socket is how we noticed
+	}
 	var gaveUp *gaveUpError
 	if errors.As(err, &gaveUp) {
 		err = fmt.Errorf("new process %d gave up: %s", child.pid, gaveUp.reason)
 	} else {
-		if !child.killed() && errors.Is(err, errReadyEOF) {
-			err = errExited // not by our SIGKILL: the closed socket is how we noticed
-		}
 		err = fmt.Errorf("new process %d: %w (%s)", child.pid, err, child.status())
 	}
 	if r.hooks.NewProcessFailed != nil {
@@ -476,22 +460,24 @@ func (r *Restarter) restart(ctx context.Context) (out outcome) {
 }
 
 // spawn starts the new process with exactly its fds: stdio, the registry's
-// from 3 on, then the library's own. It returns the child, this process's
-// end of the readiness socket and the state pipe's write end. With a
-// broker, the broker starts it; ctx bounds the wait for its answer.
+// from 3 on, then the library's own. With a broker, the broker starts it,
+// and ctx bounds the wait for its answer.
 func (r *Restarter) spawn(ctx context.Context, path, dir string) (child *childWatch, ready *os.File, stateW int, err error) {
 	readyP, readyC, err := newReadyPair()
 	if err != nil {
 		return nil, nil, -1, err
 	}
+	defer closeFD(&readyC) // the new process has its own copy
+	if ready, err = pollableFile(readyP, "shellflip-ready"); err != nil {
+		return nil, nil, -1, err
+	}
 	stateR, stateW, err := newStatePipe()
+	defer closeFD(&stateR)
 	if err == nil && r.cfg.Broker == nil {
 		err = sealFDs()
 	}
 	if err != nil {
-		closeFD(&readyP)
-		closeFD(&readyC)
-		closeFD(&stateR)
+		ready.Close()
 		closeFD(&stateW)
 		return nil, nil, -1, err
 	}
@@ -513,22 +499,14 @@ func (r *Restarter) spawn(ctx context.Context, path, dir string) (child *childWa
 		}
 	}
 	unlock()
-	closeFD(&readyC)
-	closeFD(&stateR)
 	if err != nil {
 		if r.cfg.Broker != nil {
 			// A broker that did not answer in time may have started it
 			// all the same: say it is not wanted, as restart does.
-			writeAll(readyP, reasonMsg(msgRejected, err.Error()))
+			ready.Write(reasonMsg(msgRejected, err.Error()))
 		}
-		closeFD(&readyP)
+		ready.Close()
 		closeFD(&stateW)
-		return nil, nil, -1, err
-	}
-	if ready, err = pollableFile(readyP, "shellflip-ready"); err != nil {
-		closeFD(&stateW)
-		child.kill()
-		<-child.done
 		return nil, nil, -1, err
 	}
 	return child, ready, stateW, nil

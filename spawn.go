@@ -17,9 +17,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// This file starts the new process and watches it: what to run and where,
-// the thread that forks, and the child's wait and kill. spawn_linux.go and
-// spawn_other.go hold what differs between platforms.
+// Starting and watching the new process; spawn_linux.go and spawn_other.go
+// hold what differs between platforms.
 
 // startedAs records, at initialisation, what a restart runs and where.
 var startedAs struct {
@@ -34,12 +33,10 @@ func recordStart() {
 	startedAs.program = findProgram(os.Args[0])
 }
 
-// findProgram returns the path that restarts run: argv0, resolved as the
-// shell or service manager resolved it, so that a deploy that replaces the
-// file there is picked up, but only if it names the running executable now;
-// otherwise the running executable's path. A parent may set argv0 to
-// anything (exec -a, systemd's ExecStart=@), and a bare name is never
-// looked for in the working directory.
+// findProgram returns the path restarts run (see Config.Path): argv0 as the
+// shell or service manager resolved it, if that names the running
+// executable, since a parent may set argv0 to anything (exec -a, systemd's
+// ExecStart=@); otherwise the running executable.
 func findProgram(argv0 string) string {
 	exe, err := os.Executable()
 	if err != nil {
@@ -50,29 +47,25 @@ func findProgram(argv0 string) string {
 		return exe
 	}
 	path := argv0
-	if !strings.Contains(path, "/") {
-		path = lookPath(path)
-	} else if !filepath.IsAbs(path) {
+	if !strings.Contains(argv0, "/") {
+		// Looked for in $PATH as a shell would: never in the working
+		// directory unless $PATH names it.
+		path = ""
+		for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
+			p := filepath.Join(dir, argv0)
+			if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
+				path = p
+				break
+			}
+		}
+	}
+	if path != "" && !filepath.IsAbs(path) {
 		path = filepath.Join(startedAs.dir, path)
 	}
 	if fi, err := os.Stat(path); err == nil && os.SameFile(fi, self) {
 		return path
 	}
 	return exe
-}
-
-// lookPath finds file in $PATH as a shell would, or returns "".
-func lookPath(file string) string {
-	for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
-		p := filepath.Join(dir, file)
-		if !filepath.IsAbs(p) {
-			p = filepath.Join(startedAs.dir, p)
-		}
-		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
-			return p
-		}
-	}
-	return ""
 }
 
 // startDir returns the directory to start a new process in: "" (this
@@ -126,9 +119,8 @@ func program(configured string) (path, dir string, err error) {
 	return exe, dir, nil
 }
 
-// spawner forks from one goroutine locked to its own OS thread, the
-// counterpart of shellflip's dedicated restart thread: a forking thread
-// whose state no other goroutine changed.
+// spawner forks from a goroutine locked to its own OS thread, whose state
+// no other goroutine changed, as shellflip forks from a dedicated thread.
 type spawner struct {
 	reqs  chan spawnRequest
 	reply chan spawnRequest
@@ -162,8 +154,7 @@ func (s *spawner) spawn(path string, argv, env []string, dir string, files []uin
 	return q.pid, q.err
 }
 
-// close ends the spawner's thread; nil-safe (a Restarter with a broker has
-// no spawner).
+// close ends the spawner's thread. Nil-safe: a Restarter with a broker has none.
 func (s *spawner) close() {
 	if s != nil {
 		close(s.reqs)
@@ -171,20 +162,17 @@ func (s *spawner) close() {
 }
 
 // forkExec starts path with exactly files as its fds (child fd i is parent
-// fd files[i]). golang.org/x/sys/unix has no ForkExec: syscall.ForkExec
-// takes syscall.ForkLock, so that no fd another goroutine creates without
-// close-on-exec slips into the child. No Pdeathsig (the new process must
-// outlive the old one, and the signal would follow the forking thread:
-// golang/go#27505), and no new session or process group: the new process
-// stands where the old one stood.
+// fd files[i]). syscall.ForkExec, which x/sys/unix lacks, holds
+// syscall.ForkLock, so that no fd created meanwhile without close-on-exec
+// slips into the child. No Setsid, Setpgid or Pdeathsig (golang/go#27505):
+// the new process stands where the old one stood, and outlives it.
 func forkExec(path string, argv, env []string, dir string, files []uintptr) (int, error) {
 	return syscall.ForkExec(path, argv, &syscall.ProcAttr{Dir: dir, Env: env, Files: files})
 }
 
-// sealFDsWith marks every fd above stderr close-on-exec: by closeRange if
-// it works, or else each fd listed in dir (/proc/self/fd), or else every fd
-// number below RLIMIT_NOFILE. If all three fail, so does the restart: the
-// promise that the new process gets only its own fds does not lapse.
+// sealFDsWith marks every fd above stderr close-on-exec: by closeRange, else
+// each fd listed in dir (/proc/self/fd), else every fd below RLIMIT_NOFILE.
+// If all three fail, so does the restart: no stray fd reaches the new process.
 func sealFDsWith(closeRange func() error, dir string) error {
 	if closeRange() == nil {
 		return nil
@@ -207,10 +195,9 @@ func sealFDsWith(closeRange func() error, dir string) error {
 	return nil
 }
 
-// childWatch is the new process, seen from the process that started it.
-// watchChild's goroutine reaps it once and closes done; kill never reaches
-// a stranger that was given the pid. A broker's child is the broker's to
-// wait for and kill (broker.go): killer asks it to.
+// childWatch is the new process, seen from the process that started it,
+// which reaps it in watchChild's goroutine. A broker's child is the
+// broker's to wait for and kill (broker.go): killer asks it to.
 type childWatch struct {
 	pid    int
 	path   string        // the program it runs, for logs
@@ -238,20 +225,17 @@ func (c *childWatch) kill() {
 // killed reports whether the child died of SIGKILL; valid after done.
 func (c *childWatch) killed() bool { return c.ws.Signaled() && c.ws.Signal() == unix.SIGKILL }
 
-// status describes how the child ended, as os.ProcessState does; valid
-// after done.
+// status says how the child ended, as os.ProcessState does; valid after done.
 func (c *childWatch) status() string {
 	switch ws := c.ws; {
 	case c.lost:
 		return "status unknown: the broker exited"
 	case ws.Exited():
 		return "exit status " + strconv.Itoa(ws.ExitStatus())
+	case ws.CoreDump(): // implies Signaled
+		return "signal: " + ws.Signal().String() + " (core dumped)"
 	case ws.Signaled():
-		s := "signal: " + ws.Signal().String()
-		if ws.CoreDump() {
-			s += " (core dumped)"
-		}
-		return s
+		return "signal: " + ws.Signal().String()
 	}
 	return fmt.Sprintf("wait status %#x", uint32(c.ws))
 }
@@ -275,9 +259,8 @@ func closeFD(fd *int) {
 	}
 }
 
-// pollableFile wraps fd, which the caller gives up, in an *os.File that
-// the runtime poller serves, so that deadlines work and Close unblocks a
-// pending Read or Write.
+// pollableFile wraps fd, which it takes over, in an *os.File that the
+// runtime poller serves: deadlines work, and Close unblocks Read and Write.
 func pollableFile(fd int, name string) (*os.File, error) {
 	if err := unix.SetNonblock(fd, true); err != nil {
 		unix.Close(fd)

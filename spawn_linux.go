@@ -8,10 +8,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The Linux primitives of the restart path; spawn_other.go has the others'.
-
-// newReadyPair returns the readiness socket's two ends: the old process
-// keeps parent, the new one inherits child.
+// newReadyPair returns the readiness socket; the new process inherits child.
 func newReadyPair() (parent, child int, err error) {
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -35,9 +32,8 @@ func acceptCloexec(fd int) (int, error) {
 	return nfd, err
 }
 
-// newStatePipe returns the state pipe, its buffer raised to 1 MiB where
-// pipe-max-size allows (pipe(7)): with 64 KiB, writer and reader ping-pong,
-// which costs a large handover a third of its throughput.
+// newStatePipe returns the state pipe with a 1 MiB buffer if pipe-max-size
+// allows (pipe(7)): 64 KiB costs a large handover a third of its throughput.
 func newStatePipe() (r, w int, err error) {
 	var p [2]int
 	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
@@ -47,20 +43,18 @@ func newStatePipe() (r, w int, err error) {
 	return p[0], p[1], nil
 }
 
-// sealFDs marks every fd above stderr close-on-exec, so that fds that
-// leaked into this process from its parent stop here: in one
-// close_range(2) call from Linux 5.11, else by sealFDsWith's fallbacks.
+// sealFDs marks every fd above stderr close-on-exec, leaked ones included,
+// by close_range(2) (Linux 5.11) or sealFDsWith's fallbacks.
 func sealFDs() error {
 	return sealFDsWith(func() error { return unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC) }, "/proc/self/fd")
 }
 
 // cloexecRange marks the fds from first to last close-on-exec.
 func cloexecRange(first, last int) {
-	if first > last || unix.CloseRange(uint(first), uint(last), unix.CLOSE_RANGE_CLOEXEC) == nil {
-		return
-	}
-	for fd := first; fd <= last; fd++ {
-		unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC)
+	if first <= last && unix.CloseRange(uint(first), uint(last), unix.CLOSE_RANGE_CLOEXEC) != nil {
+		for fd := first; fd <= last; fd++ {
+			unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC)
+		}
 	}
 }
 
@@ -80,21 +74,16 @@ func closeFDs(fds []int) {
 	}
 }
 
-// watchChild starts watching pid, a child of this process.
-//
-// waitid(WNOWAIT) learns that the child exited while leaving it a zombie,
-// whose pid cannot be reused; only then, under c.mu, is it reaped, so a kill
-// under the same mutex never hits a stranger that was given the pid. That is
-// the race os.Process closes with pidfds, which we avoid: a seccomp policy
-// that answers their probes with SIGSYS kills Go programs (golang/go#69065).
+// watchChild starts watching pid, a child of this process. waitid(WNOWAIT)
+// learns that it exited but leaves it a zombie, whose pid is not reused;
+// only then, under c.mu, is it reaped, so a kill never hits a stranger: the
+// race os.Process closes with pidfds, which we avoid (golang/go#69065).
 func watchChild(pid int, path string) *childWatch {
 	c := &childWatch{pid: pid, path: path, done: make(chan struct{})}
 	go func() {
 		defer close(c.done)
 		var info unix.Siginfo
-		ignoringEINTR(func() (int, error) {
-			return 0, unix.Waitid(unix.P_PID, c.pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
-		})
+		ignoringEINTR(func() (int, error) { return 0, unix.Waitid(unix.P_PID, c.pid, &info, unix.WEXITED|unix.WNOWAIT, nil) })
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		ignoringEINTR(func() (int, error) { return unix.Wait4(c.pid, &c.ws, 0, nil) })
@@ -103,8 +92,7 @@ func watchChild(pid int, path string) *childWatch {
 	return c
 }
 
-// peerUID returns the effective uid of a connected unix socket's peer, as
-// the kernel recorded it at connect(2).
+// peerUID returns the effective uid a unix socket's peer had at connect(2).
 func peerUID(fd int) (int, error) {
 	cred, err := unix.GetsockoptUcred(fd, unix.SOL_SOCKET, unix.SO_PEERCRED)
 	if err != nil {
@@ -113,9 +101,9 @@ func peerUID(fd int) (int, error) {
 	return int(cred.Uid), nil
 }
 
-// putBack renames from to to, unless something is at to: renameat2(2)
-// with RENAME_NOREPLACE, or, on filesystems that refuse the flag, link(2)
-// and unlink(2), which do the same for anything but a directory.
+// putBack renames from to to unless something is at to: by renameat2(2)
+// with RENAME_NOREPLACE or, where the filesystem refuses the flag, by
+// link(2) and unlink(2), which cannot move a directory.
 func putBack(from, to string) error {
 	err := unix.Renameat2(unix.AT_FDCWD, from, unix.AT_FDCWD, to, unix.RENAME_NOREPLACE)
 	if err != unix.EINVAL {

@@ -9,12 +9,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The restart path's primitives on darwin and FreeBSD: spawn_linux.go's,
-// without SOCK_CLOEXEC, pipe2, waitid(WNOWAIT) or SO_PEERCRED.
+// spawn_linux.go's functions for darwin and FreeBSD, without SOCK_CLOEXEC,
+// accept4, pipe2, waitid(WNOWAIT) or SO_PEERCRED: new fds are marked
+// close-on-exec under syscall.ForkLock, lest a fork in between leak them.
 
-// newReadyPair: see spawn_linux.go. darwin has no SOCK_CLOEXEC, so the
-// fds are marked under syscall.ForkLock: a fork between the two steps would
-// leak them.
 func newReadyPair() (parent, child int, err error) {
 	syscall.ForkLock.RLock()
 	defer syscall.ForkLock.RUnlock()
@@ -27,7 +25,6 @@ func newReadyPair() (parent, child int, err error) {
 	return fds[0], fds[1], nil
 }
 
-// socketCloexec: see spawn_linux.go; marked under ForkLock as newReadyPair.
 func socketCloexec(family, typ int) (int, error) {
 	syscall.ForkLock.RLock()
 	defer syscall.ForkLock.RUnlock()
@@ -39,19 +36,16 @@ func socketCloexec(family, typ int) (int, error) {
 	return fd, nil
 }
 
-// acceptCloexec: see spawn_linux.go; without accept4, under ForkLock.
 func acceptCloexec(fd int) (int, error) {
 	syscall.ForkLock.RLock()
 	defer syscall.ForkLock.RUnlock()
 	nfd, _, err := unix.Accept(fd)
-	if err != nil {
-		return -1, err
+	if err == nil {
+		unix.CloseOnExec(nfd)
 	}
-	unix.CloseOnExec(nfd)
-	return nfd, nil
+	return nfd, err
 }
 
-// newStatePipe: see spawn_linux.go; created under ForkLock.
 func newStatePipe() (r, w int, err error) {
 	syscall.ForkLock.RLock()
 	defer syscall.ForkLock.RUnlock()
@@ -64,28 +58,24 @@ func newStatePipe() (r, w int, err error) {
 	return p[0], p[1], nil
 }
 
-// sealFDs: see spawn_linux.go. There is no close_range flag here to do it
-// in one call; /dev/fd lists the open fds.
+// sealFDs: no close_range(2) here; /dev/fd lists the open fds.
 func sealFDs() error { return sealFDsWith(func() error { return unix.ENOSYS }, "/dev/fd") }
 
-// cloexecRange: see spawn_linux.go; one fcntl a fd.
 func cloexecRange(first, last int) {
 	for fd := first; fd <= last; fd++ {
 		unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC)
 	}
 }
 
-// closeFDs: see spawn_linux.go; one close a fd.
 func closeFDs(fds []int) {
 	for _, fd := range fds {
 		unix.Close(fd)
 	}
 }
 
-// watchChild: see spawn_linux.go. Without waitid(WNOWAIT), a kill that
-// loses the race against the reaping wait4 by microseconds could reach a
-// process given the same pid, if the pid space wrapped around meanwhile,
-// as with os.Process before pidfds.
+// watchChild: without waitid(WNOWAIT), a kill that loses the race against
+// the reaping wait4 by microseconds could reach a process given the same
+// pid, if the pid space wrapped around meanwhile.
 func watchChild(pid int, path string) *childWatch {
 	c := &childWatch{pid: pid, path: path, done: make(chan struct{})}
 	go func() {
@@ -99,8 +89,7 @@ func watchChild(pid int, path string) *childWatch {
 	return c
 }
 
-// peerUID: see spawn_linux.go. LOCAL_PEERCRED gives the credentials at
-// connect(2), as SO_PEERCRED does on Linux.
+// peerUID: LOCAL_PEERCRED, like SO_PEERCRED, gives the uid at connect(2).
 func peerUID(fd int) (int, error) {
 	cred, err := unix.GetsockoptXucred(fd, unix.SOL_LOCAL, unix.LOCAL_PEERCRED)
 	if err != nil {
@@ -109,8 +98,7 @@ func peerUID(fd int) (int, error) {
 	return int(cred.Uid), nil
 }
 
-// putBack: see spawn_linux.go; there is no renameat2 here, so link(2) and
-// unlink(2) (which cannot move a directory).
+// putBack: link(2) and unlink(2), for want of renameat2 (no directories).
 func putBack(from, to string) error {
 	if err := unix.Link(from, to); err != nil {
 		return err
