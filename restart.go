@@ -82,8 +82,9 @@ type Config struct {
 	Broker *Broker
 }
 
-// Lifecycle holds hooks into the restart, each optional. They run on the
-// restart loop's goroutine, one restart at a time.
+// Lifecycle holds hooks into the restart, each optional. They run one
+// restart at a time, and must not call Stop or Restart, which wait for the
+// restart to end.
 //
 // A restart that hands over state has a window in which the old process
 // holds its state still: from the call of SendState until exactly one of
@@ -148,8 +149,15 @@ type Restarter struct {
 // A restart signal that arrives before then is dropped: sent to every
 // process of the service, it is meant for the old one.
 func Start(ctx context.Context, cfg Config) (*Restarter, error) {
-	if err := inherited.err; err != nil {
+	// fail tells the old process (if any) why, rather than let it see only
+	// an exit status, and lets a restart signal take its default course.
+	fail := func(err error) (*Restarter, error) {
+		stopEarlySignals()
+		GiveUp(err)
 		return nil, err
+	}
+	if err := inherited.err; err != nil {
+		return fail(err)
 	}
 	r := &Restarter{cfg: cfg, log: cmp.Or(cfg.Logger, slog.New(slog.DiscardHandler)), done: make(chan struct{}), calls: make(chan *restartRequest)}
 	if cfg.Lifecycle != nil {
@@ -160,27 +168,30 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 	}
 	r.notReady = fmt.Errorf("not ready within %v", r.cfg.ReadyTimeout)
 	r.cfg.Signal = cmp.Or[os.Signal](r.cfg.Signal, syscall.SIGUSR1)
+	if n, ok := r.cfg.Signal.(syscall.Signal); !ok || !validSignal(int(n)) {
+		return fail(fmt.Errorf("shellflip: Config.Signal %v cannot be caught", r.cfg.Signal))
+	}
 	if r.cfg.Args == nil {
 		r.cfg.Args = os.Args
 	}
 	if len(r.cfg.Args) == 0 {
-		return nil, errors.New("shellflip: Config.Args is empty")
+		return fail(errors.New("shellflip: Config.Args is empty"))
 	}
 	for _, kv := range r.cfg.Env {
 		k, _, ok := strings.Cut(kv, "=")
 		if !ok || k == "" {
-			return nil, fmt.Errorf("shellflip: Config.Env entry %q is not KEY=value", kv)
+			return fail(fmt.Errorf("shellflip: Config.Env entry %q is not KEY=value", kv))
 		}
 		if reservedEnv(k) {
-			return nil, fmt.Errorf("shellflip: Config.Env may not set %s: the library sets it for the new process", k)
+			return fail(fmt.Errorf("shellflip: Config.Env may not set %s: the library sets it for the new process", k))
 		}
 	}
 	if cfg.Broker != nil {
 		if cfg.Path != "" || cfg.Args != nil || cfg.Env != nil {
-			return nil, errors.New("shellflip: Config.Path, Args and Env cannot be set with a Broker, which runs the program as this process was started")
+			return fail(errors.New("shellflip: Config.Path, Args and Env cannot be set with a Broker, which runs the program as this process was started"))
 		}
 		if err := cfg.Broker.check(); err != nil {
-			return nil, err
+			return fail(err)
 		}
 	}
 
@@ -206,7 +217,7 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 			r.ctl.finish(0, err, false)
 		}
 		r.log.Error("shellflip: start", "err", err)
-		return nil, err
+		return fail(err) // GiveUp sends nothing once ready, and the old process reads one reason
 	}
 
 	r.ctx, r.cancel = context.WithCancel(ctx)
@@ -280,18 +291,23 @@ func (r *Restarter) run(ctx context.Context) {
 	for {
 		var waiting []*restartRequest
 		reloading := false
+		// A unit of Type=notify-reload waits for RELOADING=1 after each
+		// ReloadSignal=, even one that joins a restart in flight.
+		signaled := func() {
+			if r.cfg.NotifyReload && !reloading {
+				reloading = true
+				if usec, err := monotonicUsec(); err == nil {
+					notifySystemd(r.log, "RELOADING=1", "MONOTONIC_USEC="+strconv.FormatInt(usec, 10))
+				}
+			}
+		}
 		select {
 		case <-ctx.Done():
 			r.end(0, fmt.Errorf("shellflip: restarts stopped: %w", context.Cause(ctx)))
 			return
 		case <-r.sig:
 			r.log.Info("shellflip: restart requested by signal")
-			if r.cfg.NotifyReload {
-				reloading = true
-				if usec, err := monotonicUsec(); err == nil {
-					notifySystemd(r.log, "RELOADING=1", "MONOTONIC_USEC="+strconv.FormatInt(usec, 10))
-				}
-			}
+			signaled()
 		case q := <-reqs:
 			r.log.Info("shellflip: restart requested on the control socket")
 			waiting = append(waiting, q)
@@ -314,6 +330,7 @@ func (r *Restarter) run(ctx context.Context) {
 			case q := <-r.calls:
 				waiting = append(waiting, q)
 			case <-r.sig:
+				signaled()
 			}
 		}
 
@@ -324,8 +341,10 @@ func (r *Restarter) run(ctx context.Context) {
 		}
 		r.log.Error("shellflip: restart failed", "err", out.err)
 		if reloading {
-			// Leave the reloading state: this process carries on.
-			notifySystemd(r.log, "READY=1", "STATUS=restart failed: "+oneLine(out.err.Error()))
+			// Leave the reloading state: this process carries on. The
+			// status is cut short enough for the datagram to go.
+			status := oneLine(out.err.Error())
+			notifySystemd(r.log, "READY=1", "STATUS=restart failed: "+strings.ToValidUTF8(status[:min(len(status), 1024)], ""))
 		}
 		for _, q := range waiting {
 			q.respond(r.log, 0, out.err)
@@ -398,13 +417,16 @@ func (r *Restarter) end(pid int, err error) {
 // restart starts the new process, serves its requests for the state, and
 // waits until it is ready, has failed, or ran out of time.
 func (r *Restarter) restart(ctx context.Context) (out outcome) {
+	if ctx.Err() != nil { // Stop came with a request, and run's select took the request
+		return outcome{err: fmt.Errorf("restarts stopped: %w", context.Cause(ctx))}
+	}
+	if os.Getpid() == 1 {
+		return outcome{err: errors.New("this process is PID 1 of its pid namespace: when it exits after a restart, the kernel ends the namespace and the new process with it; run it under a supervisor that follows MAINPID or a PID file (systemd), or under a parent that sets PR_SET_CHILD_SUBREAPER and outlives it (an init that exits with its child, as tini and dumb-init do, ends the namespace all the same)")}
+	}
 	if r.hooks.PreSpawn != nil {
 		if err := r.hooks.PreSpawn(ctx); err != nil {
 			return outcome{err: fmt.Errorf("pre-spawn hook: %w", err)}
 		}
-	}
-	if os.Getpid() == 1 {
-		return outcome{err: errors.New("this process is PID 1 of its pid namespace: when it exits after a restart, the kernel ends the namespace and the new process with it; run it under a supervisor that follows MAINPID or a PID file (systemd), or under a parent that sets PR_SET_CHILD_SUBREAPER and outlives it (an init that exits with its child, as tini and dumb-init do, ends the namespace all the same)")}
 	}
 	parent := ctx
 	ctx, cancel := context.WithTimeoutCause(ctx, r.cfg.ReadyTimeout, r.notReady)

@@ -13,6 +13,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 
@@ -501,3 +502,39 @@ func TestRestartEnvReserved(t *testing.T) {
 		}
 	}
 }
+
+// TestRestartAfterStop: a request that run's select takes when Stop came at
+// the same time starts nothing: no PreSpawn, no new process.
+func TestRestartAfterStop(t *testing.T) {
+	var preSpawn atomic.Bool
+	r, err := Start(context.Background(), Config{Lifecycle: &Lifecycle{
+		PreSpawn: func(context.Context) error { preSpawn.Store(true); return nil },
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Stop()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if out := r.restart(ctx); out.err == nil || preSpawn.Load() {
+		t.Errorf("restart after Stop: %v, PreSpawn ran: %t; want an error and no PreSpawn", out.err, preSpawn.Load())
+	}
+}
+
+// TestStartRefusesUncatchableSignal: a Config.Signal that cannot be caught
+// would leave restarts by signal silently impossible.
+func TestStartRefusesUncatchableSignal(t *testing.T) {
+	for _, sig := range []os.Signal{syscall.SIGKILL, syscall.SIGSTOP, syscall.Signal(0), syscall.Signal(300), notASignal{}} {
+		if r, err := Start(context.Background(), Config{Signal: sig}); err == nil || !strings.Contains(err.Error(), "Config.Signal") {
+			if r != nil {
+				r.Stop()
+			}
+			t.Errorf("Start with Signal %v: %v, want an error naming Config.Signal", sig, err)
+		}
+	}
+}
+
+type notASignal struct{}
+
+func (notASignal) String() string { return "not a signal" }
+func (notASignal) Signal()        {}

@@ -5,6 +5,7 @@ package shellflip
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -118,6 +119,7 @@ const (
 	envSystemdPIDFile      = "SHELLFLIP_TEST_SD_PIDFILE"       // Config.PIDFile
 	envSystemdStray        = "SHELLFLIP_TEST_SD_STRAY"         // knob: the reload client sends a datagram of its own and exits
 	envSystemdLog          = "SHELLFLIP_TEST_SD_LOG"           // non-empty: the library logs to stderr
+	envSystemdPreSpawn     = "SHELLFLIP_TEST_SD_PRESPAWN"      // a fifo: PreSpawn reports, reads it to its end, and fails with 5000 bytes of reason
 )
 
 const (
@@ -215,6 +217,13 @@ func systemdServiceRole() int {
 	}
 	if os.Getenv(envSystemdNotifyReload) != "" {
 		cfg.NotifyReload, cfg.Signal = true, syscall.SIGHUP
+	}
+	if fifo := os.Getenv(envSystemdPreSpawn); fifo != "" {
+		cfg.Lifecycle.PreSpawn = func(context.Context) error {
+			report("prespawn pid=%d", pid)
+			os.ReadFile(fifo)
+			return errors.New(strings.Repeat("x", 5000))
+		}
 	}
 	r, err := Start(context.Background(), cfg)
 	if err != nil {
@@ -1583,6 +1592,46 @@ func TestSystemdNotifyReloadDatagrams(t *testing.T) {
 	if h := dialHello(t, "unix", hello); h["pid"] != strconv.Itoa(p2) || h["gen"] != "2" {
 		t.Errorf("the socket answered %v, want pid=%d gen=2", h, p2)
 	}
+}
+
+// TestSystemdNotifyReloadDuringRestart: a reload signal that arrives while
+// a restart requested on the control socket is in flight opens a reload
+// all the same (systemd waits for RELOADING=1 after each signal), and the
+// restart's failure ends it with READY=1 even when its reason would not
+// fit in a datagram: the STATUS is cut to 1024 bytes.
+func TestSystemdNotifyReloadDuringRestart(t *testing.T) {
+	c := newTestCluster(t)
+	rec := systemdListenNotify(t)
+	fifo := filepath.Join(c.dir, "prespawn")
+	if err := unix.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(os.NewSyscallError("mkfifo", err))
+	}
+	p0 := systemdStartNotified(t, c, rec, envSystemdNotifyReload+"=1", envSystemdPreSpawn+"="+fifo)
+	errs := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
+		defer cancel()
+		_, err := RequestRestart(ctx, c.socket)
+		errs <- err
+	}()
+	if p := c.reports.next("prespawn"); p["pid"] != strconv.Itoa(p0) {
+		t.Fatalf("prespawn report %v, want pid=%d", p, p0)
+	}
+	if err := unix.Kill(p0, unix.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	if d, _ := rec.recvMsg(t, true); d.pid != p0 || !systemdReloadingRE.MatchString(d.text) {
+		t.Fatalf("got %q from pid %d, want RELOADING=1 from pid %d", d.text, d.pid, p0)
+	}
+	if err := os.WriteFile(fifo, nil, 0o600); err != nil { // PreSpawn's read ends
+		t.Fatal(err)
+	}
+	status := ("pre-spawn hook: " + strings.Repeat("x", 5000))[:1024]
+	rec.expect(t, p0, "READY=1\nSTATUS=restart failed: "+status)
+	if err := <-errs; !errors.Is(err, ErrRestartFailed) {
+		t.Errorf("RequestRestart: %v, want the restart's failure", err)
+	}
+	rec.expectNone(t)
 }
 
 // TestSystemdHandOverWaitsForBarrier: the old process sends MAINPID and
