@@ -110,11 +110,11 @@ func (h handoff) environ(environ, extra []string) []string {
 
 // baseEnviron returns environ less the variables that the library sets
 // (reservedEnv) or extra sets, plus extra. A WATCHDOG_PID naming this
-// process becomes "auto", and "auto" (in a broker, whose environment was
-// made by baseEnviron) stays: the watchdog passes to the new main process.
+// process becomes "auto": the watchdog passes to the new main process. One
+// naming another process, or "auto" (in a broker, whose environment was
+// made here), is passed on as it is.
 func baseEnviron(environ, extra []string) []string {
 	ownWatchdog := envWatchdogPID + "=" + strconv.Itoa(os.Getpid())
-	autoWatchdog := envWatchdogPID + "=" + listenPIDAuto
 	drop := func(k string) bool {
 		return reservedEnv(k) || slices.ContainsFunc(extra, func(e string) bool {
 			ek, _, _ := strings.Cut(e, "=")
@@ -125,9 +125,9 @@ func baseEnviron(environ, extra []string) []string {
 	for _, kv := range environ {
 		k, _, _ := strings.Cut(kv, "=")
 		switch {
-		case kv == ownWatchdog || kv == autoWatchdog:
-			env = append(env, autoWatchdog)
-		case !drop(k):
+		case kv == ownWatchdog:
+			env = append(env, envWatchdogPID+"="+listenPIDAuto)
+		case k == envWatchdogPID || !drop(k):
 			env = append(env, kv)
 		}
 	}

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -538,3 +539,16 @@ type notASignal struct{}
 
 func (notASignal) String() string { return "not a signal" }
 func (notASignal) Signal()        {}
+
+// TestBaseEnvironWatchdog: the watchdog passes to the new process if it
+// was this process's (or, in a broker, "auto"), and stays another
+// process's if it was: WATCHDOG_USEC without its WATCHDOG_PID would make it
+// whoever's reads it.
+func TestBaseEnvironWatchdog(t *testing.T) {
+	own := "WATCHDOG_PID=" + strconv.Itoa(os.Getpid())
+	for in, want := range map[string]string{own: "WATCHDOG_PID=auto", "WATCHDOG_PID=auto": "WATCHDOG_PID=auto", "WATCHDOG_PID=1": "WATCHDOG_PID=1"} {
+		if got := baseEnviron([]string{"WATCHDOG_USEC=1000000", in}, nil); !slices.Equal(got, []string{"WATCHDOG_USEC=1000000", want}) {
+			t.Errorf("baseEnviron with %s: %q, want WATCHDOG_USEC and %s", in, got, want)
+		}
+	}
+}
