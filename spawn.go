@@ -173,17 +173,23 @@ func forkExec(path string, argv, env []string, dir string, files []uintptr) (int
 // sealFDsWith marks every fd above stderr close-on-exec: by closeRange, else
 // each fd listed in dir (/proc/self/fd), else every fd below RLIMIT_NOFILE.
 // If all three fail, so does the restart: no stray fd reaches the new process.
+// A listing with no fd above 2 is none: reading it takes one (FreeBSD's
+// /dev/fd, without fdescfs mounted, shows 0 to 2 whatever is open).
 func sealFDsWith(closeRange func() error, dir string) error {
 	if closeRange() == nil {
 		return nil
 	}
 	if ents, err := os.ReadDir(dir); err == nil {
+		listed := false
 		for _, e := range ents {
 			if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
 				unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC)
+				listed = true
 			}
 		}
-		return nil
+		if listed {
+			return nil
+		}
 	}
 	var lim unix.Rlimit
 	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {

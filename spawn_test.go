@@ -17,12 +17,20 @@ import (
 // fds.
 
 // TestSealFDsFallbacks: without close_range and without a listing of the
-// process's fds, sealing still marks every inherited fd close-on-exec.
+// process's fds (or with one that shows only stdio), sealing still marks
+// every inherited fd close-on-exec.
 func TestSealFDsFallbacks(t *testing.T) {
 	noCloseRange := func() error { return unix.ENOSYS }
+	stdioOnly := t.TempDir() // what FreeBSD's /dev/fd shows without fdescfs
+	for _, name := range []string{"0", "1", "2"} {
+		if err := os.WriteFile(filepath.Join(stdioOnly, name), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	for _, tc := range []struct{ name, dir string }{
 		{"listing", "/proc/self/fd"},
 		{"limit", filepath.Join(t.TempDir(), "no-such-dir")},
+		{"stdio-only listing", stdioOnly},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var p [2]int
