@@ -38,10 +38,10 @@ import (
 // started: a locked process that was taken over can make it start that
 // program, with fds of its choosing, and nothing else. Each message is
 // checked (fd names as systemd's, counts, the kinds of the library's own
-// fds, the signal, the control socket's identity); one that fails is
+// fds, the signal, the form of the control socket's DEV:INO); one that fails is
 // answered with an error, the request's fds are closed, and nothing
 // starts. It kills only its own children not reaped yet, safe from pid
-// reuse as waitChild is, and exits at end of file: when its parent exits,
+// reuse as watchChild is, and exits at end of file: when its parent exits,
 // however that happens.
 //
 // The socket is a SOCK_SEQPACKET socketpair: each send is one message,
@@ -162,7 +162,11 @@ func NewBroker() (*Broker, error) {
 	env := append(baseEnviron(os.Environ(), nil), envBrokerFD+"="+strconv.Itoa(k), envBrokerProgram+"="+startedAs.program)
 	// /proc/self/exe: the broker runs this very binary, even if a deploy
 	// replaced its file since.
-	pid, err := forkExec("/proc/self/exe", os.Args, env, dir, files)
+	err = sealFDs()
+	var pid int
+	if err == nil {
+		pid, err = forkExec("/proc/self/exe", os.Args, env, dir, files)
+	}
 	unix.Close(fds[1])
 	if err != nil {
 		unix.Close(fds[0])
@@ -204,7 +208,12 @@ func (b *Broker) spawn(ctx context.Context, files []uintptr, h handoff) (*childW
 	if s, ok := h.signal.(syscall.Signal); ok {
 		sig = byte(s)
 	}
-	return b.request(ctx, append([]byte{brokerStart, sig}, h.ctlID...), slices.Concat(files[:3], files[3+len(h.names):]))
+	child, err := b.request(ctx, append([]byte{brokerStart, sig}, h.ctlID...), slices.Concat(files[:3], files[3+len(h.names):]))
+	if err == nil && child == nil {
+		b.close()
+		err = errors.New("shellflip: the broker answered a start without a pid")
+	}
+	return child, err
 }
 
 // request sends msg with fds and waits for the answer.

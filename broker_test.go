@@ -503,3 +503,75 @@ func TestBrokerParentGaveUp(t *testing.T) {
 		unix.Kill(pid, unix.SIGKILL)
 	}
 }
+
+// TestBrokerSealsFDs: an fd without close-on-exec that leaked into this
+// process (from its own parent, say) does not reach the broker.
+func TestBrokerSealsFDs(t *testing.T) {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	const leaked = 900
+	if err := unix.Dup3(p[0], leaked, 0); err != nil { // not close-on-exec: as if inherited
+		t.Fatal(err)
+	}
+	defer unix.Close(leaked)
+	b, err := NewBroker()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		b.close()
+		unix.Wait4(b.pid, nil, 0, nil)
+	}()
+	// An answer shows the broker's exec is over: ForkExec returns when the
+	// exec closed its pipe, which may come before fd 900 is closed.
+	ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
+	defer cancel()
+	if _, err := b.request(ctx, []byte{brokerFDs, 'x'}, []uintptr{uintptr(p[1])}); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", b.pid, leaked)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the broker has fd %d (%s), which leaked into its parent: %v", leaked, l, err)
+	}
+}
+
+// TestBrokerAnswerWithoutPID: a broker that answers a start with 'A' (as
+// for fds) has started nothing this process can watch: the restart fails,
+// rather than go on with no child.
+func TestBrokerAnswerWithoutPID(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fds[0]), "broker parent")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &Broker{conn: c.(*net.UnixConn), children: map[int]*childWatch{}}
+	go b.read()
+	defer b.close()
+	fake := os.NewFile(uintptr(fds[1]), "fake broker")
+	defer fake.Close()
+	go func() {
+		var buf [64]byte
+		fake.Read(buf[:]) // the start, its fds discarded
+		fake.Write([]byte{brokerOK})
+	}()
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
+	defer cancel()
+	child, err := b.spawn(ctx, []uintptr{0, 1, 2, uintptr(p[0]), uintptr(p[1])}, handoff{signal: syscall.SIGUSR1})
+	if err == nil || child != nil {
+		t.Errorf("a start answered with 'A': child %v, error %v; want an error", child, err)
+	}
+}
