@@ -9,9 +9,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// spawn_linux.go's functions for darwin and FreeBSD, without SOCK_CLOEXEC,
-// accept4, pipe2, waitid(WNOWAIT) or SO_PEERCRED: new fds are marked
-// close-on-exec under syscall.ForkLock, lest a fork in between leak them.
+// spawn_linux.go's functions for darwin and FreeBSD, written for what both
+// have: no SOCK_CLOEXEC, accept4 or pipe2 (darwin), so new fds are marked
+// close-on-exec under syscall.ForkLock, lest a fork in between leak them;
+// no waitid(WNOWAIT) or SO_PEERCRED in golang.org/x/sys/unix.
 
 func newReadyPair() (parent, child int, err error) {
 	syscall.ForkLock.RLock()
