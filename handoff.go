@@ -35,8 +35,9 @@ const (
 )
 
 // inheritance is what this process received at start, taken in the
-// package's init: the fds are close-on-exec before the program could fork,
-// and the variables are gone before anything could pass them on.
+// package's init: the fds are close-on-exec and the variables gone before
+// main runs (a package that imports this one, and forks in its own init,
+// is the one thing that comes earlier).
 type inheritance struct {
 	err       error // the first problem found; if set, every fd was closed
 	readyFD   int   // -1 if not started by a restart

@@ -243,9 +243,10 @@ func (r *Restarter) Wait() (newPid int, err error) {
 	return r.pid, r.err
 }
 
-// Stop ends the Restarter without restarting, as cancelling Start's context
-// does, and waits until it has ended. A restart in flight is abandoned and
-// its new process killed. Safe to call more than once.
+// Stop ends the Restarter, as cancelling Start's context does, and waits
+// until it has ended. A restart in flight is abandoned and its new process
+// killed, unless the new process was ready already: then the handover
+// completes, and Wait returns the new pid. Safe to call more than once.
 func (r *Restarter) Stop() {
 	r.cancel()
 	<-r.done
