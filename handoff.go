@@ -36,8 +36,8 @@ const (
 
 // inheritance is what this process received at start, taken in the
 // package's init: the fds are close-on-exec and the variables gone before
-// main runs (a package that imports this one, and forks in its own init,
-// is the one thing that comes earlier).
+// main runs (only the init of a package that does not import this one may
+// come earlier, and fork).
 type inheritance struct {
 	err       error // the first problem found; if set, every fd was closed
 	readyFD   int   // -1 if not started by a restart
