@@ -269,9 +269,13 @@ func Remove(name string) bool {
 	return true
 }
 
-// closeUnclaimed, called by Start, closes the inherited fds nobody claimed,
-// and unlinks the socket file of such a unix listener: no one serves on it.
-func closeUnclaimed() {
+// closeUnclaimed, called by Start once this process is the main one, closes
+// the inherited fds nobody claimed. With unlink, in a process to which an
+// old one has handed over, it also unlinks the socket file of such a unix
+// listener: the old process is leaving, so no one serves on it. A launcher
+// such as systemd owns the sockets it passed, files included, and may
+// still listen on them.
+func closeUnclaimed(unlink bool) {
 	lockRegistry()
 	defer fdreg.mu.Unlock()
 	var unclaimed []int
@@ -279,7 +283,9 @@ func closeUnclaimed() {
 		if !e.inherited || e.claimed {
 			return false
 		}
-		unlinkListenerPath(e.fd)
+		if unlink {
+			unlinkListenerPath(e.fd)
+		}
 		if e.file != nil {
 			e.file.Close() // a claim of it was refused
 		} else {

@@ -54,6 +54,10 @@ const (
 	// the runtime's poller, whose epoll and eventfd fds take the lowest
 	// free numbers.
 	envFDPassOpenEarly = "SHELLFLIP_TEST_FDPASS_OPEN_EARLY"
+	// Restartable fdpass roles: the new process that removes this file
+	// leaves the state unread, so that its Start fails. It takes itself
+	// for generation 1.
+	envFDPassUnread = "SHELLFLIP_TEST_FDPASS_UNREAD"
 )
 
 // fdpassScanFDs bounds the fd numbers the snapshot looks at.
@@ -226,6 +230,9 @@ func fdpassBoot() (gen int, ok bool) {
 	}
 	if st == nil {
 		return 0, true
+	}
+	if takeKnob(envFDPassUnread) {
+		return 1, true
 	}
 	defer st.Close()
 	b, err := io.ReadAll(st)
@@ -1110,6 +1117,67 @@ func TestFDPassUnclaimed(t *testing.T) {
 	for _, i := range []int{0, 2} {
 		fdpassGreets(t, specs[i].network, socks0[i].addr, r1["pid"], 1, specs[i].name)
 	}
+}
+
+// fdpassActivate starts role "fdpass" as a service manager would: files at
+// fds 3.., LISTEN_FDS and LISTEN_PID set ("auto", which the package's init
+// makes this pid, as systemd would have set it), and env. It returns the
+// ready report.
+func fdpassActivate(c *testCluster, files []*os.File, env ...string) map[string]string {
+	c.t.Helper()
+	env = append([]string{envListenPID + "=" + listenPIDAuto, envListenFDs + "=" + strconv.Itoa(len(files))}, env...)
+	return c.startCmd(os.Args[0], "fdpass", func(cmd *exec.Cmd) { cmd.ExtraFiles = files }, env...)
+}
+
+// TestFDPassUnclaimedActivated: a fresh process that a launcher (here the
+// test, as systemd would) passed a unix listener, and that does not claim
+// it, closes its copy at Ready but leaves the socket file: the launcher
+// owns it and still accepts on it.
+func TestFDPassUnclaimedActivated(t *testing.T) {
+	t.Parallel()
+	c := newTestCluster(t)
+	path := filepath.Join(c.dir, "admin.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	f, err := ln.(*net.UnixListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fdpassActivate(c, []*os.File{f}, envListenFDNames+"=admin")
+	if got := fdpassValues(t, c.reports.next("fdpass-inherited"), "after").Get("admin"); got != "closed" {
+		t.Errorf("the unclaimed inherited fd after Ready: %q, want it closed", got)
+	}
+	if got := fdpassPathKind(path); got != "sock" {
+		t.Errorf("the launcher's socket file after the service's Ready: %s, want sock", got)
+	}
+	fdpassAcceptOne(t, ln, "unix", path)
+}
+
+// TestFDPassUnclaimedFailedRestart: a new process that does not claim an
+// inherited unix listener and whose Start fails (it left the state unread)
+// leaves the socket file alone: the old process serves on.
+func TestFDPassUnclaimedFailedRestart(t *testing.T) {
+	t.Parallel()
+	c := newTestCluster(t)
+	path := filepath.Join(c.dir, "old.sock")
+	knob := filepath.Join(c.dir, "unread")
+	if err := os.WriteFile(knob, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sp := fdpassSpec{kind: "listen", name: "old", network: "unix", address: path, firstOnly: true}
+	r0 := c.start("fdpass", envFDPassSpecs+"="+sp.String(), envFDPassUnread+"="+knob)
+	if err := c.requestErr(); !strings.Contains(err.Error(), "not read to its end") {
+		t.Errorf("RequestRestart: %v, want the new process's failure to read the state", err)
+	}
+	// The old process answered after it reaped the new one.
+	if got := fdpassPathKind(path); got != "sock" {
+		t.Errorf("the old process's socket file after the failed restart: %s, want sock", got)
+	}
+	fdpassGreets(t, "unix", path, r0["pid"], 0, "old")
 }
 
 // TestFDPassOldKeepsSocketFile: the old process closes its unix listeners
@@ -2047,7 +2115,7 @@ func TestFDPassClaimKinds(t *testing.T) {
 		l.Close()
 		t.Errorf("a tcp4 listener claimed as unix")
 	}
-	closeUnclaimed()
+	closeUnclaimed(true)
 	if slices.Contains(registryNames(), name) {
 		t.Errorf("%q still registered after closeUnclaimed", name)
 		Remove(name)
