@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/url"
 	"os"
@@ -58,6 +59,8 @@ const (
 	// leaves the state unread, so that its Start fails. It takes itself
 	// for generation 1.
 	envFDPassUnread = "SHELLFLIP_TEST_FDPASS_UNREAD"
+	// Role "fdpass": call StoreFDs() before Start and report its error.
+	envFDPassStore = "SHELLFLIP_TEST_FDPASS_STORE"
 )
 
 // fdpassScanFDs bounds the fd numbers the snapshot looks at.
@@ -395,6 +398,9 @@ func fdpassRole() int {
 		socks = append(socks, "s"+strconv.Itoa(i), d)
 	}
 	fdpassSay("fdpass-socks", socks...)
+	if os.Getenv(envFDPassStore) != "" {
+		fdpassSay("fdpass-store", "err", fmt.Sprint(StoreFDs()))
+	}
 
 	// The inherited fds as the environment named them before the package's
 	// init, and the socket files of unix specs, before Start...
@@ -1178,6 +1184,53 @@ func TestFDPassUnclaimedFailedRestart(t *testing.T) {
 		t.Errorf("the old process's socket file after the failed restart: %s, want sock", got)
 	}
 	fdpassGreets(t, "unix", path, r0["pid"], 0, "old")
+}
+
+// TestFDPassStoreSameName: a service passed two listeners with LISTEN_FDS=2
+// and no LISTEN_FDNAMES, so both named "unknown", stores them with
+// StoreFDs(): the (fake) manager receives both, each in its own FDSTORE=1
+// datagram under that name, not the first one twice.
+func TestFDPassStoreSameName(t *testing.T) {
+	t.Parallel()
+	c := newTestCluster(t)
+	mgr := sdListen(t, false)
+	var files []*os.File
+	want := map[uint64]bool{}
+	for range 2 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := ln.(*net.TCPListener).File()
+		ln.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		fi, err := f.Stat()
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[fi.Sys().(*syscall.Stat_t).Ino] = true
+		files = append(files, f)
+	}
+	fdpassActivate(c, files, envFDPassStore+"=1", "NOTIFY_SOCKET="+mgr.addr)
+	if err := fdpassField(c.reports.next("fdpass-store"), "err"); err != "<nil>" {
+		t.Fatalf("StoreFDs: %s", err)
+	}
+	got := map[uint64]bool{}
+	for range 2 {
+		msg, fds := mgr.recv(t)
+		var st unix.Stat_t
+		if msg != "FDSTORE=1\nFDNAME=unknown" || len(fds) != 1 || unix.Fstat(fds[0], &st) != nil {
+			t.Errorf("the manager received %q with %d fds, want FDSTORE=1 of one fd named unknown", msg, len(fds))
+		}
+		got[st.Ino] = true
+		sdCloseFDs(fds)
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("stored sockets (inodes) %v, want the two passed: %v", got, want)
+	}
 }
 
 // TestFDPassOldKeepsSocketFile: the old process closes its unix listeners
