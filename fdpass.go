@@ -416,8 +416,9 @@ func socketFits(c any, network string) bool {
 // The unit needs a large enough FileDescriptorStoreMax=. Storing again after
 // a restart is harmless: systemd ignores an fd it already stores. Without
 // $NOTIFY_SOCKET StoreFDs does nothing; it returns ErrNotMain where Notify
-// does. Notify("FDSTOREREMOVE=1", "FDNAME="+name) takes an fd out of the
-// store.
+// does. While systemd's queue is full it waits, at most 5 seconds per fd (a
+// handover waits for it), then fails. Notify("FDSTOREREMOVE=1",
+// "FDNAME="+name) takes an fd out of the store.
 func StoreFDs(names ...string) error {
 	notifyMu.RLock()
 	defer notifyMu.RUnlock()
@@ -440,7 +441,10 @@ func StoreFDs(names ...string) error {
 		}
 	}
 	for _, e := range entries {
-		if err := n.send(context.Background(), []int{e.fd}, "FDSTORE=1", "FDNAME="+e.name); err != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), handOverTimeout)
+		err := n.send(ctx, []int{e.fd}, "FDSTORE=1", "FDNAME="+e.name)
+		cancel()
+		if err != nil {
 			return fmt.Errorf("shellflip: storing fd %q: %w", e.name, err)
 		}
 	}

@@ -1233,6 +1233,50 @@ func TestFDPassStoreSameName(t *testing.T) {
 	}
 }
 
+// TestFDPassStoreQueueFull: while the manager's queue is full, StoreFDs
+// gives up after handOverTimeout, rather than holding the locks that a
+// handover needs for ever.
+func TestFDPassStoreQueueFull(t *testing.T) {
+	t.Parallel()
+	c := newTestCluster(t)
+	mgr := sdListen(t, false)
+	fill, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: mgr.addr, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fill.Close()
+	for i := 0; err == nil; i++ {
+		if i == 100000 {
+			t.Fatal("the queue never filled")
+		}
+		fill.SetWriteDeadline(time.Now().Add(50 * time.Millisecond))
+		_, err = fill.Write([]byte("WATCHDOG=1"))
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	f, err := ln.(*net.TCPListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	// Not fdpassActivate: Start's READY=1 would wait for the full queue too.
+	cmd := c.command(os.Args[0], "fdpass", envListenPID+"="+listenPIDAuto, envListenFDs+"=1",
+		envFDPassStore+"=1", "NOTIFY_SOCKET="+mgr.addr)
+	cmd.ExtraFiles = []*os.File{f}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	c.adopt(cmd)
+	start := time.Now()
+	err0 := fdpassField(c.reports.next("fdpass-store"), "err")
+	if took := time.Since(start); !strings.Contains(err0, "i/o timeout") || took < handOverTimeout {
+		t.Errorf("StoreFDs on a full queue: %q after %v, want a timeout after %v", err0, took, handOverTimeout)
+	}
+}
+
 // TestFDPassOldKeepsSocketFile: the old process closes its unix listeners
 // (stream, seqpacket, datagram) on its way out and exits; the socket files
 // stay, and the new process still serves on them.
