@@ -269,9 +269,13 @@ func Remove(name string) bool {
 	return true
 }
 
-// closeUnclaimed, called by Start, closes the inherited fds nobody claimed,
-// and unlinks the socket file of such a unix listener: no one serves on it.
-func closeUnclaimed() {
+// closeUnclaimed, called by Start once this process is the main one, closes
+// the inherited fds nobody claimed. With unlink, in a process to which an
+// old one has handed over, it also unlinks the socket file of such a unix
+// listener: the old process is leaving, so no one serves on it. A launcher
+// such as systemd owns the sockets it passed, files included, and may
+// still listen on them.
+func closeUnclaimed(unlink bool) {
 	lockRegistry()
 	defer fdreg.mu.Unlock()
 	var unclaimed []int
@@ -279,7 +283,9 @@ func closeUnclaimed() {
 		if !e.inherited || e.claimed {
 			return false
 		}
-		unlinkListenerPath(e.fd)
+		if unlink {
+			unlinkListenerPath(e.fd)
+		}
 		if e.file != nil {
 			e.file.Close() // a claim of it was refused
 		} else {
@@ -402,14 +408,16 @@ func socketFits(c any, network string) bool {
 	return false
 }
 
-// StoreFDs pushes the registry's fds named by names (all if none are named)
-// to systemd's fd store, one FDSTORE=1 datagram per fd under its name, so
-// that a process systemd starts later (after a crash, or "systemctl
-// restart", which graceful restarts do not survive) finds them in its
-// registry under the same names. The unit needs a large enough
-// FileDescriptorStoreMax=. Storing again after a restart is harmless: systemd
-// ignores an fd it already stores. Without $NOTIFY_SOCKET StoreFDs does
-// nothing; it returns ErrNotMain where Notify does. Notify("FDSTOREREMOVE=1",
+// StoreFDs pushes the registry's fds to systemd's fd store (every fd if no
+// names are given, else the first fd of each name, the one a claim takes),
+// one FDSTORE=1 datagram per fd under its name, so that a process systemd
+// starts later (after a crash, or "systemctl restart", which graceful
+// restarts do not survive) finds them in its registry under the same names.
+// The unit needs a large enough FileDescriptorStoreMax=. Storing again after
+// a restart is harmless: systemd ignores an fd it already stores. Without
+// $NOTIFY_SOCKET StoreFDs does nothing; it returns ErrNotMain where Notify
+// does. While systemd's queue is full it waits, at most 5 seconds per fd (a
+// handover waits for it), then fails. Notify("FDSTOREREMOVE=1",
 // "FDNAME="+name) takes an fd out of the store.
 func StoreFDs(names ...string) error {
 	notifyMu.RLock()
@@ -423,18 +431,21 @@ func StoreFDs(names ...string) error {
 	}
 	lockRegistry()
 	defer fdreg.mu.Unlock()
-	if len(names) == 0 {
-		for _, e := range fdreg.entries {
-			names = append(names, e.name)
+	entries := fdreg.entries // every fd, though several may share a name
+	if len(names) > 0 {
+		entries = make([]*fdEntry, len(names))
+		for i, name := range names {
+			if entries[i] = lookupEntry(name); entries[i] == nil {
+				return fmt.Errorf("shellflip: no fd named %q: %w", name, os.ErrNotExist)
+			}
 		}
 	}
-	for _, name := range names {
-		e := lookupEntry(name)
-		if e == nil {
-			return fmt.Errorf("shellflip: no fd named %q: %w", name, os.ErrNotExist)
-		}
-		if err := n.send(context.Background(), []int{e.fd}, "FDSTORE=1", "FDNAME="+name); err != nil {
-			return fmt.Errorf("shellflip: storing fd %q: %w", name, err)
+	for _, e := range entries {
+		ctx, cancel := context.WithTimeout(context.Background(), handOverTimeout)
+		err := n.send(ctx, []int{e.fd}, "FDSTORE=1", "FDNAME="+e.name)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("shellflip: storing fd %q: %w", e.name, err)
 		}
 	}
 	return nil

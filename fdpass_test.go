@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/url"
 	"os"
@@ -54,6 +55,12 @@ const (
 	// the runtime's poller, whose epoll and eventfd fds take the lowest
 	// free numbers.
 	envFDPassOpenEarly = "SHELLFLIP_TEST_FDPASS_OPEN_EARLY"
+	// Restartable fdpass roles: the new process that removes this file
+	// leaves the state unread, so that its Start fails. It takes itself
+	// for generation 1.
+	envFDPassUnread = "SHELLFLIP_TEST_FDPASS_UNREAD"
+	// Role "fdpass": call StoreFDs() before Start and report its error.
+	envFDPassStore = "SHELLFLIP_TEST_FDPASS_STORE"
 )
 
 // fdpassScanFDs bounds the fd numbers the snapshot looks at.
@@ -227,6 +234,9 @@ func fdpassBoot() (gen int, ok bool) {
 	if st == nil {
 		return 0, true
 	}
+	if takeKnob(envFDPassUnread) {
+		return 1, true
+	}
 	defer st.Close()
 	b, err := io.ReadAll(st)
 	if err != nil {
@@ -388,6 +398,9 @@ func fdpassRole() int {
 		socks = append(socks, "s"+strconv.Itoa(i), d)
 	}
 	fdpassSay("fdpass-socks", socks...)
+	if os.Getenv(envFDPassStore) != "" {
+		fdpassSay("fdpass-store", "err", fmt.Sprint(StoreFDs()))
+	}
 
 	// The inherited fds as the environment named them before the package's
 	// init, and the socket files of unix specs, before Start...
@@ -1109,6 +1122,158 @@ func TestFDPassUnclaimed(t *testing.T) {
 	}
 	for _, i := range []int{0, 2} {
 		fdpassGreets(t, specs[i].network, socks0[i].addr, r1["pid"], 1, specs[i].name)
+	}
+}
+
+// fdpassActivate starts role "fdpass" as a service manager would: files at
+// fds 3.., LISTEN_FDS and LISTEN_PID set ("auto", which the package's init
+// makes this pid, as systemd would have set it), and env. It returns the
+// ready report.
+func fdpassActivate(c *testCluster, files []*os.File, env ...string) map[string]string {
+	c.t.Helper()
+	env = append([]string{envListenPID + "=" + listenPIDAuto, envListenFDs + "=" + strconv.Itoa(len(files))}, env...)
+	return c.startCmd(os.Args[0], "fdpass", func(cmd *exec.Cmd) { cmd.ExtraFiles = files }, env...)
+}
+
+// TestFDPassUnclaimedActivated: a fresh process that a launcher (here the
+// test, as systemd would) passed a unix listener, and that does not claim
+// it, closes its copy at Ready but leaves the socket file: the launcher
+// owns it and still accepts on it.
+func TestFDPassUnclaimedActivated(t *testing.T) {
+	t.Parallel()
+	c := newTestCluster(t)
+	path := filepath.Join(c.dir, "admin.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	f, err := ln.(*net.UnixListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fdpassActivate(c, []*os.File{f}, envListenFDNames+"=admin")
+	if got := fdpassValues(t, c.reports.next("fdpass-inherited"), "after").Get("admin"); got != "closed" {
+		t.Errorf("the unclaimed inherited fd after Ready: %q, want it closed", got)
+	}
+	if got := fdpassPathKind(path); got != "sock" {
+		t.Errorf("the launcher's socket file after the service's Ready: %s, want sock", got)
+	}
+	fdpassAcceptOne(t, ln, "unix", path)
+}
+
+// TestFDPassUnclaimedFailedRestart: a new process that does not claim an
+// inherited unix listener and whose Start fails (it left the state unread)
+// leaves the socket file alone: the old process serves on.
+func TestFDPassUnclaimedFailedRestart(t *testing.T) {
+	t.Parallel()
+	c := newTestCluster(t)
+	path := filepath.Join(c.dir, "old.sock")
+	knob := filepath.Join(c.dir, "unread")
+	if err := os.WriteFile(knob, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sp := fdpassSpec{kind: "listen", name: "old", network: "unix", address: path, firstOnly: true}
+	r0 := c.start("fdpass", envFDPassSpecs+"="+sp.String(), envFDPassUnread+"="+knob)
+	if err := c.requestErr(); !strings.Contains(err.Error(), "not read to its end") {
+		t.Errorf("RequestRestart: %v, want the new process's failure to read the state", err)
+	}
+	// The old process answered after it reaped the new one.
+	if got := fdpassPathKind(path); got != "sock" {
+		t.Errorf("the old process's socket file after the failed restart: %s, want sock", got)
+	}
+	fdpassGreets(t, "unix", path, r0["pid"], 0, "old")
+}
+
+// TestFDPassStoreSameName: a service passed two listeners with LISTEN_FDS=2
+// and no LISTEN_FDNAMES, so both named "unknown", stores them with
+// StoreFDs(): the (fake) manager receives both, each in its own FDSTORE=1
+// datagram under that name, not the first one twice.
+func TestFDPassStoreSameName(t *testing.T) {
+	t.Parallel()
+	c := newTestCluster(t)
+	mgr := sdListen(t, false)
+	var files []*os.File
+	want := map[uint64]bool{}
+	for range 2 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := ln.(*net.TCPListener).File()
+		ln.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		fi, err := f.Stat()
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[fi.Sys().(*syscall.Stat_t).Ino] = true
+		files = append(files, f)
+	}
+	fdpassActivate(c, files, envFDPassStore+"=1", "NOTIFY_SOCKET="+mgr.addr)
+	if err := fdpassField(c.reports.next("fdpass-store"), "err"); err != "<nil>" {
+		t.Fatalf("StoreFDs: %s", err)
+	}
+	got := map[uint64]bool{}
+	for range 2 {
+		msg, fds := mgr.recv(t)
+		var st unix.Stat_t
+		if msg != "FDSTORE=1\nFDNAME=unknown" || len(fds) != 1 || unix.Fstat(fds[0], &st) != nil {
+			t.Errorf("the manager received %q with %d fds, want FDSTORE=1 of one fd named unknown", msg, len(fds))
+		}
+		got[st.Ino] = true
+		sdCloseFDs(fds)
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("stored sockets (inodes) %v, want the two passed: %v", got, want)
+	}
+}
+
+// TestFDPassStoreQueueFull: while the manager's queue is full, StoreFDs
+// gives up after handOverTimeout, rather than holding the locks that a
+// handover needs for ever.
+func TestFDPassStoreQueueFull(t *testing.T) {
+	t.Parallel()
+	c := newTestCluster(t)
+	mgr := sdListen(t, false)
+	fill, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: mgr.addr, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fill.Close()
+	for i := 0; err == nil; i++ {
+		if i == 100000 {
+			t.Fatal("the queue never filled")
+		}
+		fill.SetWriteDeadline(time.Now().Add(50 * time.Millisecond))
+		_, err = fill.Write([]byte("WATCHDOG=1"))
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	f, err := ln.(*net.TCPListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	// Not fdpassActivate: Start's READY=1 would wait for the full queue too.
+	cmd := c.command(os.Args[0], "fdpass", envListenPID+"="+listenPIDAuto, envListenFDs+"=1",
+		envFDPassStore+"=1", "NOTIFY_SOCKET="+mgr.addr)
+	cmd.ExtraFiles = []*os.File{f}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	c.adopt(cmd)
+	start := time.Now()
+	err0 := fdpassField(c.reports.next("fdpass-store"), "err")
+	if took := time.Since(start); !strings.Contains(err0, "i/o timeout") || took < handOverTimeout {
+		t.Errorf("StoreFDs on a full queue: %q after %v, want a timeout after %v", err0, took, handOverTimeout)
 	}
 }
 
@@ -2047,7 +2212,7 @@ func TestFDPassClaimKinds(t *testing.T) {
 		l.Close()
 		t.Errorf("a tcp4 listener claimed as unix")
 	}
-	closeUnclaimed()
+	closeUnclaimed(true)
 	if slices.Contains(registryNames(), name) {
 		t.Errorf("%q still registered after closeUnclaimed", name)
 		Remove(name)

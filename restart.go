@@ -206,10 +206,12 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 		closeFD(&ctlFD)
 	}
 	if err == nil {
-		err = commit(r.log, r.sig, r.cfg.PIDFile)
 		// Closed once ready, not before: with many fds that is work the
-		// old process need not wait for.
-		closeUnclaimed()
+		// old process need not wait for; nor ever if this process failed,
+		// when the old one serves on.
+		if err = commit(r.log, r.sig, r.cfg.PIDFile); err == nil {
+			closeUnclaimed(startedByRestart())
+		}
 	}
 	if err != nil {
 		signal.Stop(r.sig)
