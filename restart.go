@@ -138,16 +138,16 @@ type Restarter struct {
 // started by a restart, the state received (ReceiveState). Cancelling ctx
 // ends the Restarter, as Stop does.
 //
-// It binds the control socket (or takes it over from the old process),
-// catches the restart signal and closes the inherited fds the program did
-// not claim. A fresh process then writes the PID file and tells systemd
-// READY=1. A process started by a restart tells the old process it is
-// ready and returns once the old process has made it the main process: the
-// commit point, after which the old process will not kill it, and it may
-// change state that the old process also changes. If the old process
-// rejects it instead, Start returns an error and the program should exit.
-// A restart signal that arrives before then is dropped: sent to every
-// process of the service, it is meant for the old one.
+// It binds the control socket (or takes it over from the old process) and
+// catches the restart signal. A fresh process then writes the PID file and
+// tells systemd READY=1. A process started by a restart tells the old
+// process it is ready and returns once the old process has made it the
+// main process: the commit point, after which the old process will not
+// kill it, and it may change state that the old process also changes. If
+// the old process rejects it instead, Start returns an error and the
+// program should exit. A restart signal that arrives before then is
+// dropped: sent to every process of the service, it is meant for the old
+// one. Once ready, Start closes the inherited fds the program did not claim.
 func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 	// fail tells the old process (if any) why, rather than let it see only
 	// an exit status, and lets a restart signal take its default course.
