@@ -367,56 +367,66 @@ func (e *gaveUpError) Error() string { return "gave up: " + e.reason }
 
 // awaitReady serves the new process's messages until it is ready: it sends
 // the state when asked (and reports whether it was), and fails on a process
-// that gave up, exited, sent garbage, or ran out of time (ctx). It reads on
-// the caller's goroutine: a hop to another would slow the restart.
+// that gave up, exited, sent garbage, or ran out of time (ctx). Without
+// state it reads on the caller's goroutine: a hop to another would slow
+// the restart.
 func awaitReady(ctx context.Context, child *childWatch, ready *os.File, stateW *int, hook func(context.Context, io.Writer) error) (asked bool, err error) {
 	stop := context.AfterFunc(ctx, func() { ready.SetReadDeadline(time.Unix(1, 0)) })
 	defer stop()
-	for {
-		kind, reason, err := readyMsg(ready)
-		switch {
-		case err == io.EOF:
-			return asked, errReadyEOF
-		case err != nil && ctx.Err() != nil:
-			return asked, context.Cause(ctx)
-		case err != nil:
-			return asked, err
-		case kind == msgState && !asked:
-			asked = true
-			err = sendState(ctx, *stateW, hook)
-			*stateW = -1 // closed by sendState
-			if err != nil {
-				return asked, fmt.Errorf("sending state: %w", err)
-			}
-		case kind == msgGiveUp:
-			return asked, &gaveUpError{reason}
-		case kind == msgReady:
-			select {
-			case <-child.done: // an exited process is no successor, even if ready first
-				return asked, errExited
-			default:
-				return asked, nil
-			}
-		default:
-			return asked, fmt.Errorf("unexpected byte %#x on the readiness socket", kind)
+	kind, reason, err := readyMsg(ready)
+	if kind == msgState && err == nil {
+		asked = true
+		w, werr := pollableFile(*stateW, "shellflip-state")
+		*stateW = -1
+		if werr != nil {
+			return asked, werr
 		}
+		// The next message is read while the hook writes: a new process
+		// that gives up before reading to the end (its 'F') or goes away
+		// must end the hook, and its reason must beat the write error.
+		next := make(chan struct{})
+		go func() {
+			kind, reason, err = readyMsg(ready)
+			w.SetWriteDeadline(time.Unix(1, 0)) // fails harmlessly once w is closed
+			close(next)
+		}()
+		werr = sendState(ctx, w, hook) // closes w: a reading new process sees end of file
+		<-next
+		if werr != nil && kind != msgGiveUp {
+			return asked, fmt.Errorf("sending state: %w", werr)
+		}
+	}
+	switch {
+	case err == io.EOF:
+		return asked, errReadyEOF
+	case err != nil && ctx.Err() != nil:
+		return asked, context.Cause(ctx)
+	case err != nil:
+		return asked, err
+	case kind == msgGiveUp:
+		return asked, &gaveUpError{reason}
+	case kind == msgReady:
+		select {
+		case <-child.done: // an exited process is no successor, even if ready first
+			return asked, errExited
+		default:
+			return asked, nil
+		}
+	default:
+		return asked, fmt.Errorf("unexpected byte %#x on the readiness socket", kind)
 	}
 }
 
-// sendState runs the SendState hook on the write end of the state pipe,
-// fd, which it closes: the new process reads to end of file.
-func sendState(ctx context.Context, fd int, hook func(context.Context, io.Writer) error) error {
-	w, err := pollableFile(fd, "shellflip-state")
-	if err != nil {
-		return err
-	}
+// sendState runs the SendState hook on w, the write end of the state pipe,
+// which it closes: the new process reads to end of file.
+func sendState(ctx context.Context, w *os.File, hook func(context.Context, io.Writer) error) error {
 	defer w.Close()
 	if hook == nil {
 		return nil
 	}
 	stop := context.AfterFunc(ctx, func() { w.SetWriteDeadline(time.Unix(1, 0)) })
 	defer stop()
-	err = hook(ctx, w)
+	err := hook(ctx, w)
 	if err != nil && ctx.Err() != nil {
 		return fmt.Errorf("%w: %w", context.Cause(ctx), err)
 	}

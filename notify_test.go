@@ -832,10 +832,14 @@ const envTestStateMode = "SHELLFLIP_TEST_STATE_MODE" // what the next new proces
 // how=failed"; SIGTERM stops its Restarter. A new process that removes
 // $SHELLFLIP_TEST_FAIL_FILE does what $SHELLFLIP_TEST_STATE_MODE says:
 //
-//	noread   never calls ReceiveState
-//	partial  reads one byte of the state, closes it, and calls Start
-//	giveup   reads the state and gives up with a reason
-//	hold     reads the state, then waits for a line on $SHELLFLIP_TEST_HOLD_FIFO
+//	noread      never calls ReceiveState
+//	partial     reads one byte of the state, closes it, and calls Start
+//	giveup      reads the state and gives up with a reason
+//	giveuphold  reads one byte of the state, gives up with a reason, and lives on
+//	giveupexit  reads one byte of the state, gives up with a reason, and exits
+//	hold        reads the state, then waits for a line on $SHELLFLIP_TEST_HOLD_FIFO
+//
+// The state is the generation's line, then $SHELLFLIP_TEST_STATE_SIZE bytes.
 func stateRole() int {
 	pid := os.Getpid()
 	report("started pid=%d", pid)
@@ -851,23 +855,32 @@ func stateRole() int {
 			return 1
 		}
 		if st != nil {
-			if mode == "partial" {
-				var b [1]byte
-				st.Read(b[:])
+			if mode == "partial" || mode == "giveuphold" || mode == "giveupexit" {
+				st.Read(make([]byte, 1))
 			} else if b, err := io.ReadAll(st); err == nil {
-				gen, _ = strconv.Atoi(strings.TrimSpace(string(b)))
+				line, _, _ := strings.Cut(string(b), "\n")
+				gen, _ = strconv.Atoi(line)
 				gen++
 			}
-			st.Close()
+			if mode == "partial" { // the others leave the hook writing
+				st.Close()
+			}
 		}
 	}
 	switch mode {
 	case "giveup":
 		GiveUp(errors.New("state version 2 not understood"))
 		return 1
+	case "giveuphold", "giveupexit":
+		GiveUp(errors.New("state version 7 unknown"))
+		if mode == "giveuphold" {
+			select {} // until the old process kills it
+		}
+		return 1
 	case "hold":
 		waitFIFO(os.Getenv(envTestHoldFIFO))
 	}
+	size, _ := strconv.Atoi(os.Getenv(envTestStateSize))
 	r, err := Start(context.Background(), Config{
 		SocketPath:   os.Getenv(envTestSocket),
 		ReadyTimeout: testDeadline,
@@ -875,7 +888,10 @@ func stateRole() int {
 		Lifecycle: &Lifecycle{
 			SendState: func(_ context.Context, w io.Writer) error {
 				report("sendstate pid=%d", pid)
-				_, err := fmt.Fprintln(w, gen)
+				if _, err := fmt.Fprintln(w, gen); err != nil {
+					return err
+				}
+				_, err := w.Write(make([]byte, size))
 				return err
 			},
 			NewProcessReady:  func(context.Context, int) { report("closed pid=%d how=ready", pid) },
@@ -935,13 +951,43 @@ func TestStateRefusedUnread(t *testing.T) {
 // requester's error carries it.
 func TestStateGiveUp(t *testing.T) {
 	c, r0 := stateCluster(t, "giveup")
-	err := c.requestErr()
+	expectGaveUp(t, c.requestErr(), "state version 2 not understood")
+	c.restart(r0["pid"])
+}
+
+// TestStateGiveUpMidState: a new process that gives up before it read a
+// state larger than the pipe holds, and lives on or exits, or that calls
+// Start without reading it to its end, is heard while SendState still
+// writes: the restart fails with its reason, well before the ready timeout,
+// and the old process keeps its state.
+func TestStateGiveUpMidState(t *testing.T) {
+	for mode, reason := range map[string]string{
+		"giveuphold": "state version 7 unknown",
+		"giveupexit": "state version 7 unknown",
+		"partial":    "the state it asked for was not read to its end",
+	} {
+		t.Run(mode, func(t *testing.T) {
+			c, r0 := stateCluster(t, mode, envTestStateSize+"="+strconv.Itoa(8<<20))
+			t0 := time.Now()
+			expectGaveUp(t, c.requestErr(), reason)
+			if d := time.Since(t0); d > testDeadline/3 {
+				t.Errorf("the restart failed after %v; the ready timeout is %v", d, testDeadline)
+			}
+			if r1 := c.restart(r0["pid"]); r1["gen"] != "1" {
+				t.Errorf("the next new process has generation %s, want 1: the state was not kept", r1["gen"])
+			}
+		})
+	}
+}
+
+// expectGaveUp fails t unless err is "new process PID gave up: " and reason.
+func expectGaveUp(t *testing.T, err error, reason string) {
+	t.Helper()
 	var pid int
 	if _, serr := fmt.Sscanf(err.Error(), "new process %d gave up: ", &pid); serr != nil ||
-		err.Error() != fmt.Sprintf("new process %d gave up: state version 2 not understood", pid) {
-		t.Fatalf("restart: %q, want \"new process PID gave up: state version 2 not understood\"", err)
+		err.Error() != fmt.Sprintf("new process %d gave up: %s", pid, reason) {
+		t.Fatalf("restart: %q, want \"new process PID gave up: %s\"", err, reason)
 	}
-	c.restart(r0["pid"])
 }
 
 // TestStateWindowClosesOnce: whatever the outcome, after SendState ran
