@@ -161,16 +161,20 @@ func (r *stateReader) complete() bool {
 
 // GiveUp tells the old process why this process, started by a restart,
 // cannot go on: the restart fails with "new process PID gave up: " and
-// reason (at most 512 bytes of it, made printable), the old process keeps
-// serving and kills this process; the caller should exit. Call it instead
-// of Start, for example when the state cannot be used. In a process not
-// started by a restart, or once Start has declared it ready, GiveUp does
-// nothing and returns nil.
+// reason (at most 512 bytes of it, made printable; "no reason given" for a
+// nil reason), the old process keeps serving and kills this process; the
+// caller should exit. Call it instead of Start, for example when the state
+// cannot be used. In a process not started by a restart, or once Start has
+// declared it ready, GiveUp does nothing and returns nil.
 func GiveUp(reason error) error {
 	if !startedByRestart() || readySent.Load() {
 		return nil
 	}
-	return writeAll(inherited.readyFD, reasonMsg(msgGiveUp, reason.Error()))
+	text := "no reason given"
+	if reason != nil {
+		text = reason.Error()
+	}
+	return writeAll(inherited.readyFD, reasonMsg(msgGiveUp, text))
 }
 
 // reasonMsg encodes a msgGiveUp or msgRejected, text cut between runes.

@@ -835,6 +835,7 @@ const envTestStateMode = "SHELLFLIP_TEST_STATE_MODE" // what the next new proces
 //	noread      never calls ReceiveState
 //	partial     reads one byte of the state, closes it, and calls Start
 //	giveup      reads the state and gives up with a reason
+//	giveupnil   reads the state and gives up with a nil reason
 //	giveuphold  reads one byte of the state, gives up with a reason, and lives on
 //	giveupexit  reads one byte of the state, gives up with a reason, and exits
 //	hold        reads the state, then waits for a line on $SHELLFLIP_TEST_HOLD_FIFO
@@ -870,6 +871,9 @@ func stateRole() int {
 	switch mode {
 	case "giveup":
 		GiveUp(errors.New("state version 2 not understood"))
+		return 1
+	case "giveupnil":
+		GiveUp(nil)
 		return 1
 	case "giveuphold", "giveupexit":
 		GiveUp(errors.New("state version 7 unknown"))
@@ -948,11 +952,18 @@ func TestStateRefusedUnread(t *testing.T) {
 }
 
 // TestStateGiveUp: a new process that cannot use the state says why, and the
-// requester's error carries it.
+// requester's error carries it; GiveUp(nil) gives up without a reason.
 func TestStateGiveUp(t *testing.T) {
-	c, r0 := stateCluster(t, "giveup")
-	expectGaveUp(t, c.requestErr(), "state version 2 not understood")
-	c.restart(r0["pid"])
+	for mode, reason := range map[string]string{
+		"giveup":    "state version 2 not understood",
+		"giveupnil": "no reason given",
+	} {
+		t.Run(mode, func(t *testing.T) {
+			c, r0 := stateCluster(t, mode)
+			expectGaveUp(t, c.requestErr(), reason)
+			c.restart(r0["pid"])
+		})
+	}
 }
 
 // TestStateGiveUpMidState: a new process that gives up before it read a
