@@ -212,7 +212,9 @@ func writeAll(fd int, b []byte) error {
 //
 // A process started by a restart gets ErrNotMain until Start has returned
 // (systemd would drop its messages), and so does a process that has handed
-// the service over to a new process. READY=1 is sent by Start.
+// the service over to a new process. READY=1 is sent by Start. While
+// systemd's queue is full, Notify waits for it at most 5 seconds, then
+// fails: a restart's handover waits for Notify.
 func Notify(fields ...string) error {
 	notifyMu.RLock()
 	defer notifyMu.RUnlock()
@@ -228,7 +230,9 @@ func Notify(fields ...string) error {
 	if err != nil {
 		return err
 	}
-	return n.send(context.Background(), nil, fields...)
+	ctx, cancel := context.WithTimeout(context.Background(), handOverTimeout)
+	defer cancel()
+	return n.send(ctx, nil, fields...)
 }
 
 // notifyMu orders notifications against the handover: Notify holds it for

@@ -12,11 +12,13 @@ import (
 	"log/slog"
 	"maps"
 	"math"
+	"net"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"slices"
 	"sort"
 	"strconv"
@@ -1064,4 +1066,79 @@ func stateExpectNoMore(t *testing.T, c *testCluster, pid string, replaced bool) 
 			t.Errorf("the window closed again: %s", l)
 		}
 	}
+}
+
+// A manager that does not read its notify socket: Notify waits for it a
+// bounded time, and so does the handover, which waits for Notify.
+
+// notifyStuckRole is a service under a manager that never reads
+// $NOTIFY_SOCKET. Generation 0 fills the socket's queue, calls Notify on a
+// goroutine, reports "blocked" once that call holds notifyMu, and reports
+// how long the call took: "notified pid=N took=DURATION err=...". Every
+// generation reports "ready".
+func notifyStuckRole() int {
+	pid := os.Getpid()
+	report("started pid=%d", pid)
+	r, err := Start(context.Background(), Config{
+		SocketPath:   os.Getenv(envTestSocket),
+		ReadyTimeout: testDeadline,
+		Logger:       slog.New(reportLogs{}),
+	})
+	if err != nil {
+		report("error pid=%d err=start: %v", pid, err)
+		return 1
+	}
+	report("ready pid=%d", pid)
+	if !startedByRestart() {
+		n, _ := processNotifier()
+		n.raw.Control(func(fd uintptr) {
+			for err == nil { // until EAGAIN: the next send waits for a reader
+				_, err = unix.SendmsgN(int(fd), []byte("STATUS=x"), nil, nil, unix.MSG_DONTWAIT)
+			}
+		})
+		if err != unix.EAGAIN {
+			report("error pid=%d err=filling the queue: %v", pid, err)
+			return 1
+		}
+		go func() {
+			t0 := time.Now()
+			err := Notify("STATUS=x")
+			report("notified pid=%d took=%v err=%v", pid, time.Since(t0), err)
+		}()
+		for notifyMu.TryLock() { // until the call holds it
+			notifyMu.Unlock()
+			runtime.Gosched()
+		}
+		report("blocked pid=%d", pid)
+	}
+	r.Wait()
+	return 0
+}
+
+// TestNotifyQueueFull: a Notify that finds the manager's queue full fails
+// after handOverTimeout instead of holding notifyMu for ever, and a restart
+// requested meanwhile, whose handover waits for notifyMu, completes.
+func TestNotifyQueueFull(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits out handOverTimeout: about 5 s")
+	}
+	c := newTestCluster(t)
+	sock := filepath.Join(c.dir, "notify.sock")
+	l, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close() // never read
+	r0 := c.start("notify-stuck", "NOTIFY_SOCKET="+sock)
+	c.reports.nextFrom("blocked", r0["pid"])
+	answer := c.ask()
+	n := c.reports.nextFrom("notified", r0["pid"])
+	if took, _ := time.ParseDuration(n["took"]); n["err"] == "<nil>" || took < handOverTimeout || took > handOverTimeout+3*time.Second {
+		t.Errorf("the blocked Notify returned %s after %s, want an error after %v", n["err"], n["took"], handOverTimeout)
+	}
+	a := <-answer
+	if a.err != nil {
+		t.Fatalf("restart: %v", a.err)
+	}
+	c.track(a.pid)
 }
