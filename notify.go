@@ -97,8 +97,10 @@ func startedByRestart() bool { return inherited.readyFD >= 0 }
 
 // ReceiveState asks the old process for its state and returns the stream
 // on which it comes: what the old process's Lifecycle.SendState writes,
-// until io.EOF. It returns (nil, nil) in a process not started by a restart,
-// and (nil, err) if the inheritance from the old process was refused.
+// until io.EOF. It returns (nil, err) in a process that refused its
+// inherited fds, systemd's (LISTEN_FDS) or an old process's, with Start's
+// error saying why, and (nil, nil) in any other process not started by a
+// restart.
 //
 // The old process runs SendState only when asked, so that it holds its
 // state only from this call to this process's readiness. The state must be
