@@ -97,8 +97,10 @@ func startedByRestart() bool { return inherited.readyFD >= 0 }
 
 // ReceiveState asks the old process for its state and returns the stream
 // on which it comes: what the old process's Lifecycle.SendState writes,
-// until io.EOF. It returns (nil, nil) in a process not started by a restart,
-// and (nil, err) if the inheritance from the old process was refused.
+// until io.EOF. It returns (nil, err) in a process that refused its
+// inherited fds, systemd's (LISTEN_FDS) or an old process's, with Start's
+// error saying why, and (nil, nil) in any other process not started by a
+// restart.
 //
 // The old process runs SendState only when asked, so that it holds its
 // state only from this call to this process's readiness. The state must be
@@ -161,16 +163,20 @@ func (r *stateReader) complete() bool {
 
 // GiveUp tells the old process why this process, started by a restart,
 // cannot go on: the restart fails with "new process PID gave up: " and
-// reason (at most 512 bytes of it, made printable), the old process keeps
-// serving and kills this process; the caller should exit. Call it instead
-// of Start, for example when the state cannot be used. In a process not
-// started by a restart, or once Start has declared it ready, GiveUp does
-// nothing and returns nil.
+// reason (at most 512 bytes of it, made printable; "no reason given" for a
+// nil reason), the old process keeps serving and kills this process; the
+// caller should exit. Call it instead of Start, for example when the state
+// cannot be used. In a process not started by a restart, or once Start has
+// declared it ready, GiveUp does nothing and returns nil.
 func GiveUp(reason error) error {
 	if !startedByRestart() || readySent.Load() {
 		return nil
 	}
-	return writeAll(inherited.readyFD, reasonMsg(msgGiveUp, reason.Error()))
+	text := "no reason given"
+	if reason != nil {
+		text = reason.Error()
+	}
+	return writeAll(inherited.readyFD, reasonMsg(msgGiveUp, text))
 }
 
 // reasonMsg encodes a msgGiveUp or msgRejected, text cut between runes.
@@ -208,7 +214,9 @@ func writeAll(fd int, b []byte) error {
 //
 // A process started by a restart gets ErrNotMain until Start has returned
 // (systemd would drop its messages), and so does a process that has handed
-// the service over to a new process. READY=1 is sent by Start.
+// the service over to a new process. READY=1 is sent by Start. While
+// systemd's queue is full, Notify waits for it at most 5 seconds, then
+// fails: a restart's handover waits for Notify.
 func Notify(fields ...string) error {
 	notifyMu.RLock()
 	defer notifyMu.RUnlock()
@@ -224,7 +232,9 @@ func Notify(fields ...string) error {
 	if err != nil {
 		return err
 	}
-	return n.send(context.Background(), nil, fields...)
+	ctx, cancel := context.WithTimeout(context.Background(), handOverTimeout)
+	defer cancel()
+	return n.send(ctx, nil, fields...)
 }
 
 // notifyMu orders notifications against the handover: Notify holds it for
@@ -367,56 +377,66 @@ func (e *gaveUpError) Error() string { return "gave up: " + e.reason }
 
 // awaitReady serves the new process's messages until it is ready: it sends
 // the state when asked (and reports whether it was), and fails on a process
-// that gave up, exited, sent garbage, or ran out of time (ctx). It reads on
-// the caller's goroutine: a hop to another would slow the restart.
+// that gave up, exited, sent garbage, or ran out of time (ctx). Without
+// state it reads on the caller's goroutine: a hop to another would slow
+// the restart.
 func awaitReady(ctx context.Context, child *childWatch, ready *os.File, stateW *int, hook func(context.Context, io.Writer) error) (asked bool, err error) {
 	stop := context.AfterFunc(ctx, func() { ready.SetReadDeadline(time.Unix(1, 0)) })
 	defer stop()
-	for {
-		kind, reason, err := readyMsg(ready)
-		switch {
-		case err == io.EOF:
-			return asked, errReadyEOF
-		case err != nil && ctx.Err() != nil:
-			return asked, context.Cause(ctx)
-		case err != nil:
-			return asked, err
-		case kind == msgState && !asked:
-			asked = true
-			err = sendState(ctx, *stateW, hook)
-			*stateW = -1 // closed by sendState
-			if err != nil {
-				return asked, fmt.Errorf("sending state: %w", err)
-			}
-		case kind == msgGiveUp:
-			return asked, &gaveUpError{reason}
-		case kind == msgReady:
-			select {
-			case <-child.done: // an exited process is no successor, even if ready first
-				return asked, errExited
-			default:
-				return asked, nil
-			}
-		default:
-			return asked, fmt.Errorf("unexpected byte %#x on the readiness socket", kind)
+	kind, reason, err := readyMsg(ready)
+	if kind == msgState && err == nil {
+		asked = true
+		w, werr := pollableFile(*stateW, "shellflip-state")
+		*stateW = -1
+		if werr != nil {
+			return asked, werr
 		}
+		// The next message is read while the hook writes: a new process
+		// that gives up before reading to the end (its 'F') or goes away
+		// must end the hook, and its reason must beat the write error.
+		next := make(chan struct{})
+		go func() {
+			kind, reason, err = readyMsg(ready)
+			w.SetWriteDeadline(time.Unix(1, 0)) // fails harmlessly once w is closed
+			close(next)
+		}()
+		werr = sendState(ctx, w, hook) // closes w: a reading new process sees end of file
+		<-next
+		if werr != nil && kind != msgGiveUp {
+			return asked, fmt.Errorf("sending state: %w", werr)
+		}
+	}
+	switch {
+	case err == io.EOF:
+		return asked, errReadyEOF
+	case err != nil && ctx.Err() != nil:
+		return asked, context.Cause(ctx)
+	case err != nil:
+		return asked, err
+	case kind == msgGiveUp:
+		return asked, &gaveUpError{reason}
+	case kind == msgReady:
+		select {
+		case <-child.done: // an exited process is no successor, even if ready first
+			return asked, errExited
+		default:
+			return asked, nil
+		}
+	default:
+		return asked, fmt.Errorf("unexpected byte %#x on the readiness socket", kind)
 	}
 }
 
-// sendState runs the SendState hook on the write end of the state pipe,
-// fd, which it closes: the new process reads to end of file.
-func sendState(ctx context.Context, fd int, hook func(context.Context, io.Writer) error) error {
-	w, err := pollableFile(fd, "shellflip-state")
-	if err != nil {
-		return err
-	}
+// sendState runs the SendState hook on w, the write end of the state pipe,
+// which it closes: the new process reads to end of file.
+func sendState(ctx context.Context, w *os.File, hook func(context.Context, io.Writer) error) error {
 	defer w.Close()
 	if hook == nil {
 		return nil
 	}
 	stop := context.AfterFunc(ctx, func() { w.SetWriteDeadline(time.Unix(1, 0)) })
 	defer stop()
-	err = hook(ctx, w)
+	err := hook(ctx, w)
 	if err != nil && ctx.Err() != nil {
 		return fmt.Errorf("%w: %w", context.Cause(ctx), err)
 	}

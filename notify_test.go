@@ -12,11 +12,13 @@ import (
 	"log/slog"
 	"maps"
 	"math"
+	"net"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"slices"
 	"sort"
 	"strconv"
@@ -832,10 +834,15 @@ const envTestStateMode = "SHELLFLIP_TEST_STATE_MODE" // what the next new proces
 // how=failed"; SIGTERM stops its Restarter. A new process that removes
 // $SHELLFLIP_TEST_FAIL_FILE does what $SHELLFLIP_TEST_STATE_MODE says:
 //
-//	noread   never calls ReceiveState
-//	partial  reads one byte of the state, closes it, and calls Start
-//	giveup   reads the state and gives up with a reason
-//	hold     reads the state, then waits for a line on $SHELLFLIP_TEST_HOLD_FIFO
+//	noread      never calls ReceiveState
+//	partial     reads one byte of the state, closes it, and calls Start
+//	giveup      reads the state and gives up with a reason
+//	giveupnil   reads the state and gives up with a nil reason
+//	giveuphold  reads one byte of the state, gives up with a reason, and lives on
+//	giveupexit  reads one byte of the state, gives up with a reason, and exits
+//	hold        reads the state, then waits for a line on $SHELLFLIP_TEST_HOLD_FIFO
+//
+// The state is the generation's line, then $SHELLFLIP_TEST_STATE_SIZE bytes.
 func stateRole() int {
 	pid := os.Getpid()
 	report("started pid=%d", pid)
@@ -851,23 +858,35 @@ func stateRole() int {
 			return 1
 		}
 		if st != nil {
-			if mode == "partial" {
-				var b [1]byte
-				st.Read(b[:])
+			if mode == "partial" || mode == "giveuphold" || mode == "giveupexit" {
+				st.Read(make([]byte, 1))
 			} else if b, err := io.ReadAll(st); err == nil {
-				gen, _ = strconv.Atoi(strings.TrimSpace(string(b)))
+				line, _, _ := strings.Cut(string(b), "\n")
+				gen, _ = strconv.Atoi(line)
 				gen++
 			}
-			st.Close()
+			if mode == "partial" { // the others leave the hook writing
+				st.Close()
+			}
 		}
 	}
 	switch mode {
 	case "giveup":
 		GiveUp(errors.New("state version 2 not understood"))
 		return 1
+	case "giveupnil":
+		GiveUp(nil)
+		return 1
+	case "giveuphold", "giveupexit":
+		GiveUp(errors.New("state version 7 unknown"))
+		if mode == "giveuphold" {
+			select {} // until the old process kills it
+		}
+		return 1
 	case "hold":
 		waitFIFO(os.Getenv(envTestHoldFIFO))
 	}
+	size, _ := strconv.Atoi(os.Getenv(envTestStateSize))
 	r, err := Start(context.Background(), Config{
 		SocketPath:   os.Getenv(envTestSocket),
 		ReadyTimeout: testDeadline,
@@ -875,7 +894,10 @@ func stateRole() int {
 		Lifecycle: &Lifecycle{
 			SendState: func(_ context.Context, w io.Writer) error {
 				report("sendstate pid=%d", pid)
-				_, err := fmt.Fprintln(w, gen)
+				if _, err := fmt.Fprintln(w, gen); err != nil {
+					return err
+				}
+				_, err := w.Write(make([]byte, size))
 				return err
 			},
 			NewProcessReady:  func(context.Context, int) { report("closed pid=%d how=ready", pid) },
@@ -932,16 +954,53 @@ func TestStateRefusedUnread(t *testing.T) {
 }
 
 // TestStateGiveUp: a new process that cannot use the state says why, and the
-// requester's error carries it.
+// requester's error carries it; GiveUp(nil) gives up without a reason.
 func TestStateGiveUp(t *testing.T) {
-	c, r0 := stateCluster(t, "giveup")
-	err := c.requestErr()
+	for mode, reason := range map[string]string{
+		"giveup":    "state version 2 not understood",
+		"giveupnil": "no reason given",
+	} {
+		t.Run(mode, func(t *testing.T) {
+			c, r0 := stateCluster(t, mode)
+			expectGaveUp(t, c.requestErr(), reason)
+			c.restart(r0["pid"])
+		})
+	}
+}
+
+// TestStateGiveUpMidState: a new process that gives up before it read a
+// state larger than the pipe holds, and lives on or exits, or that calls
+// Start without reading it to its end, is heard while SendState still
+// writes: the restart fails with its reason, well before the ready timeout,
+// and the old process keeps its state.
+func TestStateGiveUpMidState(t *testing.T) {
+	for mode, reason := range map[string]string{
+		"giveuphold": "state version 7 unknown",
+		"giveupexit": "state version 7 unknown",
+		"partial":    "the state it asked for was not read to its end",
+	} {
+		t.Run(mode, func(t *testing.T) {
+			c, r0 := stateCluster(t, mode, envTestStateSize+"="+strconv.Itoa(8<<20))
+			t0 := time.Now()
+			expectGaveUp(t, c.requestErr(), reason)
+			if d := time.Since(t0); d > testDeadline/3 {
+				t.Errorf("the restart failed after %v; the ready timeout is %v", d, testDeadline)
+			}
+			if r1 := c.restart(r0["pid"]); r1["gen"] != "1" {
+				t.Errorf("the next new process has generation %s, want 1: the state was not kept", r1["gen"])
+			}
+		})
+	}
+}
+
+// expectGaveUp fails t unless err is "new process PID gave up: " and reason.
+func expectGaveUp(t *testing.T, err error, reason string) {
+	t.Helper()
 	var pid int
 	if _, serr := fmt.Sscanf(err.Error(), "new process %d gave up: ", &pid); serr != nil ||
-		err.Error() != fmt.Sprintf("new process %d gave up: state version 2 not understood", pid) {
-		t.Fatalf("restart: %q, want \"new process PID gave up: state version 2 not understood\"", err)
+		err.Error() != fmt.Sprintf("new process %d gave up: %s", pid, reason) {
+		t.Fatalf("restart: %q, want \"new process PID gave up: %s\"", err, reason)
 	}
-	c.restart(r0["pid"])
 }
 
 // TestStateWindowClosesOnce: whatever the outcome, after SendState ran
@@ -1007,4 +1066,79 @@ func stateExpectNoMore(t *testing.T, c *testCluster, pid string, replaced bool) 
 			t.Errorf("the window closed again: %s", l)
 		}
 	}
+}
+
+// A manager that does not read its notify socket: Notify waits for it a
+// bounded time, and so does the handover, which waits for Notify.
+
+// notifyStuckRole is a service under a manager that never reads
+// $NOTIFY_SOCKET. Generation 0 fills the socket's queue, calls Notify on a
+// goroutine, reports "blocked" once that call holds notifyMu, and reports
+// how long the call took: "notified pid=N took=DURATION err=...". Every
+// generation reports "ready".
+func notifyStuckRole() int {
+	pid := os.Getpid()
+	report("started pid=%d", pid)
+	r, err := Start(context.Background(), Config{
+		SocketPath:   os.Getenv(envTestSocket),
+		ReadyTimeout: testDeadline,
+		Logger:       slog.New(reportLogs{}),
+	})
+	if err != nil {
+		report("error pid=%d err=start: %v", pid, err)
+		return 1
+	}
+	report("ready pid=%d", pid)
+	if !startedByRestart() {
+		n, _ := processNotifier()
+		n.raw.Control(func(fd uintptr) {
+			for err == nil { // until EAGAIN: the next send waits for a reader
+				_, err = unix.SendmsgN(int(fd), []byte("STATUS=x"), nil, nil, unix.MSG_DONTWAIT)
+			}
+		})
+		if err != unix.EAGAIN {
+			report("error pid=%d err=filling the queue: %v", pid, err)
+			return 1
+		}
+		go func() {
+			t0 := time.Now()
+			err := Notify("STATUS=x")
+			report("notified pid=%d took=%v err=%v", pid, time.Since(t0), err)
+		}()
+		for notifyMu.TryLock() { // until the call holds it
+			notifyMu.Unlock()
+			runtime.Gosched()
+		}
+		report("blocked pid=%d", pid)
+	}
+	r.Wait()
+	return 0
+}
+
+// TestNotifyQueueFull: a Notify that finds the manager's queue full fails
+// after handOverTimeout instead of holding notifyMu for ever, and a restart
+// requested meanwhile, whose handover waits for notifyMu, completes.
+func TestNotifyQueueFull(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits out handOverTimeout: about 5 s")
+	}
+	c := newTestCluster(t)
+	sock := filepath.Join(c.dir, "notify.sock")
+	l, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close() // never read
+	r0 := c.start("notify-stuck", "NOTIFY_SOCKET="+sock)
+	c.reports.nextFrom("blocked", r0["pid"])
+	answer := c.ask()
+	n := c.reports.nextFrom("notified", r0["pid"])
+	if took, _ := time.ParseDuration(n["took"]); n["err"] == "<nil>" || took < handOverTimeout || took > handOverTimeout+3*time.Second {
+		t.Errorf("the blocked Notify returned %s after %s, want an error after %v", n["err"], n["took"], handOverTimeout)
+	}
+	a := <-answer
+	if a.err != nil {
+		t.Fatalf("restart: %v", a.err)
+	}
+	c.track(a.pid)
 }

@@ -88,9 +88,10 @@ var testRoles = map[string]func() int{
 	"fakeserver": testFakeServer, // a control socket that always says 1234
 
 	// notify_test.go
-	"fds":     testReportFDs, // "server", after reporting what it was started with
-	"inherit": testInherit,   // Start with the fds and variables a hostile parent gave
-	"state":   stateRole,     // a service whose new process does odd things with the state
+	"fds":          testReportFDs,   // "server", after reporting what it was started with
+	"inherit":      testInherit,     // Start with the fds and variables a hostile parent gave
+	"state":        stateRole,       // a service whose new process does odd things with the state
+	"notify-stuck": notifyStuckRole, // Notify under a manager that never reads
 
 	// sdnotify_test.go
 	"sd-helper": testSdHelper, // processNotifier with $NOTIFY_SOCKET as the test set it
