@@ -106,6 +106,7 @@ func TestRestartFailures(t *testing.T) {
 		{"garbage", envTestFailFile, "", "unexpected byte 0x78 on the readiness socket (signal: killed)"},
 		{"halfstate", envTestFailFile, "", "exit status 4)"},
 		{"statefail", envTestStateFail, "", "sending state: state refused by test knob ("}, // killed, or exited on the closed pipe first
+		{"badconfig", envTestFailFile, "", `gave up: shellflip: Config.Env entry "NOEQUALS" is not KEY=value`},
 	} {
 		t.Run(tc.mode, func(t *testing.T) {
 			t.Parallel()
@@ -127,7 +128,7 @@ func TestRestartFailures(t *testing.T) {
 				t.Fatalf("RequestRestart error %q, want ErrRestartFailed with %q", err, tc.want)
 			}
 			var bad int
-			if _, serr := fmt.Sscanf(err.Error(), "new process %d:", &bad); serr != nil {
+			if _, serr := fmt.Sscanf(err.Error(), "new process %d", &bad); serr != nil {
 				t.Fatalf("error %q does not name the failed pid", err)
 			}
 			if h := c.reports.next("hookfailed"); h["pid"] != r0["pid"] || h["err"] != err.Error() {

@@ -47,7 +47,7 @@ const (
 	// the process that manages to remove the file misbehaves; the next
 	// generation does not.
 	envTestFailFile    = "SHELLFLIP_TEST_FAIL_FILE"  // ...before Ready, as $SHELLFLIP_TEST_FAIL_MODE says
-	envTestFailMode    = "SHELLFLIP_TEST_FAIL_MODE"  // exit3, hang, closeready, halfstate, garbage
+	envTestFailMode    = "SHELLFLIP_TEST_FAIL_MODE"  // exit3, hang, closeready, halfstate, garbage, badconfig
 	envTestStateFail   = "SHELLFLIP_TEST_STATE_FAIL" // the old process's SendState fails
 	envTestHoldFIFO    = "SHELLFLIP_TEST_HOLD_FIFO"  // a new process waits for a line on this fifo before Ready
 	envTestTimeout     = "SHELLFLIP_TEST_READY_TIMEOUT"
@@ -225,8 +225,11 @@ func testServer() int {
 		report("holding pid=%d gen=%d", pid, gen)
 		waitFIFO(fifo)
 	}
+	var badEnv []string
 	if startedByRestart() && takeKnob(envTestFailFile) {
 		switch os.Getenv(envTestFailMode) {
+		case "badconfig":
+			badEnv = []string{"NOEQUALS"} // Start fails before it is ready
 		case "exit3":
 			os.Exit(3)
 		case "hang":
@@ -252,6 +255,7 @@ func testServer() int {
 		Path:         os.Getenv(envTestPath),
 		Signal:       sig,
 		Broker:       testBroker(),
+		Env:          badEnv,
 		Logger:       slog.New(reportLogs{}),
 		Lifecycle: &Lifecycle{
 			SendState: func(ctx context.Context, w io.Writer) error {
@@ -277,7 +281,9 @@ func testServer() int {
 		},
 	})
 	if err != nil {
-		report("error pid=%d err=start: %v", pid, err)
+		if badEnv == nil { // else the failure the test wants
+			report("error pid=%d err=start: %v", pid, err)
+		}
 		return 1
 	}
 	wd, wdOn, wdErr := WatchdogInterval()
