@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -433,7 +434,7 @@ func RequestRestart(ctx context.Context, socketPath string) (int, error) {
 		return 0, &restartFailedError{m.text}
 	case m.kind != msgRestartComplete:
 		return 0, errors.New("shellflip: bad response: unexpected message")
-	case m.pid <= 1:
+	case m.pid <= 1 || m.pid > math.MaxInt32: // a pid fits an int on 32-bit platforms too
 		return 0, fmt.Errorf("shellflip: bad response: pid %d is not a new process", m.pid)
 	}
 	return int(m.pid), nil

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -330,7 +331,9 @@ func TestRequestRestartChecksServer(t *testing.T) {
 		defer cancel()
 		return RequestRestart(ctx, path)
 	}
-	for _, pid := range []uint32{0, 1} {
+	// Above math.MaxInt32, a pid would be negative as an int on 32-bit
+	// platforms: kill(-1) signals every process.
+	for _, pid := range []uint32{0, 1, math.MaxInt32 + 1, math.MaxUint32} {
 		path := filepath.Join(dir, fmt.Sprintf("pid%d.sock", pid))
 		fakeControlServer(t, path, appendRestartComplete(nil, pid))
 		if got, err := ask(path); err == nil || !strings.Contains(err.Error(), "not a new process") {
