@@ -171,16 +171,17 @@ func bindControl(path string) (int, fileID, error) {
 	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
 		return fail("bind", err)
 	}
+	op := "lstat"
 	id, mode, err := lstatID(path)
 	if err == nil && mode&0o7777 != 0o600 {
-		err = unix.Chmod(path, 0o600)
+		op, err = "chmod", unix.Chmod(path, 0o600)
 	}
 	if err == nil {
-		err = unix.Listen(fd, unix.SOMAXCONN)
+		op, err = "listen", unix.Listen(fd, unix.SOMAXCONN)
 	}
 	if err != nil {
 		unix.Unlink(path)
-		return fail("bind", err)
+		return fail(op, err)
 	}
 	return fd, id, nil
 }
