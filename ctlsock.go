@@ -98,17 +98,17 @@ func lstatID(path string) (fileID, uint32, error) {
 }
 
 // listenControl adopts the socket the old process passed (inheritedFD >= 0)
-// if the file at path still has its identity (inheritedID); otherwise it
-// closes inheritedFD and binds a new socket at path.
+// if it is a listening unix stream socket bound to path and the file at path
+// still has its identity (inheritedID); otherwise it closes inheritedFD and
+// binds a new socket at path.
 func listenControl(path string, inheritedFD int, inheritedID string, log *slog.Logger) (*controlServer, error) {
 	fd := inheritedFD
 	var id fileID
 	var err error
 	if fd >= 0 {
-		if id, _, err = lstatID(path); err != nil || id.String() != inheritedID {
-			log.Warn("shellflip: the control socket file was removed or replaced; binding a new one", "path", path)
-			unix.Close(fd)
-			fd = -1
+		if id, _, err = lstatID(path); err != nil || id.String() != inheritedID || !isControlSocket(fd, path) {
+			log.Warn("shellflip: the control socket file was removed or replaced, or the inherited socket is not a listening unix stream socket bound to it; binding a new one", "path", path)
+			closeFD(&fd)
 		}
 	}
 	if fd < 0 {
@@ -137,6 +137,15 @@ func listenControl(path string, inheritedFD int, inheritedID string, log *slog.L
 		slots:   make(chan struct{}, maxControlConns),
 		stopped: make(chan struct{}),
 	}, nil
+}
+
+// isControlSocket reports whether fd is a listening unix stream socket bound
+// to path.
+func isControlSocket(fd int, path string) bool {
+	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+	sa, _ := unix.Getsockname(fd)
+	a, ok := sa.(*unix.SockaddrUnix)
+	return err == nil && typ == unix.SOCK_STREAM && ok && a.Name == path && checkSocket(fd, "unix", true) == nil
 }
 
 // bindControl creates the listening socket at path and returns it with the

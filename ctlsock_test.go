@@ -3,6 +3,7 @@
 package shellflip
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -297,6 +298,59 @@ func TestControlSocketRecreated(t *testing.T) {
 	r1 := c.nextNew("ready")
 	c.reports.nextFrom("replaced", r0["pid"])
 	c.restart(r1["pid"])
+}
+
+// TestControlSocketInheritedChecked: an inherited fd is adopted only if it
+// is a listening unix stream socket bound to the path, even if the file at
+// the path has the identity the old process passed; anything else is closed
+// and a socket bound afresh, which serves.
+func TestControlSocketInheritedChecked(t *testing.T) {
+	log := slog.New(slog.DiscardHandler)
+	for _, tc := range []struct {
+		name, at string // at: where the fd is bound, "" for nowhere
+		typ      int
+		listen   bool
+	}{
+		{"unbound datagram", "", unix.SOCK_DGRAM, false},
+		{"datagram at the path", "ctl.sock", unix.SOCK_DGRAM, false},
+		{"stream not listening", "ctl.sock", unix.SOCK_STREAM, false},
+		{"seqpacket listening", "ctl.sock", unix.SOCK_SEQPACKET, true},
+		{"stream listening elsewhere", "other.sock", unix.SOCK_STREAM, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			path := filepath.Join(dir, "ctl.sock")
+			if tc.at != "ctl.sock" {
+				if err := os.Rename(staleSocket(t), path); err != nil {
+					t.Fatal(err)
+				}
+			}
+			fd, err := unix.Socket(unix.AF_UNIX, tc.typ|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.at != "" {
+				err = unix.Bind(fd, &unix.SockaddrUnix{Name: filepath.Join(dir, tc.at)})
+			}
+			if err == nil && tc.listen {
+				err = unix.Listen(fd, 1)
+			}
+			id, _, lerr := lstatID(path)
+			if err = cmp.Or(err, lerr); err != nil {
+				unix.Close(fd)
+				t.Fatal(err)
+			}
+			s, err := listenControl(path, fd, id.String(), log)
+			if err != nil {
+				t.Fatal(err)
+			}
+			go s.serve()
+			defer s.finish(0, errors.New("done"), false)
+			if m := sendFrame(t, path, "\x00\x00\x00\x01x"); m.kind != msgRestartFailed || !strings.Contains(m.text, "bad request") {
+				t.Errorf("garbage answered with %+v", m)
+			}
+		})
+	}
 }
 
 // fakeControlServer listens at path and answers every request with frame.
@@ -598,6 +652,7 @@ func TestFaultControlSocketFDLeak(t *testing.T) {
 		}
 		s.finish(0, errors.New("done"), false)
 	})
+	t.Run("InheritedChecked", TestControlSocketInheritedChecked)
 	checkFDs(t, before, false)
 }
 
