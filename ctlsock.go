@@ -396,6 +396,14 @@ func (s *controlServer) finish(pid int, err error, succeeded bool) {
 	unix.Close(s.fd)
 }
 
+// abandon closes this process's copies of the socket, for a process that
+// never served it (Start failed). It accepts no one and leaves the socket
+// file alone: the old process, if any, still serves both.
+func (s *controlServer) abandon() {
+	s.ln.Close()
+	unix.Close(s.fd)
+}
+
 // restartFailedError is the service's explanation, with what is not
 // printable escaped: it comes from another process, and goes to terminals.
 type restartFailedError struct{ text string }

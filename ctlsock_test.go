@@ -300,6 +300,43 @@ func TestControlSocketRecreated(t *testing.T) {
 	c.restart(r1["pid"])
 }
 
+// TestControlSocketAbandon: a new process whose Start failed leaves the
+// socket it shares with the old process as it was: a client in the backlog
+// is not taken (nor answered), and the socket file stays.
+func TestControlSocketAbandon(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ctl.sock")
+	old, id, err := bindControl(path) // the old process's socket
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(old)
+	fd, err := unix.FcntlInt(uintptr(old), unix.F_DUPFD_CLOEXEC, 0) // the copy the new process inherits
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := listenControl(path, fd, id.String(), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s.abandon()
+	if err := unix.SetNonblock(old, true); err != nil {
+		t.Fatal(err)
+	}
+	nfd, err := acceptCloexec(old)
+	if err != nil {
+		t.Fatalf("the client is no longer in the old process's backlog: %v", err)
+	}
+	unix.Close(nfd)
+	if got, _, err := lstatID(path); err != nil || got != id {
+		t.Errorf("the socket file changed: %v, %v; want %v", got, err, id)
+	}
+}
+
 // TestControlSocketInheritedChecked: an inherited fd is adopted only if it
 // is a listening unix stream socket bound to the path, even if the file at
 // the path has the identity the old process passed; anything else is closed
@@ -513,9 +550,10 @@ func TestFaultControlSocketHalfFrame(t *testing.T) {
 // TestFaultControlSocketFDLeak runs the in-process tests of the control
 // socket and of bindControl, and more of its paths, and checks that every
 // fd they opened was closed: on each bind error (bindControl's fail
-// closures), after finish (the listener, its duplicate for the new process,
-// every connection, answered or cut short), and for an inherited control
-// socket that is adopted or refused (listenControl closes the refused one).
+// closures), after finish or abandon (the listener, its duplicate for the
+// new process, every connection, answered or cut short), and for an
+// inherited control socket that is adopted or refused (listenControl closes
+// the refused one).
 func TestFaultControlSocketFDLeak(t *testing.T) {
 	// Not parallel: other tests' fds would come and go during the count.
 	log := slog.New(slog.DiscardHandler)
@@ -630,7 +668,7 @@ func TestFaultControlSocketFDLeak(t *testing.T) {
 			t.Errorf("the inherited socket on the same path was not adopted")
 		}
 		s.finish(0, errors.New("done"), false)
-		// Bound elsewhere: closed, and a new socket bound.
+		// Bound elsewhere: closed, and a new socket bound; abandon closes it.
 		fd, id, err = bindControl(filepath.Join(dir, "elsewhere.sock"))
 		if err != nil {
 			t.Fatal(err)
@@ -639,7 +677,7 @@ func TestFaultControlSocketFDLeak(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s.finish(0, errors.New("done"), false)
+		s.abandon()
 		// Not a listening socket at all: closed too.
 		var p [2]int
 		if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
@@ -650,9 +688,10 @@ func TestFaultControlSocketFDLeak(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s.finish(0, errors.New("done"), false)
+		s.abandon()
 	})
 	t.Run("InheritedChecked", TestControlSocketInheritedChecked)
+	t.Run("Abandon", TestControlSocketAbandon)
 	checkFDs(t, before, false)
 }
 
