@@ -73,8 +73,9 @@ type controlServer struct {
 	log  *slog.Logger
 	reqs chan *restartRequest // to the restart loop
 
-	slots chan struct{} // one per connection being served
-	wg    sync.WaitGroup
+	slots  chan struct{} // one per connection being served
+	wg     sync.WaitGroup
+	served chan struct{} // closed when serve returns, all it accepted handed to wg
 
 	stop     sync.Once
 	stopped  chan struct{} // closed by stopAccepting once the final outcome is set
@@ -136,6 +137,7 @@ func listenControl(path string, inheritedFD int, inheritedID string, log *slog.L
 		reqs:    make(chan *restartRequest),
 		slots:   make(chan struct{}, maxControlConns),
 		stopped: make(chan struct{}),
+		served:  make(chan struct{}),
 	}, nil
 }
 
@@ -241,6 +243,7 @@ var testHookStaleChecked = func() {}
 
 // serve accepts connections until stopAccepting closes the listener.
 func (s *controlServer) serve() {
+	defer close(s.served)
 	var limit logLimiter
 	for {
 		conn, err := s.ln.AcceptUnix()
@@ -256,9 +259,13 @@ func (s *controlServer) serve() {
 			time.Sleep(50 * time.Millisecond)
 			continue
 		}
+		testHookAccepted()
 		s.handle(conn)
 	}
 }
+
+// testHookAccepted runs between serve's accept and its handing over.
+var testHookAccepted = func() {}
 
 // logLimiter lets a repeated log line through once per logEvery: note
 // counts an occurrence at now, and returns how many there were since the
@@ -365,7 +372,8 @@ func (s *controlServer) stopAccepting(pid int, err error) {
 	s.stop.Do(func() {
 		s.finalPID, s.finalErr = pid, err
 		close(s.stopped)
-		// Close waits for a pending Accept; what it accepted is answered.
+		// Close waits for a pending Accept, not for serve to hand over
+		// what it accepted: finish waits for serve to return.
 		s.ln.Close()
 	})
 }
@@ -374,8 +382,10 @@ func (s *controlServer) stopAccepting(pid int, err error) {
 // answered (each within requestTimeout), and closes this process's copy of
 // the socket. Without a successor (succeeded is false), it serves the
 // backlog itself, with the final outcome, and leaves the socket file stale.
+// serve must have been started.
 func (s *controlServer) finish(pid int, err error, succeeded bool) {
 	s.stopAccepting(pid, err)
+	<-s.served
 	if !succeeded {
 		// The net package made the socket non-blocking: accept4 reports
 		// EAGAIN once the backlog is empty.

@@ -13,8 +13,10 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -298,6 +300,73 @@ func TestControlSocketRecreated(t *testing.T) {
 	r1 := c.nextNew("ready")
 	c.reports.nextFrom("replaced", r0["pid"])
 	c.restart(r1["pid"])
+}
+
+// TestControlSocketFinishWaitsForServe: finish does not return while serve
+// holds a client it accepted and has not yet handed over (ctlsock.go, serve,
+// between AcceptUnix and handle); that client is answered first.
+func TestControlSocketFinishWaitsForServe(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ctl.sock")
+	s, err := listenControl(path, -1, "", slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted, release := make(chan struct{}), make(chan struct{})
+	unblock := sync.OnceFunc(func() { close(release) })
+	defer unblock()
+	testHookAccepted = func() { close(accepted); <-release }
+	defer func() { testHookAccepted = func() {} }()
+	go s.serve()
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write(appendTryRestart(nil)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-accepted:
+	case <-time.After(testDeadline):
+		t.Fatal("the client was not accepted")
+	}
+	finished := make(chan struct{})
+	go func() { s.finish(4242, nil, true); close(finished) }()
+	waitUntil(t, func() string {
+		select {
+		case <-finished:
+			t.Fatal("finish returned while serve held a client it had accepted")
+		default:
+		}
+		if !parkedOnReceive(").finish(") {
+			return "finish does not wait for serve"
+		}
+		return ""
+	})
+	unblock()
+	select {
+	case <-finished:
+	case <-time.After(testDeadline):
+		t.Fatal("finish did not return once serve went on")
+	}
+	if n := len(s.slots); n != 0 {
+		t.Errorf("finish returned while %d clients were being served", n)
+	}
+	if m := readAnswer(t, c); m.kind != msgRestartComplete || m.pid != 4242 {
+		t.Errorf("the client was answered with %+v, want the final outcome, pid 4242", m)
+	}
+}
+
+// parkedOnReceive reports whether a goroutine waits on a channel receive
+// in a function whose name ends with fn.
+func parkedOnReceive(fn string) bool {
+	buf := make([]byte, 1<<20)
+	for _, g := range strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+		if strings.Contains(g, "[chan receive") && strings.Contains(g, fn) {
+			return true
+		}
+	}
+	return false
 }
 
 // TestControlSocketAbandon: a new process whose Start failed leaves the
@@ -667,6 +736,7 @@ func TestFaultControlSocketFDLeak(t *testing.T) {
 		if s.fd != fd {
 			t.Errorf("the inherited socket on the same path was not adopted")
 		}
+		go s.serve()
 		s.finish(0, errors.New("done"), false)
 		// Bound elsewhere: closed, and a new socket bound; abandon closes it.
 		fd, id, err = bindControl(filepath.Join(dir, "elsewhere.sock"))
