@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -72,8 +73,9 @@ type controlServer struct {
 	log  *slog.Logger
 	reqs chan *restartRequest // to the restart loop
 
-	slots chan struct{} // one per connection being served
-	wg    sync.WaitGroup
+	slots  chan struct{} // one per connection being served
+	wg     sync.WaitGroup
+	served chan struct{} // closed when serve returns, all it accepted handed to wg
 
 	stop     sync.Once
 	stopped  chan struct{} // closed by stopAccepting once the final outcome is set
@@ -97,17 +99,17 @@ func lstatID(path string) (fileID, uint32, error) {
 }
 
 // listenControl adopts the socket the old process passed (inheritedFD >= 0)
-// if the file at path still has its identity (inheritedID); otherwise it
-// closes inheritedFD and binds a new socket at path.
+// if it is a listening unix stream socket bound to path and the file at path
+// still has its identity (inheritedID); otherwise it closes inheritedFD and
+// binds a new socket at path.
 func listenControl(path string, inheritedFD int, inheritedID string, log *slog.Logger) (*controlServer, error) {
 	fd := inheritedFD
 	var id fileID
 	var err error
 	if fd >= 0 {
-		if id, _, err = lstatID(path); err != nil || id.String() != inheritedID {
-			log.Warn("shellflip: the control socket file was removed or replaced; binding a new one", "path", path)
-			unix.Close(fd)
-			fd = -1
+		if id, _, err = lstatID(path); err != nil || id.String() != inheritedID || !isControlSocket(fd, path) {
+			log.Warn("shellflip: the control socket file was removed or replaced, or the inherited socket is not a listening unix stream socket bound to it; binding a new one", "path", path)
+			closeFD(&fd)
 		}
 	}
 	if fd < 0 {
@@ -135,7 +137,17 @@ func listenControl(path string, inheritedFD int, inheritedID string, log *slog.L
 		reqs:    make(chan *restartRequest),
 		slots:   make(chan struct{}, maxControlConns),
 		stopped: make(chan struct{}),
+		served:  make(chan struct{}),
 	}, nil
+}
+
+// isControlSocket reports whether fd is a listening unix stream socket bound
+// to path.
+func isControlSocket(fd int, path string) bool {
+	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+	sa, _ := unix.Getsockname(fd)
+	a, ok := sa.(*unix.SockaddrUnix)
+	return err == nil && typ == unix.SOCK_STREAM && ok && a.Name == path && checkSocket(fd, "unix", true) == nil
 }
 
 // bindControl creates the listening socket at path and returns it with the
@@ -170,16 +182,17 @@ func bindControl(path string) (int, fileID, error) {
 	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
 		return fail("bind", err)
 	}
+	op := "lstat"
 	id, mode, err := lstatID(path)
 	if err == nil && mode&0o7777 != 0o600 {
-		err = unix.Chmod(path, 0o600)
+		op, err = "chmod", unix.Chmod(path, 0o600)
 	}
 	if err == nil {
-		err = unix.Listen(fd, unix.SOMAXCONN)
+		op, err = "listen", unix.Listen(fd, unix.SOMAXCONN)
 	}
 	if err != nil {
 		unix.Unlink(path)
-		return fail("bind", err)
+		return fail(op, err)
 	}
 	return fd, id, nil
 }
@@ -230,6 +243,7 @@ var testHookStaleChecked = func() {}
 
 // serve accepts connections until stopAccepting closes the listener.
 func (s *controlServer) serve() {
+	defer close(s.served)
 	var limit logLimiter
 	for {
 		conn, err := s.ln.AcceptUnix()
@@ -245,9 +259,13 @@ func (s *controlServer) serve() {
 			time.Sleep(50 * time.Millisecond)
 			continue
 		}
+		testHookAccepted()
 		s.handle(conn)
 	}
 }
+
+// testHookAccepted runs between serve's accept and its handing over.
+var testHookAccepted = func() {}
 
 // logLimiter lets a repeated log line through once per logEvery: note
 // counts an occurrence at now, and returns how many there were since the
@@ -354,7 +372,8 @@ func (s *controlServer) stopAccepting(pid int, err error) {
 	s.stop.Do(func() {
 		s.finalPID, s.finalErr = pid, err
 		close(s.stopped)
-		// Close waits for a pending Accept; what it accepted is answered.
+		// Close waits for a pending Accept, not for serve to hand over
+		// what it accepted: finish waits for serve to return.
 		s.ln.Close()
 	})
 }
@@ -363,8 +382,10 @@ func (s *controlServer) stopAccepting(pid int, err error) {
 // answered (each within requestTimeout), and closes this process's copy of
 // the socket. Without a successor (succeeded is false), it serves the
 // backlog itself, with the final outcome, and leaves the socket file stale.
+// serve must have been started.
 func (s *controlServer) finish(pid int, err error, succeeded bool) {
 	s.stopAccepting(pid, err)
+	<-s.served
 	if !succeeded {
 		// The net package made the socket non-blocking: accept4 reports
 		// EAGAIN once the backlog is empty.
@@ -382,6 +403,14 @@ func (s *controlServer) finish(pid int, err error, succeeded bool) {
 		}
 	}
 	s.wg.Wait()
+	unix.Close(s.fd)
+}
+
+// abandon closes this process's copies of the socket, for a process that
+// never served it (Start failed). It accepts no one and leaves the socket
+// file alone: the old process, if any, still serves both.
+func (s *controlServer) abandon() {
+	s.ln.Close()
 	unix.Close(s.fd)
 }
 
@@ -433,7 +462,7 @@ func RequestRestart(ctx context.Context, socketPath string) (int, error) {
 		return 0, &restartFailedError{m.text}
 	case m.kind != msgRestartComplete:
 		return 0, errors.New("shellflip: bad response: unexpected message")
-	case m.pid <= 1:
+	case m.pid <= 1 || m.pid > math.MaxInt32: // a pid fits an int on 32-bit platforms too
 		return 0, fmt.Errorf("shellflip: bad response: pid %d is not a new process", m.pid)
 	}
 	return int(m.pid), nil

@@ -3,16 +3,20 @@
 package shellflip
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -298,6 +302,163 @@ func TestControlSocketRecreated(t *testing.T) {
 	c.restart(r1["pid"])
 }
 
+// TestControlSocketFinishWaitsForServe: finish does not return while serve
+// holds a client it accepted and has not yet handed over (ctlsock.go, serve,
+// between AcceptUnix and handle); that client is answered first.
+func TestControlSocketFinishWaitsForServe(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ctl.sock")
+	s, err := listenControl(path, -1, "", slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted, release := make(chan struct{}), make(chan struct{})
+	unblock := sync.OnceFunc(func() { close(release) })
+	defer unblock()
+	testHookAccepted = func() { close(accepted); <-release }
+	defer func() { testHookAccepted = func() {} }()
+	go s.serve()
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write(appendTryRestart(nil)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-accepted:
+	case <-time.After(testDeadline):
+		t.Fatal("the client was not accepted")
+	}
+	finished := make(chan struct{})
+	go func() { s.finish(4242, nil, true); close(finished) }()
+	waitUntil(t, func() string {
+		select {
+		case <-finished:
+			t.Fatal("finish returned while serve held a client it had accepted")
+		default:
+		}
+		if !parkedOnReceive(").finish(") {
+			return "finish does not wait for serve"
+		}
+		return ""
+	})
+	unblock()
+	select {
+	case <-finished:
+	case <-time.After(testDeadline):
+		t.Fatal("finish did not return once serve went on")
+	}
+	if n := len(s.slots); n != 0 {
+		t.Errorf("finish returned while %d clients were being served", n)
+	}
+	if m := readAnswer(t, c); m.kind != msgRestartComplete || m.pid != 4242 {
+		t.Errorf("the client was answered with %+v, want the final outcome, pid 4242", m)
+	}
+}
+
+// parkedOnReceive reports whether a goroutine waits on a channel receive
+// in a function whose name ends with fn.
+func parkedOnReceive(fn string) bool {
+	buf := make([]byte, 1<<20)
+	for _, g := range strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+		if strings.Contains(g, "[chan receive") && strings.Contains(g, fn) {
+			return true
+		}
+	}
+	return false
+}
+
+// TestControlSocketAbandon: a new process whose Start failed leaves the
+// socket it shares with the old process as it was: a client in the backlog
+// is not taken (nor answered), and the socket file stays.
+func TestControlSocketAbandon(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ctl.sock")
+	old, id, err := bindControl(path) // the old process's socket
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(old)
+	fd, err := unix.FcntlInt(uintptr(old), unix.F_DUPFD_CLOEXEC, 0) // the copy the new process inherits
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := listenControl(path, fd, id.String(), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s.abandon()
+	if err := unix.SetNonblock(old, true); err != nil {
+		t.Fatal(err)
+	}
+	nfd, err := acceptCloexec(old)
+	if err != nil {
+		t.Fatalf("the client is no longer in the old process's backlog: %v", err)
+	}
+	unix.Close(nfd)
+	if got, _, err := lstatID(path); err != nil || got != id {
+		t.Errorf("the socket file changed: %v, %v; want %v", got, err, id)
+	}
+}
+
+// TestControlSocketInheritedChecked: an inherited fd is adopted only if it
+// is a listening unix stream socket bound to the path, even if the file at
+// the path has the identity the old process passed; anything else is closed
+// and a socket bound afresh, which serves.
+func TestControlSocketInheritedChecked(t *testing.T) {
+	log := slog.New(slog.DiscardHandler)
+	for _, tc := range []struct {
+		name, at string // at: where the fd is bound, "" for nowhere
+		typ      int
+		listen   bool
+	}{
+		{"unbound datagram", "", unix.SOCK_DGRAM, false},
+		{"datagram at the path", "ctl.sock", unix.SOCK_DGRAM, false},
+		{"stream not listening", "ctl.sock", unix.SOCK_STREAM, false},
+		{"seqpacket listening", "ctl.sock", unix.SOCK_SEQPACKET, true},
+		{"stream listening elsewhere", "other.sock", unix.SOCK_STREAM, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			path := filepath.Join(dir, "ctl.sock")
+			if tc.at != "ctl.sock" {
+				if err := os.Rename(staleSocket(t), path); err != nil {
+					t.Fatal(err)
+				}
+			}
+			fd, err := unix.Socket(unix.AF_UNIX, tc.typ|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.at != "" {
+				err = unix.Bind(fd, &unix.SockaddrUnix{Name: filepath.Join(dir, tc.at)})
+			}
+			if err == nil && tc.listen {
+				err = unix.Listen(fd, 1)
+			}
+			id, _, lerr := lstatID(path)
+			if err = cmp.Or(err, lerr); err != nil {
+				unix.Close(fd)
+				t.Fatal(err)
+			}
+			s, err := listenControl(path, fd, id.String(), log)
+			if err != nil {
+				t.Fatal(err)
+			}
+			go s.serve()
+			defer s.finish(0, errors.New("done"), false)
+			if m := sendFrame(t, path, "\x00\x00\x00\x01x"); m.kind != msgRestartFailed || !strings.Contains(m.text, "bad request") {
+				t.Errorf("garbage answered with %+v", m)
+			}
+		})
+	}
+}
+
 // fakeControlServer listens at path and answers every request with frame.
 func fakeControlServer(t *testing.T, path string, frame []byte) {
 	t.Helper()
@@ -330,7 +491,9 @@ func TestRequestRestartChecksServer(t *testing.T) {
 		defer cancel()
 		return RequestRestart(ctx, path)
 	}
-	for _, pid := range []uint32{0, 1} {
+	// Above math.MaxInt32, a pid would be negative as an int on 32-bit
+	// platforms: kill(-1) signals every process.
+	for _, pid := range []uint32{0, 1, math.MaxInt32 + 1, math.MaxUint32} {
 		path := filepath.Join(dir, fmt.Sprintf("pid%d.sock", pid))
 		fakeControlServer(t, path, appendRestartComplete(nil, pid))
 		if got, err := ask(path); err == nil || !strings.Contains(err.Error(), "not a new process") {
@@ -456,9 +619,10 @@ func TestFaultControlSocketHalfFrame(t *testing.T) {
 // TestFaultControlSocketFDLeak runs the in-process tests of the control
 // socket and of bindControl, and more of its paths, and checks that every
 // fd they opened was closed: on each bind error (bindControl's fail
-// closures), after finish (the listener, its duplicate for the new process,
-// every connection, answered or cut short), and for an inherited control
-// socket that is adopted or refused (listenControl closes the refused one).
+// closures), after finish or abandon (the listener, its duplicate for the
+// new process, every connection, answered or cut short), and for an
+// inherited control socket that is adopted or refused (listenControl closes
+// the refused one).
 func TestFaultControlSocketFDLeak(t *testing.T) {
 	// Not parallel: other tests' fds would come and go during the count.
 	log := slog.New(slog.DiscardHandler)
@@ -572,8 +736,9 @@ func TestFaultControlSocketFDLeak(t *testing.T) {
 		if s.fd != fd {
 			t.Errorf("the inherited socket on the same path was not adopted")
 		}
+		go s.serve()
 		s.finish(0, errors.New("done"), false)
-		// Bound elsewhere: closed, and a new socket bound.
+		// Bound elsewhere: closed, and a new socket bound; abandon closes it.
 		fd, id, err = bindControl(filepath.Join(dir, "elsewhere.sock"))
 		if err != nil {
 			t.Fatal(err)
@@ -582,7 +747,7 @@ func TestFaultControlSocketFDLeak(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s.finish(0, errors.New("done"), false)
+		s.abandon()
 		// Not a listening socket at all: closed too.
 		var p [2]int
 		if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
@@ -593,8 +758,10 @@ func TestFaultControlSocketFDLeak(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s.finish(0, errors.New("done"), false)
+		s.abandon()
 	})
+	t.Run("InheritedChecked", TestControlSocketInheritedChecked)
+	t.Run("Abandon", TestControlSocketAbandon)
 	checkFDs(t, before, false)
 }
 
