@@ -216,7 +216,7 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 	if err != nil {
 		signal.Stop(r.sig)
 		if r.ctl != nil {
-			r.ctl.finish(0, err, false)
+			r.ctl.abandon()
 		}
 		r.log.Error("shellflip: start", "err", err)
 		return fail(err) // GiveUp sends nothing once ready, and the old process reads one reason
