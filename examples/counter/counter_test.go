@@ -67,8 +67,9 @@ func TestCounter(t *testing.T) {
 		t.Fatal(err)
 	}
 	stdout, stderr, code := run(t, s.path+".good", "-socket", s.socket, "restart")
-	if code != 1 || stdout != "" || !strings.HasPrefix(stderr, "Restart failed: ") || !strings.Contains(stderr, "exit status 1") {
-		t.Fatalf("counter restart into a failing program: exit code %d, stdout %q, stderr %q; want 1 and \"Restart failed: ...exit status 1...\"", code, stdout, stderr)
+	// The new process's Start fails before it is ready, and says why.
+	if code != 1 || stdout != "" || !strings.HasPrefix(stderr, "Restart failed: ") || !strings.Contains(stderr, "gave up: shellflip: control socket") || !strings.Contains(stderr, "nowhere.sock") {
+		t.Fatalf("counter restart into a failing program: exit code %d, stdout %q, stderr %q; want 1 and \"Restart failed: ...gave up: shellflip: control socket ...nowhere.sock...\"", code, stdout, stderr)
 	}
 	l.waitFor(50)
 	if err := os.Rename(good, s.path); err != nil {
