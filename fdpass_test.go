@@ -1197,21 +1197,8 @@ func TestFDPassStoreSameName(t *testing.T) {
 	var files []*os.File
 	want := map[uint64]bool{}
 	for range 2 {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		f, err := ln.(*net.TCPListener).File()
-		ln.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		fi, err := f.Stat()
-		if err != nil {
-			t.Fatal(err)
-		}
-		want[fi.Sys().(*syscall.Stat_t).Ino] = true
+		f, ino := fdpassTCPFile(t)
+		want[ino] = true
 		files = append(files, f)
 	}
 	fdpassActivate(c, files, envFDPassStore+"=1", "NOTIFY_SOCKET="+mgr.addr)
@@ -1252,16 +1239,7 @@ func TestFDPassStoreQueueFull(t *testing.T) {
 		fill.SetWriteDeadline(time.Now().Add(50 * time.Millisecond))
 		_, err = fill.Write([]byte("WATCHDOG=1"))
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	f, err := ln.(*net.TCPListener).File()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	f, _ := fdpassTCPFile(t)
 	// Not fdpassActivate: Start's READY=1 would wait for the full queue too.
 	cmd := c.command(os.Args[0], "fdpass", envListenPID+"="+listenPIDAuto, envListenFDs+"=1",
 		envFDPassStore+"=1", "NOTIFY_SOCKET="+mgr.addr)
@@ -1786,21 +1764,8 @@ func fdpassHostileCase(t *testing.T, sh string, pass int, env map[string]string,
 	var files []*os.File
 	inos := map[string]int{} // "socket:[ino]" -> fd in the child
 	for i := 0; i < pass; i++ {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		f, err := ln.(*net.TCPListener).File()
-		ln.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		fi, err := f.Stat()
-		if err != nil {
-			t.Fatal(err)
-		}
-		inos[fmt.Sprintf("socket:[%d]", fi.Sys().(*syscall.Stat_t).Ino)] = listenFDsStart + i
+		f, ino := fdpassTCPFile(t)
+		inos[fmt.Sprintf("socket:[%d]", ino)] = listenFDsStart + i
 		files = append(files, f)
 	}
 	extra := []string{envFDPassClaim + "=" + claim}
@@ -2246,4 +2211,25 @@ func fdpassNoStaleFile(t *testing.T, after string) {
 	if _, err := f.Stat(); err != nil {
 		t.Errorf("a file opened after %s: %v; a finalizer closed its fd", after, err)
 	}
+}
+
+// fdpassTCPFile returns a listening TCP socket on loopback, as a file that
+// the test closes when it ends, and its inode.
+func fdpassTCPFile(t *testing.T) (*os.File, uint64) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := ln.(*net.TCPListener).File()
+	ln.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	fi, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f, fi.Sys().(*syscall.Stat_t).Ino
 }
