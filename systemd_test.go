@@ -119,7 +119,7 @@ const (
 	envSystemdPIDFile      = "SHELLFLIP_TEST_SD_PIDFILE"       // Config.PIDFile
 	envSystemdStray        = "SHELLFLIP_TEST_SD_STRAY"         // knob: the reload client sends a datagram of its own and exits
 	envSystemdLog          = "SHELLFLIP_TEST_SD_LOG"           // non-empty: the library logs to stderr
-	envSystemdPreSpawn     = "SHELLFLIP_TEST_SD_PRESPAWN"      // a fifo: PreSpawn reports, reads it to its end, and fails with 5000 bytes of reason
+	envSystemdPreSpawn     = "SHELLFLIP_TEST_SD_PRESPAWN"      // a fifo: PreSpawn reports, waits for it (waitFIFO), and fails with 5000 bytes of reason
 )
 
 const (
@@ -221,7 +221,7 @@ func systemdServiceRole() int {
 	if fifo := os.Getenv(envSystemdPreSpawn); fifo != "" {
 		cfg.Lifecycle.PreSpawn = func(context.Context) error {
 			report("prespawn pid=%d", pid)
-			os.ReadFile(fifo)
+			waitFIFO(fifo)
 			return errors.New(strings.Repeat("x", 5000))
 		}
 	}
@@ -1602,18 +1602,9 @@ func TestSystemdNotifyReloadDatagrams(t *testing.T) {
 func TestSystemdNotifyReloadDuringRestart(t *testing.T) {
 	c := newTestCluster(t)
 	rec := systemdListenNotify(t)
-	fifo := filepath.Join(c.dir, "prespawn")
-	if err := unix.Mkfifo(fifo, 0o600); err != nil {
-		t.Fatal(os.NewSyscallError("mkfifo", err))
-	}
+	fifo := makeFIFO(t, c.dir, "prespawn")
 	p0 := systemdStartNotified(t, c, rec, envSystemdNotifyReload+"=1", envSystemdPreSpawn+"="+fifo)
-	errs := make(chan error, 1)
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), testDeadline)
-		defer cancel()
-		_, err := RequestRestart(ctx, c.socket)
-		errs <- err
-	}()
+	answer := c.ask()
 	if p := c.reports.next("prespawn"); p["pid"] != strconv.Itoa(p0) {
 		t.Fatalf("prespawn report %v, want pid=%d", p, p0)
 	}
@@ -1623,13 +1614,11 @@ func TestSystemdNotifyReloadDuringRestart(t *testing.T) {
 	if d, _ := rec.recvMsg(t, true); d.pid != p0 || !systemdReloadingRE.MatchString(d.text) {
 		t.Fatalf("got %q from pid %d, want RELOADING=1 from pid %d", d.text, d.pid, p0)
 	}
-	if err := os.WriteFile(fifo, nil, 0o600); err != nil { // PreSpawn's read ends
-		t.Fatal(err)
-	}
+	releaseFIFO(t, fifo) // PreSpawn fails
 	status := ("pre-spawn hook: " + strings.Repeat("x", 5000))[:1024]
 	rec.expect(t, p0, "READY=1\nSTATUS=restart failed: "+status)
-	if err := <-errs; !errors.Is(err, ErrRestartFailed) {
-		t.Errorf("RequestRestart: %v, want the restart's failure", err)
+	if a := <-answer; !errors.Is(a.err, ErrRestartFailed) {
+		t.Errorf("RequestRestart: %v, want the restart's failure", a.err)
 	}
 	rec.expectNone(t)
 }
