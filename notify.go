@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -393,16 +394,30 @@ func awaitReady(ctx context.Context, child *childWatch, ready *os.File, stateW *
 		}
 		// The next message is read while the hook writes: a new process
 		// that gives up before reading to the end (its 'F') or goes away
-		// must end the hook, and its reason must beat the write error.
+		// ends the hook, and what it said decides, not the write error.
 		next := make(chan struct{})
 		go func() {
 			kind, reason, err = readyMsg(ready)
-			w.SetWriteDeadline(time.Unix(1, 0)) // fails harmlessly once w is closed
-			close(next)
+			close(next) // before the deadline: a hook it ends finds next closed
+			w.SetWriteDeadline(time.Unix(1, 0))
 		}()
 		werr = sendState(ctx, w, hook) // closes w: a reading new process sees end of file
-		<-next
-		if werr != nil && kind != msgGiveUp {
+		spoke := true
+		select {
+		case <-next:
+		default:
+			spoke = false
+			if werr != nil { // what a new process that exited said is moments away
+				ready.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+			}
+			<-next
+		}
+		// A write error that the new process caused (it gave up, went away
+		// or broke the protocol) yields to what it said; an error of the
+		// hook's own does not, even if the new process took the cut state
+		// for a whole one.
+		caused := spoke && kind != msgReady || errors.Is(werr, syscall.EPIPE) && (kind == msgGiveUp || err == io.EOF)
+		if werr != nil && !caused {
 			return asked, fmt.Errorf("sending state: %w", werr)
 		}
 	}

@@ -1142,3 +1142,82 @@ func TestNotifyQueueFull(t *testing.T) {
 	}
 	c.track(a.pid)
 }
+
+// TestAwaitReadyStateOrderings: the outcome of a state handover whatever
+// comes first, the hook's own failure or what the new process says, played
+// here by the test on the other end of a readiness socket and state pipe.
+func TestAwaitReadyStateOrderings(t *testing.T) {
+	whole := func(_ context.Context, w io.Writer) error { _, err := w.Write(make([]byte, 8<<20)); return err }
+	broken := func(_ context.Context, w io.Writer) error {
+		w.Write([]byte("half"))
+		return errors.New("database locked")
+	}
+	for _, tc := range []struct {
+		name string
+		hook func(context.Context, io.Writer) error
+		peer func(ready, state *os.File) // the new process, after it asked for the state
+		want string
+	}{
+		// The hook fails on its own and the new process says nothing more:
+		// the restart fails at once, not at the ready timeout.
+		{"hook fails, silent peer", broken, func(_, state *os.File) { io.Copy(io.Discard, state) }, "sending state: database locked"},
+		// The new process takes the cut state for a whole one, or gives
+		// up on it: the hook's error is the reason.
+		{"hook fails, peer ready", broken, func(ready, state *os.File) {
+			io.Copy(io.Discard, state)
+			ready.Write([]byte{msgReady})
+		}, "sending state: database locked"},
+		{"hook fails, peer gives up", broken, func(ready, state *os.File) {
+			io.Copy(io.Discard, state)
+			ready.Write(reasonMsg(msgGiveUp, "state truncated"))
+		}, "sending state: database locked"},
+		// The new process ends the hook: what it did decides.
+		{"peer gives up mid-state", whole, func(ready, state *os.File) {
+			state.Read(make([]byte, 10))
+			ready.Write(reasonMsg(msgGiveUp, "state version 7 unknown"))
+		}, "gave up: state version 7 unknown"},
+		{"peer gives up and exits", whole, func(ready, state *os.File) {
+			state.Read(make([]byte, 10))
+			ready.Write(reasonMsg(msgGiveUp, "state version 7 unknown"))
+			state.Close()
+			ready.Close()
+		}, "gave up: state version 7 unknown"},
+		{"peer goes away mid-state", whole, func(ready, state *os.File) {
+			state.Read(make([]byte, 10))
+			ready.Close()
+		}, errReadyEOF.Error()},
+		{"peer asks twice", whole, func(ready, _ *os.File) { ready.Write([]byte{msgState}) }, "unexpected byte 0x53"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			parent, child, err := newReadyPair()
+			if err != nil {
+				t.Fatal(err)
+			}
+			ready, err := pollableFile(parent, "ready")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ready.Close()
+			stateR, stateW, err := newStatePipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer closeFD(&stateW)
+			peerReady, peerState := os.NewFile(uintptr(child), "peer ready"), os.NewFile(uintptr(stateR), "peer state")
+			defer peerReady.Close()
+			defer peerState.Close()
+			go func() {
+				peerReady.Write([]byte{msgState})
+				tc.peer(peerReady, peerState)
+			}()
+			// Shorter than the test's deadline: an outcome that waits for
+			// the ready timeout is a failure.
+			ctx, cancel := context.WithTimeout(context.Background(), testDeadline/3)
+			defer cancel()
+			_, err = awaitReady(ctx, &childWatch{done: make(chan struct{})}, ready, &stateW, tc.hook)
+			if err == nil || !strings.Contains(err.Error(), tc.want) || ctx.Err() != nil {
+				t.Errorf("awaitReady: %v (ready timeout reached: %v), want %q", err, ctx.Err() != nil, tc.want)
+			}
+		})
+	}
+}
