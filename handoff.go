@@ -309,9 +309,11 @@ func takeControlFD() (int, string) {
 	return fd, inherited.controlID
 }
 
-// validSignal reports whether n may be a restart signal.
+// validSignal reports whether n may be a restart signal: one that can be
+// caught, and that nobody sends unasked (SIGCHLD comes when a child exits,
+// SIGURG from the Go runtime's preemption).
 func validSignal(n int) bool {
-	return n > 0 && n < 65 && n != int(unix.SIGKILL) && n != int(unix.SIGSTOP)
+	return n > 0 && n < 65 && !slices.Contains([]unix.Signal{unix.SIGKILL, unix.SIGSTOP, unix.SIGCHLD, unix.SIGURG}, unix.Signal(n))
 }
 
 func stopEarlySignals() { signal.Stop(earlySignals) }

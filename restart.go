@@ -167,7 +167,9 @@ func Start(ctx context.Context, cfg Config) (*Restarter, error) {
 		r.cfg.ReadyTimeout = time.Minute
 	}
 	r.notReady = fmt.Errorf("not ready within %v", r.cfg.ReadyTimeout)
-	r.cfg.Signal = cmp.Or[os.Signal](r.cfg.Signal, syscall.SIGUSR1)
+	if r.cfg.Signal == nil {
+		r.cfg.Signal = syscall.SIGUSR1
+	}
 	if n, ok := r.cfg.Signal.(syscall.Signal); !ok || !validSignal(int(n)) {
 		return fail(fmt.Errorf("shellflip: Config.Signal %v cannot be caught", r.cfg.Signal))
 	}
