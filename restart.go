@@ -375,8 +375,8 @@ func (r *Restarter) handOver(out outcome, waiting []*restartRequest) {
 		}
 	}
 	if n, err := processNotifier(); err == nil && n != nil {
+		notifyMu.Lock() // a Notify or StoreFDs under way ends within handOverTimeout
 		ctx, cancel := context.WithTimeout(context.Background(), handOverTimeout)
-		notifyMu.Lock()
 		retired.Store(true)
 		err = n.send(ctx, nil, "MAINPID="+strconv.Itoa(out.pid), "STATUS=")
 		notifyMu.Unlock()
