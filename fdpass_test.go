@@ -1224,6 +1224,9 @@ func TestFDPassStoreSameName(t *testing.T) {
 // gives up after handOverTimeout, rather than holding the locks that a
 // handover needs for ever.
 func TestFDPassStoreQueueFull(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits out StoreFDs' 5 s bound; skipped under -short")
+	}
 	t.Parallel()
 	c := newTestCluster(t)
 	mgr := sdListen(t, false)
